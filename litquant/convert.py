@@ -1,0 +1,686 @@
+"""Hugging Face <-> litquant weight conversion: the one place where weight names and layouts are mapped.
+
+`hf_to_lit` / `lit_to_hf` rename tensors per family and reshape the attention weights; the two jobs
+`convert_hf_checkpoint` (an HF download -> a litquant checkpoint, in place) and `convert_lit_checkpoint`
+(a litquant checkpoint -> an HF directory `transformers` loads) stream tensors through them.
+
+Attention layouts. litquant's fused `attn.qkv` rows are [all q heads | all k groups | all v groups].
+Llama, Mistral and Phi store separate q/k/v projections: they are concatenated. Falcon and GPT-NeoX
+store one fused `query_key_value` whose rows are interleaved per kv group as
+[q_per_kv query heads, 1 key head, 1 value head] x n_groups. That single rule covers every case:
+GPT-NeoX and Falcon multi-head (a group per head: [q, k, v] per head), Falcon-7B multi-query (one
+group: [all q, k, v]) and Falcon-40B (grouped).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+import zipfile
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Optional
+
+import torch
+from safetensors import SafetensorError
+from tqdm import tqdm
+
+from litquant.checkpoint import (
+    WEIGHTS_FILE, atomic_path, atomic_write_text, open_safetensors, save_checkpoint, save_safetensors,
+)
+from litquant.config import CONFIG_FILE, Config
+from litquant.errors import UserError
+
+HF_FAMILIES = ("llama", "mistral", "falcon", "gpt_neox", "phi")
+# Files an HF directory carries besides the weights; copied unchanged on export.
+HF_SIDE_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "generation_config.json",
+)
+HF_MAX_SHARD_SIZE = 5_000_000_000  # bytes; what transformers itself uses for hub uploads
+
+# Buffers older HF checkpoints saved next to the weights; derived state we rebuild, so skipped.
+_SKIP = re.compile(r"(\.inv_freq|\.attention\.bias|\.attention\.masked_bias|\.attn\.bias|\.attn\.masked_bias)$")
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight maps: HF module name -> litquant module name ("{}" is the layer index). ".weight"/".bias" are
+# appended to both sides. "attn.q"/"attn.k"/"attn.v" are pieces concatenated into "attn.qkv".
+# ------------------------------------------------------------------------------------------------
+
+_LLAMA = {
+    "model.embed_tokens": "transformer.wte",
+    "model.layers.{}.input_layernorm": "transformer.h.{}.norm_1",
+    "model.layers.{}.self_attn.q_proj": "transformer.h.{}.attn.q",
+    "model.layers.{}.self_attn.k_proj": "transformer.h.{}.attn.k",
+    "model.layers.{}.self_attn.v_proj": "transformer.h.{}.attn.v",
+    "model.layers.{}.self_attn.o_proj": "transformer.h.{}.attn.proj",
+    "model.layers.{}.post_attention_layernorm": "transformer.h.{}.norm_2",
+    "model.layers.{}.mlp.gate_proj": "transformer.h.{}.mlp.fc_1",
+    "model.layers.{}.mlp.up_proj": "transformer.h.{}.mlp.fc_2",
+    "model.layers.{}.mlp.down_proj": "transformer.h.{}.mlp.proj",
+    "model.norm": "transformer.ln_f",
+    "lm_head": "lm_head",
+}
+_FALCON = {
+    "transformer.word_embeddings": "transformer.wte",
+    "transformer.h.{}.self_attention.query_key_value": "transformer.h.{}.attn.qkv",
+    "transformer.h.{}.self_attention.dense": "transformer.h.{}.attn.proj",
+    "transformer.h.{}.mlp.dense_h_to_4h": "transformer.h.{}.mlp.fc",
+    "transformer.h.{}.mlp.dense_4h_to_h": "transformer.h.{}.mlp.proj",
+    "transformer.ln_f": "transformer.ln_f",
+    "lm_head": "lm_head",
+}  # + the block norms, whose HF names depend on the variant: see `_falcon_norms`
+_GPT_NEOX = {
+    "gpt_neox.embed_in": "transformer.wte",
+    "gpt_neox.layers.{}.input_layernorm": "transformer.h.{}.norm_1",
+    "gpt_neox.layers.{}.post_attention_layernorm": "transformer.h.{}.norm_2",
+    "gpt_neox.layers.{}.attention.query_key_value": "transformer.h.{}.attn.qkv",
+    "gpt_neox.layers.{}.attention.dense": "transformer.h.{}.attn.proj",
+    "gpt_neox.layers.{}.mlp.dense_h_to_4h": "transformer.h.{}.mlp.fc",
+    "gpt_neox.layers.{}.mlp.dense_4h_to_h": "transformer.h.{}.mlp.proj",
+    "gpt_neox.final_layer_norm": "transformer.ln_f",
+    "embed_out": "lm_head",
+}
+_PHI = {
+    "model.embed_tokens": "transformer.wte",
+    "model.layers.{}.input_layernorm": "transformer.h.{}.norm_1",
+    "model.layers.{}.self_attn.q_proj": "transformer.h.{}.attn.q",
+    "model.layers.{}.self_attn.k_proj": "transformer.h.{}.attn.k",
+    "model.layers.{}.self_attn.v_proj": "transformer.h.{}.attn.v",
+    "model.layers.{}.self_attn.dense": "transformer.h.{}.attn.proj",
+    "model.layers.{}.mlp.fc1": "transformer.h.{}.mlp.fc",
+    "model.layers.{}.mlp.fc2": "transformer.h.{}.mlp.proj",
+    "model.final_layernorm": "transformer.ln_f",
+    "lm_head": "lm_head",
+}
+
+
+# Other HF names for the same module, accepted on import only: transformers 5 renames GPT-NeoX's
+# `embed_out` to `lm_head` in memory (hub files, and our exports, keep `embed_out`).
+_HF_ALIASES = {"gpt_neox": {"lm_head": "embed_out"}}
+
+
+def _falcon_norms(config: Config) -> dict[str, str]:
+    h = "transformer.h.{}."
+    if not config.parallel_residual:  # sequential blocks (parallel_attn=False)
+        return {h + "input_layernorm": h + "norm_1", h + "post_attention_layernorm": h + "norm_2"}
+    if config.shared_attention_norm:  # Falcon-7B, or the new decoder with num_ln_in_parallel_attn=1
+        return {h + "input_layernorm": h + "norm_1"}
+    return {h + "ln_attn": h + "norm_1", h + "ln_mlp": h + "norm_2"}  # Falcon-40B
+
+
+def weight_map(config: Config) -> dict[str, str]:
+    """HF parameter name -> litquant parameter name for this config, one to one ('{}' = layer index)."""
+    mt = hf_model_type(config)
+    modules = {"llama": _LLAMA, "mistral": _LLAMA, "gpt_neox": _GPT_NEOX, "phi": _PHI}.get(mt)
+    if mt == "falcon":
+        modules = {**_FALCON, **_falcon_norms(config)}
+    return {f"{hf}.{p}": f"{lit}.{p}" for hf, lit in modules.items() for p in ("weight", "bias")}
+
+
+def _import_map(config: Config) -> dict[str, str]:
+    """`weight_map` plus the alias names an HF checkpoint may use instead."""
+    m = weight_map(config)
+    for alias, hf in _HF_ALIASES.get(hf_model_type(config), {}).items():
+        m.update({f"{alias}.{p}": m[f"{hf}.{p}"] for p in ("weight", "bias")})
+    return m
+
+
+def _fused_hf_qkv(config: Config) -> bool:
+    """Whether HF stores attention as one interleaved query_key_value (else separate q/k/v)."""
+    return hf_model_type(config) in ("falcon", "gpt_neox")
+
+
+def hf_model_type(config: Config) -> str:
+    """The HF model_type a config exports as: its `hf_model_type`, or inferred from its structure."""
+    mt = config.hf_model_type
+    if mt:
+        if mt not in HF_FAMILIES:
+            raise UserError(f"unsupported Hugging Face model_type {mt!r} (supported: {', '.join(HF_FAMILIES)})")
+        return mt
+    if config.mlp_class_name == "LLaMAMLP" and config.norm_class_name == "RMSNorm" and not config.parallel_residual:
+        return "mistral" if config.sliding_window_size is not None else "llama"
+    if config.mlp_class_name == "GptNeoxMLP" and config.norm_class_name == "LayerNorm":
+        if config.lm_head_bias:
+            return "phi"
+        if not config.bias:
+            return "falcon"
+        if not config.shared_attention_norm or not config.parallel_residual:
+            return "gpt_neox"
+    raise UserError(f"config {config.name!r} matches no Hugging Face family ({', '.join(HF_FAMILIES)})")
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused attention layout
+# ------------------------------------------------------------------------------------------------
+
+
+def _qkv_sizes(config: Config) -> tuple[int, int, int]:
+    hs = config.head_size
+    return config.n_head * hs, config.n_query_groups * hs, config.n_query_groups * hs
+
+
+def deinterleave_qkv(t: torch.Tensor, config: Config) -> torch.Tensor:
+    """HF fused rows [q_per_kv q, k, v] per group -> litquant rows [all q | all k | all v]."""
+    ng, hs = config.n_query_groups, config.head_size
+    q_per_kv = config.n_head // ng
+    t = t.reshape(ng, q_per_kv + 2, hs, *t.shape[1:])
+    q, k, v = t[:, :q_per_kv], t[:, q_per_kv], t[:, q_per_kv + 1]
+    return torch.cat([x.reshape(-1, *t.shape[3:]) for x in (q, k, v)])
+
+
+def interleave_qkv(t: torch.Tensor, config: Config) -> torch.Tensor:
+    """litquant rows [all q | all k | all v] -> HF fused rows [q_per_kv q, k, v] per group."""
+    ng, hs = config.n_query_groups, config.head_size
+    rest = t.shape[1:]
+    q, k, v = t.split(_qkv_sizes(config))
+    q = q.reshape(ng, config.n_head // ng, hs, *rest)
+    k, v = k.reshape(ng, 1, hs, *rest), v.reshape(ng, 1, hs, *rest)
+    return torch.cat((q, k, v), dim=1).reshape(-1, *rest)
+
+
+# ------------------------------------------------------------------------------------------------
+# HF -> litquant
+# ------------------------------------------------------------------------------------------------
+
+
+def _template(name: str) -> tuple[str, Optional[int]]:
+    """'model.layers.12.mlp.up_proj.weight' -> ('model.layers.{}.mlp.up_proj.weight', 12)."""
+    m = _LAYER.search(name)
+    if m is None:
+        return name, None
+    return name[: m.start()] + ".{}." + name[m.end():], int(m.group(1))
+
+
+def expected_shapes(config: Config) -> dict[str, torch.Size]:
+    """Every tensor a litquant checkpoint for `config` holds, with its shape (model built on meta)."""
+    from litquant.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _default_tie(config: Config) -> bool:
+    # falcon's HF default is tied embeddings; the others' is untied
+    return bool(config.extra_hf.get("tie_word_embeddings", hf_model_type(config) == "falcon"))
+
+
+def _iter_hf_to_lit(
+    items: Iterable[tuple[str, torch.Tensor]],
+    config: Config,
+    dtype: Optional[torch.dtype] = None,
+    tie_word_embeddings: Optional[bool] = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rename/reshape HF tensors as they arrive; q/k/v pieces wait only until their layer has all three.
+    Every produced tensor is checked against the config; anything missing is an error at the end."""
+    mt = hf_model_type(config)
+    to_lit = _import_map(config)
+    shapes = expected_shapes(config)
+    fused = _fused_hf_qkv(config)
+    q_rows, kv_rows, _ = _qkv_sizes(config)
+    pending: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # lit qkv name -> {"q": (hf name, t), ...}
+    done: set[str] = set()
+    wte: Optional[torch.Tensor] = None
+
+    def emit(lit_name: str, t: torch.Tensor, source: str) -> tuple[str, torch.Tensor]:
+        want = shapes.get(lit_name)
+        if want is None:
+            raise UserError(f"unexpected weight {source!r} for this {mt} config (the config has no {lit_name})")
+        if t.shape != want:
+            raise UserError(f"weight {source!r} has shape {tuple(t.shape)} but the config needs {tuple(want)}")
+        if lit_name in done:
+            raise UserError(f"weight {source!r} appears twice in the checkpoint")
+        done.add(lit_name)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return lit_name, t
+
+    for hf_name, t in items:
+        if _SKIP.search(hf_name):
+            continue
+        template, layer = _template(hf_name)
+        lit_template = to_lit.get(template)
+        if lit_template is None:
+            raise UserError(f"unexpected weight {hf_name!r} for a {mt} model (does config.json match the weights?)")
+        lit_name = lit_template.format(layer)
+        piece = re.search(r"\.attn\.([qkv])\.(weight|bias)$", lit_name)
+        if piece:  # separate q/k/v: wait for all three, then concatenate
+            part, kind = piece.groups()
+            rows = q_rows if part == "q" else kv_rows
+            if t.shape[0] != rows:
+                raise UserError(f"weight {hf_name!r} has {t.shape[0]} rows but the config needs {rows}")
+            qkv_name = lit_name[: piece.start()] + f".attn.qkv.{kind}"
+            parts = pending.setdefault(qkv_name, {})
+            if part in parts:
+                raise UserError(f"weight {hf_name!r} appears twice in the checkpoint")
+            parts[part] = (hf_name, t)
+            if len(parts) == 3:
+                del pending[qkv_name]
+                fused_t = torch.cat([parts[p][1] for p in "qkv"])
+                yield emit(qkv_name, fused_t, parts["q"][0].replace(".q_proj.", ".{q,k,v}_proj."))
+            continue
+        if fused and re.search(r"\.attn\.qkv\.(weight|bias)$", lit_name):
+            want = shapes.get(lit_name)
+            if want is not None and t.shape != want:
+                raise UserError(f"weight {hf_name!r} has shape {tuple(t.shape)} but the config needs {tuple(want)}")
+            t = deinterleave_qkv(t, config)
+        lit_name, t = emit(lit_name, t, hf_name)
+        if lit_name == "transformer.wte.weight":
+            wte = t  # kept (a reference, no copy) in case lm_head is tied to it
+        yield lit_name, t
+
+    if pending:
+        name, parts = next(iter(pending.items()))
+        template, layer = _template(name)
+        hf_names = {v: k for k, v in weight_map(config).items()}
+        absent = [hf_names[template.replace(".attn.qkv.", f".attn.{p}.")].format(layer)
+                  for p in "qkv" if p not in parts]
+        raise UserError(f"incomplete attention weights: the checkpoint lacks {', '.join(absent)}")
+    tie = _default_tie(config) if tie_word_embeddings is None else tie_word_embeddings
+    if tie and wte is not None and "lm_head.weight" in shapes and "lm_head.weight" not in done:
+        yield emit("lm_head.weight", wte.clone(), "lm_head.weight (tied to the embedding)")
+    missing = sorted(set(shapes) - done)
+    if missing:
+        hf_names = {v: k for k, v in weight_map(config).items()}
+        shown = []
+        for m in missing[:5]:
+            template, layer = _template(m)
+            hf = hf_names.get(template) or hf_names.get(template.replace(".attn.qkv.", ".attn.q."))
+            shown.append(hf.format(layer) if hf else m)
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise UserError(f"the checkpoint is missing weights: {', '.join(shown)}{more}")
+
+
+def hf_to_lit(
+    hf_state: Mapping[str, torch.Tensor],
+    config: Config,
+    dtype: Optional[torch.dtype] = None,
+    tie_word_embeddings: Optional[bool] = None,
+) -> dict[str, torch.Tensor]:
+    """An HF state dict -> a litquant state dict for `config` (renamed, q/k/v fused, checked)."""
+    return dict(_iter_hf_to_lit(hf_state.items(), config, dtype, tie_word_embeddings))
+
+
+# ------------------------------------------------------------------------------------------------
+# litquant -> HF
+# ------------------------------------------------------------------------------------------------
+
+
+def _iter_lit_to_hf(
+    items: Iterable[tuple[str, torch.Tensor]], config: Config, tie_word_embeddings: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
+    to_hf = {lit: hf for hf, lit in weight_map(config).items()}
+    fused = _fused_hf_qkv(config)
+    for name, t in items:
+        if name == "lm_head.weight" and tie_word_embeddings:
+            continue  # HF stores tied embeddings once
+        template, layer = _template(name)
+        if re.search(r"\.attn\.qkv\.(weight|bias)$", name) and not fused:
+            for part, piece in zip("qkv", t.split(_qkv_sizes(config))):
+                yield to_hf[template.replace(".attn.qkv.", f".attn.{part}.")].format(layer), piece.clone()
+            continue
+        hf_template = to_hf.get(template)
+        if hf_template is None:
+            raise UserError(f"tensor {name!r} has no Hugging Face {hf_model_type(config)} equivalent")
+        if fused and re.search(r"\.attn\.qkv\.(weight|bias)$", name):
+            t = interleave_qkv(t, config)
+        yield hf_template.format(layer), t
+
+
+def _check_lit_state(names_shapes: Mapping[str, tuple], config: Config, source: str) -> None:
+    shapes = expected_shapes(config)
+    for name, shape in names_shapes.items():
+        if name not in shapes:
+            raise UserError(f"{source}: unexpected tensor {name!r} for this config")
+        if tuple(shape) != tuple(shapes[name]):
+            raise UserError(f"{source}: {name} has shape {tuple(shape)} but the config needs {tuple(shapes[name])}")
+    missing = sorted(set(shapes) - set(names_shapes))
+    if missing:
+        raise UserError(f"{source} is missing tensors: {', '.join(missing[:5])}")
+
+
+def lit_to_hf(
+    lit_state: Mapping[str, torch.Tensor], config: Config, tie_word_embeddings: Optional[bool] = None
+) -> dict[str, torch.Tensor]:
+    """A litquant state dict -> an HF state dict for `hf_model_type(config)`. With tied embeddings
+    (None: when lm_head equals the embedding) `lm_head.weight` is left out, as HF saves it."""
+    _check_lit_state({k: v.shape for k, v in lit_state.items()}, config, "state dict")
+    if tie_word_embeddings is None:
+        tie_word_embeddings = _can_tie(lit_state.get("transformer.wte.weight"), lit_state.get("lm_head.weight"), config)
+    return dict(_iter_lit_to_hf(lit_state.items(), config, tie_word_embeddings))
+
+
+def _can_tie(wte: Optional[torch.Tensor], lm_head: Optional[torch.Tensor], config: Config) -> bool:
+    return (wte is not None and lm_head is not None and not config.lm_head_bias
+            and wte.shape == lm_head.shape and torch.equal(wte, lm_head))
+
+
+def hf_config(config: Config, tie_word_embeddings: bool = False, dtype: Optional[torch.dtype] = None) -> dict:
+    """A `config.json` dict that transformers' AutoConfig accepts for this config's model_type.
+
+    RoPE fields are written in the flat (transformers 4) form, which transformers 5 still reads."""
+    mt = hf_model_type(config)
+    C, nh, ng, hs = config.n_embd, config.n_head, config.n_query_groups, config.head_size
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise UserError(f"config {config.name!r} cannot be exported as Hugging Face {mt}: {what}")
+
+    common = dict(
+        model_type=mt, vocab_size=config.padded_vocab_size, hidden_size=C, num_hidden_layers=config.n_layer,
+        num_attention_heads=nh, max_position_embeddings=config.block_size, rope_theta=float(config.rope_base),
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    llama_like = mt in ("llama", "mistral")
+    norm, mlp = ("RMSNorm", "LLaMAMLP") if llama_like else ("LayerNorm", "GptNeoxMLP")
+    need(config.norm_class_name == norm and config.mlp_class_name == mlp, f"it needs {norm} and {mlp}")
+    if llama_like:
+        need(not config.parallel_residual, "blocks must be sequential")
+    else:
+        need(hs * nh == C, "head_size must be n_embd / n_head")
+    if mt != "llama":
+        need(config.rope_adjustments is None, "rope_adjustments (Llama 3.1 scaling) are llama-only")
+    if mt != "mistral":
+        need(config.sliding_window_size is None, "a sliding window needs model_type mistral")
+
+    if llama_like:
+        need(config.rotary_percentage == 1.0, "needs full rotary")
+        d = dict(
+            architectures=["MistralForCausalLM" if mt == "mistral" else "LlamaForCausalLM"], **common,
+            intermediate_size=config.intermediate_size, num_key_value_heads=ng, head_dim=hs, hidden_act="silu",
+            rms_norm_eps=config.norm_eps,
+        )
+        if mt == "llama":
+            d.update(attention_bias=config.bias, mlp_bias=config.bias)
+            if config.rope_adjustments:
+                d["rope_scaling"] = dict(rope_type="llama3", **config.rope_adjustments)
+        else:
+            need(not config.bias, "mistral has no biases")
+            d["sliding_window"] = config.sliding_window_size
+    elif mt == "falcon":
+        need(config.rotary_percentage == 1.0 and config.gelu_approximate == "none", "needs full rotary and exact gelu")
+        if not config.parallel_residual:
+            need(ng in (1, nh), "sequential falcon blocks need multi-query or multi-head attention")
+            new_arch, num_ln = False, None
+        elif config.shared_attention_norm:
+            new_arch = bool(config.extra_hf.get("new_decoder_architecture")) or ng not in (1, nh)
+            num_ln = 1 if new_arch else None
+        else:
+            new_arch, num_ln = True, 2
+        d = dict(
+            architectures=["FalconForCausalLM"], **common, num_kv_heads=ng, new_decoder_architecture=new_arch,
+            multi_query=ng == 1 if not new_arch else True, parallel_attn=config.parallel_residual,
+            num_ln_in_parallel_attn=num_ln, bias=config.bias, alibi=False, activation="gelu",
+            ffn_hidden_size=config.intermediate_size, layer_norm_epsilon=config.norm_eps,
+        )
+    elif mt == "gpt_neox":
+        need(ng == nh and config.bias and not config.lm_head_bias, "needs multi-head attention and biases")
+        need(not (config.parallel_residual and config.shared_attention_norm), "has no shared attention norm")
+        d = dict(
+            architectures=["GPTNeoXForCausalLM"], **common, intermediate_size=config.intermediate_size,
+            hidden_act="gelu" if config.gelu_approximate == "none" else "gelu_new",
+            rotary_pct=config.rotary_percentage, rotary_emb_base=config.rope_base, layer_norm_eps=config.norm_eps,
+            use_parallel_residual=config.parallel_residual, attention_bias=True,
+        )
+        del d["rope_theta"]  # written as rotary_emb_base
+    else:  # phi
+        need(config.bias and config.lm_head_bias and config.parallel_residual and config.shared_attention_norm,
+             "needs biases, an lm_head bias and a parallel block with one norm")
+        d = dict(
+            architectures=["PhiForCausalLM"], **common, intermediate_size=config.intermediate_size,
+            num_key_value_heads=ng, hidden_act="gelu" if config.gelu_approximate == "none" else "gelu_new",
+            partial_rotary_factor=config.rotary_percentage, layer_norm_eps=config.norm_eps, qk_layernorm=False,
+        )
+    if dtype is not None:
+        d["torch_dtype"] = str(dtype).removeprefix("torch.")
+    # fields kept from the original config.json (token ids, ...) unless the structure above decides them
+    return {**config.extra_hf, **d}
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading HF weight files
+# ------------------------------------------------------------------------------------------------
+
+
+def _hf_weight_files(checkpoint_dir: Path) -> list[Path]:
+    """The weight shards of an HF directory: safetensors preferred, else pytorch_model*.bin."""
+    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        index = checkpoint_dir / index_name
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError):
+                raise UserError(f"{index} is not a valid weight index (no weight_map)") from None
+            missing = [n for n in names if not (checkpoint_dir / n).is_file()]
+            if missing:
+                raise UserError(f"{index} lists shards that are missing: {', '.join(missing)}")
+            return [checkpoint_dir / n for n in names]
+        # our own outputs and Mistral's native-format duplicate are not HF transformers weights
+        files = sorted(p for p in checkpoint_dir.glob(pattern) if p.is_file()
+                       and not p.name.startswith(("lit_model", "consolidated", "adapter_model")))
+        if files:
+            return files
+    raise UserError(f"no Hugging Face weight files (*.safetensors or pytorch_model*.bin) in {checkpoint_dir}")
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refusing to load, it holds more than tensors ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise UserError(f"{path} cannot be read (truncated or corrupt? {str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a flat state dict of tensors")
+    return state
+
+
+def _iter_hf_files(files: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from every shard, one tensor at a time (safetensors read lazily, .bin memory-mapped)."""
+    total = None
+    if all(f.suffix == ".safetensors" for f in files):
+        total = 0
+        for f in files:
+            with open_safetensors(f) as st:
+                total += len(st.keys())
+    bar = tqdm(total=total, desc="Converting", unit="tensor", disable=not progress)
+    try:
+        for path in files:
+            bar.set_postfix_str(path.name)
+            if path.suffix == ".safetensors":
+                with open_safetensors(path) as st:
+                    for name in st.keys():
+                        try:
+                            t = st.get_tensor(name)
+                        except SafetensorError as e:
+                            raise UserError(f"{path}: cannot read {name!r} (truncated or corrupt? {e})") from None
+                        yield name, t
+                        bar.update()
+            else:
+                state = _load_bin(path)
+                for name in list(state):
+                    yield name, state.pop(name)
+                    bar.update()
+                del state
+    finally:
+        bar.close()
+
+
+def _parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
+    if dtype is None:
+        return None
+    d = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(d, torch.dtype) or not d.is_floating_point:
+        raise UserError(f"unknown dtype {dtype!r} (use float32, bfloat16 or float16)")
+    return d
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return d
+
+
+# ---- GPTQ hook -------------------------------------------------------------------------------------
+
+
+def _import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_name: Optional[str]) -> None:
+    """An AutoGPTQ-format HF model (config.json quantization_config.quant_method == "gptq") ->
+    `lit_model_gptq.<bits>bit.safetensors` + `quantize_config.json`. To be filled in."""
+    raise UserError("GPTQ import: not yet supported")
+
+
+# ------------------------------------------------------------------------------------------------
+# The jobs
+# ------------------------------------------------------------------------------------------------
+
+
+def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[str] = None, model_name: Optional[str] = None) -> None:
+    """Convert a Hugging Face model directory to a litquant checkpoint, in place.
+
+    Reads `config.json` (or the named config) and the `*.safetensors` / `pytorch_model*.bin` shards;
+    writes `model_config.yaml` and `lit_model.safetensors` beside them. Tokenizer files stay where they are.
+
+    Args:
+        checkpoint_dir: the HF download (config.json, weights, tokenizer files).
+        dtype: store the weights in this dtype (float32, bfloat16, float16); default: as in the files.
+        model_name: use this litquant named config instead of deriving one from config.json.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
+    torch_dtype = _parse_dtype(dtype)
+    hf_path = checkpoint_dir / "config.json"
+    if not hf_path.is_file() and model_name is None:
+        raise UserError(f"{checkpoint_dir} has no config.json (pass --model_name to use a known config)")
+    hf = _read_json(hf_path) if hf_path.is_file() else {}
+
+    quant = hf.get("quantization_config") or {}
+    if quant:
+        method = quant.get("quant_method")
+        if method == "gptq":
+            return _import_gptq(checkpoint_dir, hf, dtype, model_name)
+        raise UserError(f"{hf_path}: {method!r}-quantized Hugging Face checkpoints are not supported")
+
+    if model_name is not None:
+        config = Config.from_name(model_name)
+    else:
+        config = Config.from_hf_config(hf)
+        if not hf.get("_name_or_path"):
+            config.name = checkpoint_dir.name
+    tie = hf.get("tie_word_embeddings") if "tie_word_embeddings" in hf else None
+    files = _hf_weight_files(checkpoint_dir)
+    state = dict(_iter_hf_to_lit(_iter_hf_files(files), config, torch_dtype, tie))
+    save_checkpoint(state, config, checkpoint_dir)
+    n = sum(t.numel() for t in state.values())
+    print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} ({n / 1e6:.1f}M parameters) and {CONFIG_FILE}", flush=True)
+
+
+def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, max_shard_size: int = HF_MAX_SHARD_SIZE) -> None:
+    """Export a litquant checkpoint as a Hugging Face model directory.
+
+    Writes `config.json`, `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards plus an
+    index when larger than `max_shard_size` bytes) and copies the tokenizer files and generation_config.json.
+
+    Args:
+        checkpoint_dir: the litquant checkpoint (model_config.yaml + lit_model.safetensors).
+        output_dir: where the HF directory is written (created if needed; must differ from checkpoint_dir).
+        max_shard_size: largest weight file, in bytes.
+    """
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
+    if not (checkpoint_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{checkpoint_dir} has no {CONFIG_FILE} (is it a litquant checkpoint directory?)")
+    weights = checkpoint_dir / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UserError(f"{checkpoint_dir} has no {WEIGHTS_FILE}")
+    if output_dir.resolve() == checkpoint_dir.resolve():
+        raise UserError("output_dir must differ from checkpoint_dir (the export would overwrite its source)")
+    if max_shard_size <= 0:
+        raise UserError(f"max_shard_size must be positive, got {max_shard_size}")
+    config = Config.from_file(checkpoint_dir / CONFIG_FILE)
+    hf_model_type(config)  # fail early if the config has no HF family
+
+    with open_safetensors(weights) as f:
+        names = list(f.keys())
+        slices = {n: f.get_slice(n) for n in names}
+        _check_lit_state({n: s.get_shape() for n, s in slices.items()}, config, str(weights))
+
+        def read(name: str) -> torch.Tensor:
+            try:
+                return f.get_tensor(name)
+            except SafetensorError as e:
+                raise UserError(f"{weights}: cannot read {name!r} (truncated or corrupt? {e})") from None
+
+        wte = read("transformer.wte.weight")
+        tie = _can_tie(wte, read("lm_head.weight"), config)
+        dtype = wte.dtype
+        del wte
+        d = hf_config(config, tie, dtype)  # checked before any weights are written
+
+        # plan shards from the stored sizes; each shard's tensors are read, mapped and written together
+        item = dtype.itemsize
+        names.sort(key=lambda n: (_template(n)[1] if _template(n)[1] is not None else -1, n))
+        if tie:
+            names.remove("lm_head.weight")
+        shards: list[list[str]] = [[]]
+        size = 0
+        for n in names:
+            nbytes = _numel(slices[n].get_shape()) * item
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(n)
+            size += nbytes
+        output_dir.mkdir(parents=True, exist_ok=True)
+        single = len(shards) == 1
+        weight_map: dict[str, str] = {}
+        total = 0
+        for i, shard in enumerate(tqdm(shards, desc="Exporting", unit="shard", disable=single)):
+            fname = "model.safetensors" if single else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            hf_state = dict(_iter_lit_to_hf(((n, read(n)) for n in shard), config, tie))
+            save_safetensors(hf_state, output_dir / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in hf_state})
+            total += sum(t.numel() * t.element_size() for t in hf_state.values())
+            del hf_state
+
+    # a stale single file would shadow a new index in transformers' loader, and the other way round
+    if single:
+        (output_dir / "model.safetensors.index.json").unlink(missing_ok=True)
+        stale = [p for p in output_dir.glob("model-*-of-*.safetensors")]
+    else:
+        atomic_write_text(output_dir / "model.safetensors.index.json",
+                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        stale = [output_dir / "model.safetensors"] + [p for p in output_dir.glob("model-*-of-*.safetensors")
+                                                       if p.name not in set(weight_map.values())]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    atomic_write_text(output_dir / "config.json", json.dumps(d, indent=2) + "\n")
+    for name in HF_SIDE_FILES:
+        src = checkpoint_dir / name
+        if src.is_file():
+            with atomic_path(output_dir / name) as tmp:
+                shutil.copyfile(src, tmp)
+    print(f"Wrote a Hugging Face {d['model_type']} model to {output_dir}", flush=True)
+
+
+def _numel(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,34 @@
+"""One error type for bad user input, and the guard every job's entry point runs under.
+
+Anything the user can get wrong (a path, a flag value, a file that does not match) raises `UserError`
+with a one-line message. `run_guarded` turns it into `error: <message>` on stderr and exit code 1,
+never a traceback. Bugs still show their traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit code 1."""
+
+
+def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except MemoryError:
+        print("error: out of memory (try --quantize bnb.nf4, a lower --precision or a smaller batch)", file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as e:  # CUDA OOM is a RuntimeError subclass; say it in one line too
+        if type(e).__name__ == "OutOfMemoryError":
+            print(f"error: device out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise

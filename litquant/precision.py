@@ -1,0 +1,188 @@
+"""THE registry: (`--precision`, `--quantize`) -> one Lightning Fabric precision plugin.
+
+Every job calls `resolve(precision, quantize, device)` and nothing else parses those flags. A plugin
+knows its compute dtype, which weights file of the checkpoint directory it reads, how to swap the
+model's Linear classes (on the meta device, before loading) and how to cast inputs.
+
+Quantization modes register themselves with `@register("bnb.nf4", ...)` from
+`litquant/quantization/*`; they are imported lazily the first time a mode is resolved.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from lightning.fabric.plugins import Precision
+from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from torch.nn import Module
+
+from litquant.checkpoint import WEIGHTS_FILE
+from litquant.errors import UserError
+
+PRECISIONS: dict[str, torch.dtype] = {"32-true": torch.float32, "16-true": torch.float16, "bf16-true": torch.bfloat16}
+# Training jobs also take mixed precision: fp32 weights, forward under autocast.
+MIXED: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_ALIASES = {"32": "32-true", "16": "16-true", "bf16": "bf16-true", "fp32": "32-true", "fp16": "16-true"}
+
+# name -> factory(precision: str, device: torch.device, **options) -> LitquantPrecision
+QUANTIZE_MODES: dict[str, Callable[..., "LitquantPrecision"]] = {}
+QUANTIZE_HELP: dict[str, str] = {}
+
+
+class LitquantPrecision(Precision):
+    """Full-precision plugin (`--quantize` not given); quantized modes subclass it."""
+
+    quantize: Optional[str] = None
+
+    def __init__(self, precision: str = "32-true") -> None:
+        self.precision = precision
+        self.dtype = PRECISIONS[precision]
+
+    # -- what the loader asks ------------------------------------------------------------------
+    def weights_file(self, checkpoint_dir: Path) -> str:
+        return WEIGHTS_FILE
+
+    key_filter: Optional[Callable[[str], bool]] = None
+
+    def after_load(self, model: Module) -> Module:
+        return model
+
+    # -- Fabric's hooks -------------------------------------------------------------------------
+    def convert_module(self, module: Module) -> Module:
+        # Parameters already arrive in self.dtype from the loader; this only matters for models built
+        # outside load_model (e.g. pretraining from scratch).
+        for p in module.parameters():
+            if p.is_floating_point() and p.dtype != self.dtype and not p.is_meta:
+                p.data = p.data.to(self.dtype)
+        return module
+
+    def tensor_init_context(self) -> AbstractContextManager:
+        return _DtypeContextManager(self.dtype)
+
+    def module_init_context(self) -> AbstractContextManager:
+        return self.tensor_init_context()
+
+    def forward_context(self) -> AbstractContextManager:
+        return self.tensor_init_context()
+
+    def convert_input(self, data: Any) -> Any:
+        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.dtype)
+
+    def convert_output(self, data: Any) -> Any:
+        return data
+
+    def describe(self) -> str:
+        return self.precision if self.quantize is None else f"{self.quantize} (compute {self.precision})"
+
+
+class MixedPrecisionPlugin(LitquantPrecision):
+    """fp32 weights and optimizer state; matmuls under autocast (training jobs only)."""
+
+    def __init__(self, precision: str, device: torch.device) -> None:
+        self.precision = precision
+        self.dtype = torch.float32
+        self.autocast_dtype = MIXED[precision]
+        self.device_type = device.type
+
+    def forward_context(self) -> AbstractContextManager:
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def convert_input(self, data: Any) -> Any:
+        return data
+
+
+def register(name: str, help: str = "") -> Callable:
+    def deco(factory: Callable) -> Callable:
+        QUANTIZE_MODES[name] = factory
+        QUANTIZE_HELP[name] = help
+        return factory
+
+    return deco
+
+
+def _import_modes() -> None:
+    # Each module registers its modes on import; importing here keeps `import litquant` light.
+    import importlib
+
+    for mod in ("litquant.quantization.bnb", "litquant.quantization.gptq_plugin"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def quantize_modes() -> list[str]:
+    _import_modes()
+    return sorted(QUANTIZE_MODES)
+
+
+def default_precision(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
+    return "32-true"
+
+
+def parse_precision(precision: Optional[str], device: torch.device | str, allow_mixed: bool = False) -> str:
+    if precision is None:
+        return default_precision(device)
+    p = _ALIASES.get(str(precision), str(precision))
+    valid = [*PRECISIONS, *MIXED] if allow_mixed else list(PRECISIONS)
+    if p not in valid:
+        raise UserError(f"unknown --precision {precision!r}; choose one of: {', '.join(valid)}")
+    if p == "bf16-true" and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU does not support bfloat16: use --precision 16-true")
+    return p
+
+
+def resolve(
+    precision: Optional[str], quantize: Optional[str] = None, device: torch.device | str = "cpu", **options: Any
+) -> LitquantPrecision:
+    """The one place `--precision` and `--quantize` are interpreted."""
+    no_quant = quantize is None or quantize in ("", "none", "None")
+    p = parse_precision(precision, device, allow_mixed=no_quant)
+    if no_quant:
+        if options:
+            raise UserError(f"options {sorted(options)} only apply with --quantize")
+        return MixedPrecisionPlugin(p, torch.device(device)) if p in MIXED else LitquantPrecision(p)
+    modes = quantize_modes()
+    if quantize not in QUANTIZE_MODES:
+        raise UserError(f"unknown --quantize {quantize!r}; choose one of: {', '.join(modes)}")
+    return QUANTIZE_MODES[quantize](p, torch.device(device), **options)
+
+
+def setup_fabric(
+    precision: Optional[str] = None,
+    quantize: Optional[str] = None,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    **options: Any,
+):
+    """A Fabric whose precision plugin comes from the registry (shared by every job)."""
+    import lightning as L
+
+    accelerator = pick_accelerator(accelerator)
+    device = torch.device("cuda" if accelerator == "cuda" else "cpu")
+    plugin = resolve(precision, quantize, device, **options)
+    fabric = L.Fabric(accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes, plugins=plugin)
+    return fabric, plugin
+
+
+def pick_accelerator(accelerator: str) -> str:
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            raise UserError("--accelerator cuda was asked for but no CUDA device is available: use --accelerator cpu")
+        return "cuda"
+    if accelerator != "cpu":
+        raise UserError(f"unknown --accelerator {accelerator!r}; choose auto, cuda or cpu")
+    return "cpu"

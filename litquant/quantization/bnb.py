@@ -1,0 +1,643 @@
+"""bitsandbytes quantization: 4-bit (nf4/fp4, optional double quantization) and LLM.int8 Linears + their plugins.
+
+Modes (`--quantize`):
+  bnb.nf4, bnb.fp4         4-bit blockwise (blocksize 64, one fp32 absmax per block), QLoRA's data types
+  bnb.nf4-dq, bnb.fp4-dq   the same with double quantization: absmax stored as uint8 (blocks of 256, fp32
+                           scale + one mean offset), ~0.37 bit/param less
+  bnb.int8                 LLM.int8 inference: int8 weights (row-wise absmax); inputs quantized row-wise to int8,
+                           input columns holding any |x| >= 6.0 multiply in full precision
+  bnb.int8-training        the same int8 weights, for finetuning adapters on top: the weight is dequantized to the
+                           compute dtype and multiplied (no input quantization), gradients flow to the input
+
+All weights are frozen. The compute dtype is `--precision` (32-true, 16-true or bf16-true), on CUDA and on CPU:
+unlike Lightning's BitsandbytesPrecision there is no CUDA-only check and no forced fp16 for int8.
+
+Our modules are plain `nn.Module`s holding the bitsandbytes storage as buffers and calling the bitsandbytes ops
+directly (not bnb's Linear4bit/Linear8bitLt: their Params4bit/Int8Params quantize inside `.to()`, keep the state
+outside the state dict and, on CPU, rewrite the weight into a kernel layout behind the module's back).
+Loading: the model is built on the meta device, `convert_module` swaps the Linears, and `load_weights` hands every
+tensor to `load_litquant_tensor`, which quantizes a weight the moment it lands on the device: at most one layer's
+full-precision weight exists at a time. A pre-quantized file (`quantize/bnb.py`) skips that step.
+
+CPU speed: bitsandbytes >= 0.48 ships a fused 4-bit matmul for CPUs with AVX512-BF16 (`gemv_4bit`, bf16 only,
+its own nibble layout). It is the fastest offline path for decoding (the faster `kernels-community` GEMM that
+bnb tries to download from the Hub is not available offline, hence bnb's import warning, which we silence).
+With `--precision bf16-true` a module in eval mode switches its weight to that layout on the first no-grad
+forward; anything that needs the portable layout (saving, moving, training, dequantizing) switches it back.
+Other dtypes/devices use bnb's `gemm_4bit` (CPU: dequantize + matmul; CUDA: bnb's fused kernels).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from litquant.checkpoint import WEIGHTS_FILE, safetensors_metadata
+from litquant.errors import UserError
+from litquant.precision import PRECISIONS, LitquantPrecision, register
+
+BLOCKSIZE = 64  # bnb's default 4-bit block
+NESTED_BLOCKSIZE = 256  # double quantization: blocks of absmax values (the only size bnb's fused kernels take)
+INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold on input magnitudes
+MIN_BNB_CPU = (0, 48)  # first bitsandbytes with CPU 4-bit and int8 ops
+CPU_KERNEL_MAX_ROWS = 32  # the CPU fused 4-bit kernel beats dequantize+matmul only for few input rows
+use_cpu_kernel = True  # set False to force dequantize+matmul on CPU (debugging, comparisons)
+
+# bnb >= 0.48 tries to fetch a CPU GEMM from the Hugging Face Hub when imported and logs a warning when it cannot
+# (always, offline); its own native CPU kernels are used instead, so the warning is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+# storage mode -> what the quantized Linear stores
+FOUR_BIT = {"nf4": ("nf4", False), "nf4-dq": ("nf4", True), "fp4": ("fp4", False), "fp4-dq": ("fp4", True)}
+MODES = (*FOUR_BIT, "int8", "int8-training")
+_HELP = {
+    "nf4": "bitsandbytes 4-bit NormalFloat weights (QLoRA), blocksize 64",
+    "nf4-dq": "bnb.nf4 with double quantization of the absmax constants (~0.37 bit/param less)",
+    "fp4": "bitsandbytes 4-bit float weights, blocksize 64",
+    "fp4-dq": "bnb.fp4 with double quantization of the absmax constants",
+    "int8": "LLM.int8 inference: int8 weights, outlier input columns (|x| >= 6) in full precision",
+    "int8-training": "frozen int8 weights for finetuning adapters (LoRA): dequantize + matmul, gradients to the input",
+}
+
+
+def storage_mode(mode: str) -> str:
+    """The on-disk format a mode uses: int8-training stores exactly what int8 stores."""
+    return "int8" if mode == "int8-training" else mode
+
+
+def prequantized_file(mode: str) -> str:
+    return f"lit_model_bnb.{storage_mode(mode)}.safetensors"
+
+
+# ---- bitsandbytes, imported lazily (registering the modes must not need it) ------------------------------
+
+
+@functools.cache
+def _bnb():
+    import bitsandbytes
+    import bitsandbytes.functional
+
+    return bitsandbytes
+
+
+def _bnb_version() -> tuple[int, ...]:
+    parts = []
+    for p in _bnb().__version__.split(".")[:2]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+@functools.cache
+def _cpu_kernel_available() -> bool:
+    # The fused kernel is registered for the CPU only on machines with AVX512-BF16; without it `gemv_4bit`
+    # falls back to a version that expects the portable layout, so the check must be this precise.
+    _bnb()
+    return torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::gemv_4bit", "CPU")
+
+
+@functools.cache
+def _code(quant_type: str, device: torch.device) -> torch.Tensor:
+    return _bnb().functional.get_4bit_type(quant_type, device=device)
+
+
+# ---- the CPU kernel's weight layout ---------------------------------------------------------------------
+# Portable (bnb) layout: the (N, K) 4-bit codes in row-major order, two per byte, first one in the high nibble,
+# stored as (ceil(N*K/2), 1) uint8. Kernel layout: rows in groups of 32 and columns in pairs; for each
+# (row group, column pair) 32 bytes whose low nibbles hold rows 0-15 and high nibbles rows 16-31, each row's
+# two columns adjacent. It is a permutation of the same nibbles, so converting back and forth is exact.
+
+
+def _unpack_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    b = packed.reshape(-1)
+    return torch.stack((b >> 4, b & 0xF), dim=-1).reshape(-1)[: n * k].reshape(n, k)
+
+
+def _to_kernel_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    g = _unpack_codes(packed, n, k).reshape(n // 32, 2, 16, k // 2, 2).permute(0, 3, 1, 2, 4)  # (nb, kp, half, 16, 2)
+    return ((g[:, :, 1] << 4) | g[:, :, 0]).reshape(n, k // 2)
+
+
+def _from_kernel_layout(kernel: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    b = kernel.reshape(n // 32, k // 2, 16, 2)
+    q = torch.stack((b & 0xF, b >> 4), dim=2).permute(0, 2, 3, 1, 4).reshape(-1)  # back to row-major codes
+    return ((q[0::2] << 4) | q[1::2]).reshape(-1, 1)
+
+
+# ---- autograd: frozen quantized weight, gradient to the input -------------------------------------------
+
+
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """y = x @ W^T with W quantized and frozen. Nothing but the module is saved for backward, which dequantizes W
+    again: keeping the dequantized W of every layer alive until backward would undo the memory savings."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "_QuantLinear") -> torch.Tensor:
+        ctx.module = module
+        ctx.x_shape = x.shape
+        return module._matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.module.dequantize(grad.dtype)  # (N, K)
+        return (grad @ w).reshape(ctx.x_shape), None
+
+
+# ---- the quantized Linears ----------------------------------------------------------------------------------
+
+
+class _QuantLinear(nn.Module):
+    """What both quantized Linears share: bias, loading hook, dtype-safe moves, storage reporting.
+
+    The quantization state lives in buffers named in `_quant_names` (so `state_dict()` is the pre-quantized
+    checkpoint); a module cast (`.half()`, `.to(torch.bfloat16)`) moves them but never changes their dtype."""
+
+    _quant_names: tuple[str, ...] = ()
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype, device: torch.device | str
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = compute_dtype
+        self.litquant_name = ""  # set by convert_module, for error messages
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=compute_dtype, device=device)) if bias else None
+        )
+
+    # -- to be provided ----------------------------------------------------------------------------------------
+    def _empty_state(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def quantize_(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------------------------
+    def _where(self) -> str:
+        return f"{self.litquant_name or type(self).__name__}"
+
+    def _set_state(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self._quant_names:
+            self._buffers[name] = state[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _FrozenQuantMatmul.apply(x, self)
+        else:
+            y = self._matmul(x)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(in_dtype)
+
+    def load_litquant_tensor(self, attr: str, tensor: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype]):
+        """The loader's hook: a full-precision `weight` is quantized on `device` right away; the tensors of a
+        pre-quantized file are checked against the expected shapes/dtypes and taken as they are."""
+        if attr == "bias":
+            if self.bias is None or tuple(tensor.shape) != (self.out_features,):
+                raise UserError(f"{self._where()}: unexpected bias of shape {tuple(tensor.shape)} (config mismatch?)")
+            self.bias = nn.Parameter(
+                tensor.to(device=device, dtype=dtype or self.compute_dtype), requires_grad=self.bias.requires_grad
+            )
+        elif attr == "weight" and tensor.is_floating_point():
+            if tuple(tensor.shape) != (self.out_features, self.in_features):
+                raise UserError(
+                    f"{self._where()}.weight has shape {tuple(tensor.shape)} but the config needs "
+                    f"{(self.out_features, self.in_features)} (model_config.yaml does not match the weights)"
+                )
+            self.quantize_(tensor.to(device))
+        elif attr in self._quant_names:
+            expected = self._empty_state("meta")[attr]
+            if tensor.dtype != expected.dtype or tensor.shape != expected.shape:
+                raise UserError(
+                    f"{self._where()}.{attr} is {str(tensor.dtype).replace('torch.', '')} {tuple(tensor.shape)} but a "
+                    f"{self.mode_name} layer needs {str(expected.dtype).replace('torch.', '')} {tuple(expected.shape)} "
+                    "(was the file quantized with another mode or config?)"
+                )
+            self._on_state_change()
+            self._buffers[attr] = tensor.to(device)
+        else:
+            raise UserError(f"unexpected tensor {self._where()}.{attr} for a {self.mode_name} layer")
+
+    def quantized_state(self) -> dict[str, torch.Tensor]:
+        """The quantization buffers in the portable layout (what a pre-quantized file stores)."""
+        self._portable_layout_()
+        return {name: self._buffers[name] for name in self._quant_names}
+
+    def litquant_storage(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._quant_names:
+            t = self._buffers.get(name)
+            if t is not None:
+                yield name, t
+
+    def _on_state_change(self) -> None:
+        pass
+
+    def _portable_layout_(self) -> None:
+        pass
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._portable_layout_()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _apply(self, fn, recurse=True):
+        # Moves must reach the quantization state, casts must not: apply `fn` and keep only its device.
+        self._portable_layout_()
+        saved = {name: self._buffers.pop(name) for name in self._quant_names if name in self._buffers}
+        super()._apply(fn, recurse)
+        for name, t in saved.items():
+            moved = fn(t)
+            if moved.dtype != t.dtype:
+                moved = t.to(moved.device)
+            self._buffers[name] = moved
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"mode={self.mode_name}, compute_dtype={str(self.compute_dtype).replace('torch.', '')}"
+        )
+
+
+class Linear4bit(_QuantLinear):
+    """bitsandbytes 4-bit Linear (nf4/fp4, blocksize 64, optional double quantization).
+
+    Buffers (also the pre-quantized file's tensors, as `<layer>.<name>`):
+      weight         uint8 (ceil(out*in/2), 1)  two 4-bit codes per byte, row-major over (out, in)
+      absmax         fp32 (blocks,)             per-block scale; with double quant uint8 codes into nested_code
+      nested_absmax  fp32 (ceil(blocks/256),)   double quant only: scale of each block of 256 absmax values
+      nested_code    fp32 (256,)                double quant only: bnb's 8-bit dynamic map
+      offset         fp32 ()                    double quant only: mean absmax, subtracted before quantizing
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        quant_type: str = "nf4",
+        double_quant: bool = False,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "meta",
+    ) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, device)
+        if quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant_type must be nf4 or fp4, got {quant_type!r}")
+        self.quant_type = quant_type
+        self.double_quant = double_quant
+        self.blocksize = BLOCKSIZE
+        self.mode_name = quant_type + ("-dq" if double_quant else "")
+        self._quant_names = ("weight", "absmax") + (("nested_absmax", "nested_code", "offset") if double_quant else ())
+        self._kernel_absmax: Optional[torch.Tensor] = None  # set while `weight` is in the CPU kernel layout
+        self._set_state(self._empty_state(device))
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.in_features * self.out_features / self.blocksize)
+
+    def _empty_state(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        n = self.in_features * self.out_features
+        state = {"weight": torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)}
+        if self.double_quant:
+            state["absmax"] = torch.empty(self.num_blocks, dtype=torch.uint8, device=device)
+            state["nested_absmax"] = torch.empty(math.ceil(self.num_blocks / NESTED_BLOCKSIZE), device=device)
+            state["nested_code"] = torch.empty(256, device=device)
+            state["offset"] = torch.empty((), device=device)
+        else:
+            state["absmax"] = torch.empty(self.num_blocks, device=device)
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor) -> None:
+        """Quantize a full-precision (out, in) weight on its device (bnb's quantize_4bit: same bits as bnb)."""
+        F = _bnb().functional
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            weight = weight.float()
+        packed, qs = F.quantize_4bit(
+            weight.contiguous(), blocksize=self.blocksize, compress_statistics=self.double_quant,
+            quant_type=self.quant_type,
+        )
+        state = {"weight": packed, "absmax": qs.absmax}
+        if self.double_quant:
+            state.update(nested_absmax=qs.state2.absmax, nested_code=qs.state2.code, offset=qs.offset.float().reshape(()))
+        self._on_state_change()
+        self._set_state(state)
+
+    def _absmax(self) -> torch.Tensor:
+        """fp32 absmax per block (double quant undone)."""
+        if not self.double_quant:
+            return self.absmax
+        F = _bnb().functional
+        nested = F.QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+        return F.dequantize_blockwise(self.absmax, nested) + self.offset
+
+    def quant_state(self, dtype: Optional[torch.dtype] = None):
+        """A bitsandbytes QuantState over this layer's buffers (portable layout)."""
+        F = _bnb().functional
+        state2 = None
+        if self.double_quant:
+            state2 = F.QuantState(
+                absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
+            )
+        return F.QuantState(
+            absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+            code=_code(self.quant_type, self.absmax.device), blocksize=self.blocksize, quant_type=self.quant_type,
+            dtype=dtype or self.compute_dtype, offset=self.offset if self.double_quant else None, state2=state2,
+        )
+
+    def _portable_weight(self) -> torch.Tensor:
+        if self._kernel_absmax is None:
+            return self.weight
+        return _from_kernel_layout(self.weight, self.out_features, self.in_features)
+
+    @torch.no_grad()
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The (out, in) weight the quantized storage stands for, in `dtype` (default: the compute dtype)."""
+        qs = self.quant_state(dtype)
+        return _bnb().functional.dequantize_4bit(self._portable_weight(), qs)
+
+    # -- layouts -----------------------------------------------------------------------------------------------
+    def _on_state_change(self) -> None:
+        self._kernel_absmax = None
+
+    def _kernel_fits(self) -> bool:
+        return self.out_features % 32 == 0 and self.in_features % self.blocksize == 0
+
+    @torch.no_grad()
+    def _kernel_layout_(self) -> None:
+        if self._kernel_absmax is not None:
+            return
+        with torch.inference_mode(False):  # generate() runs under inference_mode: keep the buffers normal tensors
+            n, k = self.out_features, self.in_features
+            absmax = self._absmax().float().reshape(n, k // self.blocksize).t().contiguous().to(torch.bfloat16)
+            self._buffers["weight"] = _to_kernel_layout(self.weight, n, k)
+            self._kernel_absmax = absmax
+
+    @torch.no_grad()
+    def _portable_layout_(self) -> None:
+        if self._kernel_absmax is None:
+            return
+        with torch.inference_mode(False):
+            self._buffers["weight"] = _from_kernel_layout(self.weight, self.out_features, self.in_features)
+            self._kernel_absmax = None
+
+    def litquant_storage(self) -> Iterator[tuple[str, torch.Tensor]]:
+        yield from super().litquant_storage()
+        if self._kernel_absmax is not None:
+            yield "kernel_absmax", self._kernel_absmax
+
+    # -- compute -----------------------------------------------------------------------------------------------
+    def _cpu_kernel_ok(self, x: torch.Tensor) -> bool:
+        return (
+            use_cpu_kernel and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not self.training
+            and not (torch.is_grad_enabled() and x.requires_grad) and self._kernel_fits() and _cpu_kernel_available()
+        )
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cpu_kernel_ok(x):
+            self._kernel_layout_()
+            rows = x.numel() // self.in_features
+            if rows <= CPU_KERNEL_MAX_ROWS:
+                y = torch.ops.bitsandbytes.gemv_4bit.default(
+                    x.reshape(-1, self.in_features), self.weight, [self.out_features, self.in_features],
+                    self._kernel_absmax, _code(self.quant_type, x.device), self.blocksize,
+                )
+                return y.reshape(*x.shape[:-1], self.out_features)
+            return torch.nn.functional.linear(x, self.dequantize(x.dtype))
+        if self.training:
+            self._portable_layout_()
+        qs = self.quant_state(x.dtype)
+        weight = self._portable_weight()
+        if not self.double_quant:
+            return torch.ops.bitsandbytes.gemm_4bit.default(
+                x, weight, list(qs.shape), self.absmax, self.blocksize, self.quant_type
+            )
+        return torch.ops.bitsandbytes.gemm_4bit.default(
+            x, weight, list(qs.shape), self.nested_absmax, self.blocksize, self.quant_type,
+            absmax_8bit=self.absmax, absmax_code=self.nested_code, absmax_offset=self.offset,
+        )
+
+
+class Linear8bit(_QuantLinear):
+    """Int8 Linear (LLM.int8 storage): weight int8 (out, in), absmax fp32 (out,); W = weight * absmax / 127.
+
+    `training=False` (bnb.int8): LLM.int8 forward. Input columns with any |x| >= threshold multiply in full
+    precision with the dequantized weight; the rest of each input row is scaled by its absmax to int8, multiplied
+    in int32 (bnb's int8 matmul: cuBLASLt on CUDA, torch._int_mm on AVX512 CPUs) and rescaled in fp32, so
+    nothing passes through fp16 (no overflow for bf16/fp32 activations).
+    `training=True` (bnb.int8-training): dequantize the weight to the compute dtype and multiply (bnb's own
+    choice for finetuning on CPU; gradients to the input either way)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        training: bool = False,
+        threshold: float = INT8_THRESHOLD,
+        compute_dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "meta",
+    ) -> None:
+        super().__init__(in_features, out_features, bias, compute_dtype, device)
+        self.int8_training = training
+        self.threshold = threshold
+        self.mode_name = "int8-training" if training else "int8"
+        self._quant_names = ("weight", "absmax")
+        self._set_state(self._empty_state(device))
+
+    def _empty_state(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        return {
+            "weight": torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=device),
+            "absmax": torch.empty(self.out_features, dtype=torch.float32, device=device),
+        }
+
+    @torch.no_grad()
+    def quantize_(self, weight: torch.Tensor) -> None:
+        w = weight.float()
+        absmax = w.abs().amax(dim=1)
+        scale = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+        q = torch.round(w * scale[:, None]).to(torch.int8)
+        del w
+        self._set_state({"weight": q, "absmax": absmax})
+
+    @torch.no_grad()
+    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        return (self.weight.float() * (self.absmax[:, None] / 127.0)).to(dtype or self.compute_dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8_training:
+            return torch.nn.functional.linear(x, self.dequantize(x.dtype))
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        outliers = (x.abs() >= self.threshold).any(dim=0).nonzero().squeeze(1) if self.threshold > 0 else None
+        has_outliers = outliers is not None and outliers.numel() > 0
+        xr = x.index_fill(1, outliers, 0) if has_outliers else x
+        x_absmax = xr.abs().amax(dim=1).float()
+        x_scale = torch.where(x_absmax > 0, 127.0 / x_absmax, torch.zeros_like(x_absmax))
+        xq = torch.round(xr.float() * x_scale[:, None]).to(torch.int8)
+        acc = torch.ops.bitsandbytes.int8_linear_matmul.default(xq, self.weight)  # (M, N) int32
+        y = acc.float() * (x_absmax[:, None] * self.absmax[None, :] / (127.0 * 127.0))
+        if has_outliers:
+            w_cols = self.weight[:, outliers].float() * (self.absmax[:, None] / 127.0)  # (N, n_outliers)
+            y = y + x[:, outliers].float() @ w_cols.t()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+
+# ---- the precision plugin -------------------------------------------------------------------------------
+
+
+class BitsandbytesPrecision(LitquantPrecision):
+    """`--quantize bnb.<mode>`: swaps Linears for our bnb-backed modules; compute dtype from `--precision`."""
+
+    def __init__(self, mode: str, precision: str = "32-true", quantize_lm_head: bool = False) -> None:
+        super().__init__(precision)
+        if mode not in MODES:
+            raise UserError(f"unknown bnb mode {mode!r}; choose one of: {', '.join(MODES)}")
+        self.mode = mode
+        self.quantize = f"bnb.{mode}"
+        self.quantize_lm_head = quantize_lm_head
+        self.use_prequantized = True  # quantize/bnb.py turns this off to read the full-precision weights
+
+    # -- which Linears, and as what --------------------------------------------------------------------------
+    def _wanted(self, name: str) -> bool:
+        parts = name.split(".")
+        if any(p.startswith("lora") for p in parts):  # adapters stay trainable full-precision layers
+            return False
+        return self.quantize_lm_head or "lm_head" not in parts
+
+    def make_linear(self, in_features: int, out_features: int, bias: bool, device: torch.device | str) -> _QuantLinear:
+        if self.mode in FOUR_BIT:
+            quant_type, dq = FOUR_BIT[self.mode]
+            return Linear4bit(in_features, out_features, bias, quant_type, dq, self.dtype, device)
+        return Linear8bit(in_features, out_features, bias, self.mode == "int8-training", INT8_THRESHOLD, self.dtype, device)
+
+    def convert_module(self, module: nn.Module) -> nn.Module:
+        """Swap every nn.Linear (lm_head only with quantize_lm_head) in place. Meta Linears become empty quantized
+        modules for the loader to fill; materialised ones are quantized now. Idempotent (Fabric calls it again)."""
+        if isinstance(module, nn.Linear):
+            raise UserError("convert_module needs a model containing Linear layers, not a bare nn.Linear")
+        todo = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear) and self._wanted(n)]
+        for name, linear in todo:
+            parent_name, _, child = name.rpartition(".")
+            device = linear.weight.device
+            new = self.make_linear(linear.in_features, linear.out_features, linear.bias is not None, device)
+            new.litquant_name = name
+            new.train(linear.training)
+            if not linear.weight.is_meta:
+                new.quantize_(linear.weight.detach())
+                if linear.bias is not None:
+                    new.bias = nn.Parameter(linear.bias.detach().to(self.dtype), requires_grad=linear.bias.requires_grad)
+            setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
+        return super().convert_module(module)  # casts the remaining full-precision parameters
+
+    # -- which file --------------------------------------------------------------------------------------------
+    def weights_file(self, checkpoint_dir: Path) -> str:
+        """The pre-quantized file when it exists and matches this run, else the full-precision one."""
+        name = prequantized_file(self.mode)
+        path = Path(checkpoint_dir) / name
+        if not self.use_prequantized or not path.is_file():
+            return WEIGHTS_FILE
+        problem = prequantized_mismatch(path, self)
+        if problem is None:
+            return name
+        if not (Path(checkpoint_dir) / WEIGHTS_FILE).is_file():
+            raise UserError(
+                f"{path} {problem}, and there is no {WEIGHTS_FILE} to quantize from: "
+                f"run `litquant quantize bnb --mode {storage_mode(self.mode)}` with matching options"
+            )
+        print(f"Not using {name} ({problem}): quantizing {WEIGHTS_FILE} while loading", file=sys.stderr)
+        return WEIGHTS_FILE
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def prequantized_metadata(mode: str, quantize_lm_head: bool, dtype: Optional[torch.dtype], source: Path) -> dict[str, str]:
+    """What a pre-quantized file records (all strings: safetensors metadata)."""
+    mode = storage_mode(mode)
+    st = source.stat()
+    meta = {
+        "format": "pt",
+        "litquant": "1",
+        "litquant_bnb": "1",
+        "quantize": f"bnb.{mode}",
+        "mode": mode,
+        "quantize_lm_head": str(bool(quantize_lm_head)).lower(),
+        # dtype of the tensors kept in full precision; "source" = as in the source file (fits any --precision)
+        "dtype": "source" if dtype is None else _dtype_name(dtype),
+        "source_file": source.name,
+        "source_size": str(st.st_size),
+        "source_mtime_ns": str(st.st_mtime_ns),
+    }
+    if mode in FOUR_BIT:
+        quant_type, dq = FOUR_BIT[mode]
+        meta.update(quant_type=quant_type, blocksize=str(BLOCKSIZE), double_quant=str(dq).lower())
+        if dq:
+            meta["nested_blocksize"] = str(NESTED_BLOCKSIZE)
+    else:
+        meta.update(quant_type="int8", blocksize="row", double_quant="false", threshold=str(INT8_THRESHOLD))
+    return meta
+
+
+def prequantized_mismatch(path: Path, plugin: BitsandbytesPrecision) -> Optional[str]:
+    """None if the file at `path` fits `plugin` and is not older than its source, else why not."""
+    meta = safetensors_metadata(path)
+    mode = storage_mode(plugin.mode)
+    if meta.get("litquant_bnb") != "1" or meta.get("mode") != mode:
+        return f"is not a bnb.{mode} file written by `litquant quantize bnb`"
+    if mode in FOUR_BIT and meta.get("blocksize") != str(BLOCKSIZE):
+        return f"uses blocksize {meta.get('blocksize')}, not {BLOCKSIZE}"
+    if meta.get("quantize_lm_head") != str(plugin.quantize_lm_head).lower():
+        return f"was made with quantize_lm_head={meta.get('quantize_lm_head')}"
+    if meta.get("dtype") not in ("source", _dtype_name(plugin.dtype)):
+        return f"keeps full-precision tensors in {meta.get('dtype')}, this run computes in {_dtype_name(plugin.dtype)}"
+    source = path.parent / meta.get("source_file", WEIGHTS_FILE)
+    if source.is_file():
+        st = source.stat()
+        if str(st.st_size) != meta.get("source_size") or str(st.st_mtime_ns) != meta.get("source_mtime_ns"):
+            return f"is stale: {source.name} changed after it was made"
+    return None
+
+
+# ---- registration -------------------------------------------------------------------------------------------
+
+
+def _make_plugin(mode: str, precision: str, device: torch.device, **options: Any) -> BitsandbytesPrecision:
+    unknown = sorted(set(options) - {"quantize_lm_head"})
+    if unknown:
+        raise UserError(f"unknown option(s) {', '.join(unknown)} for --quantize bnb.{mode}; valid: quantize_lm_head")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--quantize bnb.{mode} runs on CUDA or CPU, not {device.type}: use --accelerator cpu")
+    if precision not in PRECISIONS:
+        raise UserError(f"--quantize bnb.{mode} needs --precision one of {', '.join(PRECISIONS)}, got {precision!r}")
+    try:
+        _bnb()
+    except ImportError:
+        raise UserError(f"--quantize bnb.{mode} needs bitsandbytes: pip install 'bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}'") from None
+    if device.type == "cpu" and _bnb_version() < MIN_BNB_CPU:
+        raise UserError(
+            f"bitsandbytes {_bnb().__version__} has no CPU support for bnb.{mode}: "
+            f"pip install -U 'bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}', or run on CUDA (--accelerator cuda)"
+        )
+    return BitsandbytesPrecision(mode, precision, quantize_lm_head=bool(options.get("quantize_lm_head", False)))
+
+
+for _mode in MODES:
+    register(f"bnb.{_mode}", help=_HELP[_mode])(functools.partial(_make_plugin, _mode))

@@ -1,0 +1,307 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers").
+
+One Linear at a time: collect H = 2/n * sum_x x x^T over the layer's calibration inputs (`GPTQ.add_batch`),
+then quantize the weight column by column, spreading each column's rounding error over the columns not yet
+quantized with the inverse Hessian (Optimal Brain Quantization), in column blocks with lazy batch updates.
+
+Usage from the job that walks the model:
+
+    gptq = GPTQ(linear.in_features, device)
+    handle = linear.register_forward_hook(gptq.hook)   # run calibration batches through the block
+    handle.remove()
+    result = gptq.quantize(linear.weight, bits=4, group_size=128, act_order=True)
+    packed = result.pack()                              # AutoGPTQ tensors (gptq_format.pack)
+    linear.weight.data = result.weight.to(linear.weight.dtype)  # Ŵ, to feed the next block's inputs
+
+Quantizer: per (row, group) min/max, asym `scale = (max - min) / maxq, zero = round(-min / scale)`, sym
+`scale = 2 * max|w| / maxq, zero = (maxq + 1) / 2`, q = clamp(round(w / scale) + zero, 0, maxq). Two choices
+made for the file: scales are rounded to fp16 *before* quantizing (the file holds fp16 scales, so Ŵ is exactly
+what a loader dequantizes and the error feedback sees the real grid), and the zero point is clamped to >= 1
+because the v1 format stores zero - 1 (a zero of 0 only occurs when a group's min is ~0; it costs that group
+its top level). All math runs in fp32 (fp64 if given fp64), on the device of the weight.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from litquant.errors import UserError
+from litquant.quantization import gptq_format
+
+_FP16_MAX = 65504.0
+_FP16_TINY = 2.0**-24  # smallest fp16 subnormal: a scale below it would round to 0
+
+
+@dataclass
+class GPTQResult:
+    """A quantized weight in original channel order. `weight` (Ŵ) == gptq_format.dequantize(**self.pack())."""
+
+    intweight: torch.Tensor  # uint8 [out, in], values in [0, 2**bits)
+    zeros: torch.Tensor  # int32 [groups, out], values in [1, 2**bits - 1]
+    scales: torch.Tensor  # fp32 [groups, out], every value exactly representable in fp16
+    g_idx: torch.Tensor  # int32 [in]
+    weight: torch.Tensor  # fp32 [out, in] dequantized Ŵ = scales[g_idx].T * (intweight - zeros[g_idx].T)
+    loss: float | None  # GPTQ's proxy error sum_q (w_q - ŵ_q)^2 / [H^-1]_qq / 2 (None for RTN)
+    bits: int
+    group_size: int
+
+    def pack(self) -> dict[str, torch.Tensor]:
+        """-> the AutoGPTQ tensors {qweight, qzeros, scales, g_idx} (add the layer's bias yourself)."""
+        return gptq_format.pack(self.intweight, self.zeros, self.scales, self.g_idx, self.bits)
+
+
+# ----------------------------------------------------------------------------------------------- quantizer
+
+
+def quant_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min/max grid of w [rows, k] -> (scale [rows] fp16-representable, zero [rows] integral float)."""
+    maxq = 2**bits - 1
+    xmin = w.min(dim=1).values.clamp(max=0)  # the grid always contains 0 (exact zeros stay zero)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)  # an all-zero row: any grid works, pick [-1, 1] as the reference does
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = ((xmax - xmin) / maxq).clamp(_FP16_TINY, _FP16_MAX).to(torch.float16).to(w.dtype)
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale).clamp(1, maxq)
+    return scale, zero
+
+
+def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """w [rows, k] (or [rows]), scale/zero [rows] -> integer q (same float dtype) in [0, 2**bits - 1]."""
+    if w.dim() == 2:
+        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int = 128, sym: bool = False) -> GPTQResult:
+    """Round-to-nearest with the same quantizer and groups as GPTQ: the baseline GPTQ has to beat."""
+    _check_args(weight, bits, group_size)
+    W = weight.to(_math_dtype(weight)).clone()
+    out_features, in_features = W.shape
+    gs = in_features if group_size == -1 else group_size
+    groups = gptq_format.num_groups(in_features, group_size)
+    scales = torch.empty(groups, out_features, dtype=W.dtype, device=W.device)
+    zeros = torch.empty_like(scales)
+    Q = torch.empty_like(W)
+    for g in range(groups):
+        cols = slice(g * gs, (g + 1) * gs)
+        scales[g], zeros[g] = quant_params(W[:, cols], bits, sym)
+        Q[:, cols] = quantize_to_grid(W[:, cols], scales[g], zeros[g], bits)
+    g_idx = gptq_format.default_g_idx(in_features, group_size, W.device)
+    return _result(Q, scales, zeros, g_idx, None, bits, group_size)
+
+
+# ----------------------------------------------------------------------------------------------- GPTQ
+
+
+class GPTQ:
+    """Collects the Hessian of one Linear's inputs, then quantizes its weight with GPTQ."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.in_features = in_features
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """inp [..., in_features]: every row is one sample; keeps H = 2/n * sum x x^T as a running mean in fp32."""
+        if inp.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(inp.shape)}")
+        x = inp.detach().reshape(-1, self.in_features).to(device=self.H.device, dtype=torch.float32)
+        n = x.shape[0]
+        if n == 0:
+            return
+        # running mean: rescale what we have so far, then add the new rows with weight 2 / n_total
+        self.H.mul_(self.nsamples / (self.nsamples + n))
+        self.nsamples += n
+        x = x * math.sqrt(2.0 / self.nsamples)
+        self.H.addmm_(x.t(), x)
+
+    def hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """A forward hook: `linear.register_forward_hook(gptq.hook)` feeds every call's input to add_batch."""
+        self.add_batch(args[0])
+
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        bits: int,
+        group_size: int = 128,
+        sym: bool = False,
+        act_order: bool = False,
+        damp_percent: float = 0.01,
+        block_size: int = 128,
+        static_groups: bool = False,
+    ) -> GPTQResult:
+        if self.nsamples == 0:
+            raise UserError("GPTQ: no calibration inputs were collected for this layer (did the forward reach it?)")
+        return gptq_quantize(
+            weight, self.H, bits, group_size, sym, act_order, damp_percent, block_size, static_groups
+        )
+
+    def free(self) -> None:
+        """Drop the Hessian (in_features^2 floats) once the layer is done."""
+        self.H = torch.empty(0)
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    sym: bool = False,
+    act_order: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    static_groups: bool = False,
+) -> GPTQResult:
+    """GPTQ on weight [out, in] given the Hessian H [in, in] of its inputs. Neither argument is modified.
+
+    Group parameters are computed when a group's first column is reached, from the weights as they are at
+    that moment (error feedback included), as in sequential OBQ. With `static_groups` they are computed up
+    front from the original weights and original channel order, so act-order does not change the groups.
+    """
+    _check_args(weight, bits, group_size)
+    if block_size < 1:
+        raise UserError(f"block_size must be >= 1, got {block_size}")
+    out_features, in_features = weight.shape
+    if tuple(H.shape) != (in_features, in_features):
+        raise UserError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match in_features={in_features}")
+    dtype = torch.float64 if torch.float64 in (weight.dtype, H.dtype) else torch.float32
+    W = weight.to(dtype).clone()
+    H = H.to(device=W.device, dtype=dtype).clone()
+    if not torch.isfinite(H).all():
+        raise UserError("GPTQ: the calibration Hessian has NaN/Inf values (non-finite activations in calibration)")
+
+    # dead inputs (always zero in calibration): their weights cannot matter, zero them; H_ii = 1 keeps H invertible
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    gs = in_features if group_size == -1 else group_size
+    groups = gptq_format.num_groups(in_features, group_size)
+    scales = torch.empty(groups, out_features, dtype=dtype, device=W.device)
+    zeros = torch.empty_like(scales)
+    if static_groups:
+        for g in range(groups):
+            scales[g], zeros[g] = quant_params(W[:, g * gs : (g + 1) * gs], bits, sym)
+
+    if act_order:  # most salient inputs (largest H_ii) first, while the most columns are left to absorb error
+        perm = torch.argsort(torch.diagonal(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        orig = perm  # position j in the processing order -> original input channel
+    else:
+        perm = None
+        orig = torch.arange(in_features, device=W.device)
+    orig_list = orig.tolist()
+
+    Hinv = _inverse_hessian_upper_cholesky(H, damp_percent)
+    del H
+    Q = torch.zeros_like(W)
+    losses = torch.zeros_like(W)
+    scale = zero = None
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            j = i1 + i
+            if static_groups:
+                g = orig_list[j] // gs
+                scale, zero = scales[g], zeros[g]
+            elif j % gs == 0:  # a new group starts here: its grid comes from its columns as they are now
+                end = min(j + gs, in_features)
+                cols = W1[:, i : min(end, i2) - i1]
+                if end > i2:  # the group runs past this block: those columns still owe this block's update
+                    rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:j, i2:end]
+                    cols = torch.cat([cols, rest], dim=1)
+                scale, zero = quant_params(cols, bits, sym)
+                scales[j // gs], zeros[j // gs] = scale, zero
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = quantize_to_grid(w, scale, zero, bits)
+            Q[:, j] = q
+            w_hat = scale * (q - zero)
+            losses[:, j] = (w - w_hat) ** 2 / d**2
+            err = (w - w_hat) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # OBS update of this block's later columns
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of everything after the block
+
+    if static_groups:
+        g_idx = gptq_format.default_g_idx(in_features, group_size, W.device)
+    else:  # groups follow the processing order: channel orig[j] is in group j // gs
+        g_idx = torch.empty(in_features, dtype=torch.int32, device=W.device)
+        g_idx[orig] = (torch.arange(in_features, device=W.device) // gs).to(torch.int32)
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return _result(Q, scales, zeros, g_idx, float(losses.sum()) / 2, bits, group_size)
+
+
+def _inverse_hessian_upper_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + damp I)^-1 (U^T U = H^-1), raising the damping if H is not PD enough."""
+    mean_diag = torch.diagonal(H).mean()
+    damp = damp_percent
+    while True:
+        Hd = H.clone()
+        torch.diagonal(Hd).add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U
+        next_damp = damp * 10 if damp > 0 else 0.01
+        if next_damp > 1.0:
+            raise UserError(
+                f"GPTQ: the Hessian is not positive definite even with damp_percent={damp:g}"
+                " (too few or degenerate calibration samples? use more calibration data)"
+            )
+        warnings.warn(f"GPTQ: Cholesky failed with damp_percent={damp:g}, retrying with {next_damp:g}")
+        damp = next_damp
+
+
+def _result(
+    Q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    loss: float | None,
+    bits: int,
+    group_size: int,
+) -> GPTQResult:
+    g = g_idx.long()
+    w_hat = (Q - zeros.t()[:, g]) * scales.t()[:, g]
+    return GPTQResult(
+        intweight=Q.to(torch.uint8),
+        zeros=zeros.to(torch.int32),
+        scales=scales.to(torch.float32),
+        g_idx=g_idx,
+        weight=w_hat.to(torch.float32),
+        loss=loss,
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_args(weight: torch.Tensor, bits: int, group_size: int) -> None:
+    if bits not in gptq_format.SUPPORTED_BITS:
+        raise UserError(f"GPTQ bits must be one of {gptq_format.SUPPORTED_BITS}, got {bits}")
+    if weight.dim() != 2:
+        raise UserError(f"GPTQ quantizes 2-D Linear weights, got shape {tuple(weight.shape)}")
+    gptq_format.num_groups(weight.shape[1], group_size)  # validates group_size

@@ -1,0 +1,75 @@
+"""Small shared helpers: memory reporting, weight accounting, seeding."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from collections import defaultdict
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def memory_used_line(device: torch.device | str) -> str:
+    return f"Memory used: {peak_memory_bytes(device) / 1e9:.02f} GB"
+
+
+def _storage_tensors(model: nn.Module):
+    # bnb keeps the quant state (absmax, code, nested state) outside parameters: modules may expose it.
+    seen = set()
+    for module in model.modules():
+        extra = getattr(module, "litquant_storage", None)
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        if callable(extra):
+            tensors += list(extra())
+        for name, t in tensors:
+            if t is None or id(t) in seen or t.is_meta:
+                continue
+            seen.add(id(t))
+            yield name, t
+
+
+def weight_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the model's weights (and quantization constants), grouped by storage dtype."""
+    out: dict[str, int] = defaultdict(int)
+    for _, t in _storage_tensors(model):
+        out[str(t.dtype).replace("torch.", "")] += t.numel() * t.element_size()
+    return dict(out)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(weight_bytes_by_dtype(model).values())
+
+
+def weights_line(model: nn.Module) -> str:
+    by = weight_bytes_by_dtype(model)
+    parts = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(by.items(), key=lambda kv: -kv[1]))
+    return f"Weights: {sum(by.values()) / 1e9:.03f} GB ({parts})"
+
+
+def num_parameters(model: nn.Module, requires_grad: Optional[bool] = None) -> int:
+    return sum(p.numel() for p in model.parameters() if requires_grad is None or p.requires_grad == requires_grad)
