@@ -25,12 +25,19 @@ def setup_model(
     quantize: Optional[str],
     accelerator: str = "auto",
     quantize_lm_head: bool = False,
+    lora_path: Optional[Path] = None,
 ):
-    """Fabric + precision plugin + model loaded on the device (shared by generate, chat, evaluate)."""
+    """Fabric + precision plugin + model loaded on the device (shared by generate, chat, evaluate).
+    `lora_path`: a LoRA adapter (file or finetune out_dir) to apply on top of the base, whatever its precision."""
     options = {"quantize_lm_head": True} if quantize_lm_head else {}
     fabric, plugin = setup_fabric(precision, quantize, accelerator=accelerator, **options)
     reset_peak_memory(fabric.device)
     model = load_model(checkpoint_dir, plugin, fabric.device)
+    if lora_path is not None:
+        from litquant.lora import load_lora
+
+        load_lora(model, lora_path, dtype=plugin.dtype)
+        model.eval()
     model = fabric.setup_module(model, move_to_device=False)
     return fabric, plugin, model
 
@@ -49,6 +56,7 @@ def main(
     accelerator: str = "auto",
     compile: bool = False,
     quantize_lm_head: bool = False,
+    lora_path: Optional[Path] = None,
     seed: int = 1234,
 ) -> list[str]:
     """Generate text samples with the model in `checkpoint_dir`.
@@ -62,10 +70,12 @@ def main(
         top_p: nucleus sampling: the smallest set of tokens whose probability reaches top_p.
         checkpoint_dir: a litquant checkpoint directory (default: the bundled model).
         quantize: a quantization mode (see `litquant quantize_modes`), e.g. bnb.nf4, bnb.int8, gptq.int4.
-        precision: 32-true, 16-true or bf16-true (default: bf16-true on CUDA, 32-true on CPU).
+        precision: 32-true, 16-true or bf16-true (default: bf16-true where the GPU or CPU computes in bf16 natively, else 16-true on GPUs and 32-true on CPUs).
         accelerator: auto, cuda or cpu.
         compile: torch.compile the decode step (CUDA).
         quantize_lm_head: quantize the output layer too (bnb modes).
+        lora_path: a LoRA adapter from `finetune lora` (the adapter file or the run's out_dir), applied on top of
+            the base model in any --precision/--quantize.
         seed: random seed.
     """
     if max_new_tokens < 1:
@@ -74,7 +84,7 @@ def main(
         raise UserError("--num_samples must be at least 1")
     if not 0.0 < top_p <= 1.0:
         raise UserError("--top_p must be in (0, 1]")
-    fabric, plugin, model = setup_model(checkpoint_dir, precision, quantize, accelerator, quantize_lm_head)
+    fabric, plugin, model = setup_model(checkpoint_dir, precision, quantize, accelerator, quantize_lm_head, lora_path)
     tokenizer = Tokenizer(checkpoint_dir)
     encoded = tokenizer.encode(prompt, device=fabric.device)
     if encoded.numel() == 0:

@@ -10,7 +10,10 @@ their tensors through `load_litquant_tensor(attr, tensor, device, dtype)` and qu
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import struct
 import sys
 import tempfile
 import time
@@ -20,7 +23,6 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -95,14 +97,101 @@ def check_checkpoint_dir(checkpoint_dir: str | Path, weights_file: Optional[str]
     return path
 
 
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class _Slice:
+    def __init__(self, dtype: str, shape: list[int]) -> None:
+        self._dtype, self._shape = dtype, shape
+
+    def get_dtype(self) -> str:
+        return self._dtype
+
+    def get_shape(self) -> list[int]:
+        return list(self._shape)
+
+
+class SafetensorsFile:
+    """A safetensors file read tensor by tensor with plain reads (the `safe_open` interface we use).
+
+    Not memory-mapped on purpose: with mmap every page read stays in the process's resident set until
+    the file is closed, so streaming a 13 GB checkpoint into a 4 GB quantized model would still peak at
+    17 GB RSS. Plain reads go through the page cache, which is not ours, and each tensor's buffer is
+    freed as soon as the caller drops it. The header is checked against the file size up front, so a
+    truncated file fails before any work is done."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._f = open(self.path, "rb")
+        size = os.fstat(self._f.fileno()).st_size
+        head = self._f.read(8)
+        if len(head) < 8:
+            self._fail("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            self._fail("header length past the end of the file")
+        try:
+            header = json.loads(self._f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            self._fail("header is not valid JSON")
+        if not isinstance(header, dict):
+            self._fail("header is not a JSON object")
+        self._metadata = header.pop("__metadata__", None)
+        self._data_start = 8 + n
+        self._entries: dict = header
+        for name, e in header.items():
+            try:
+                begin, end = e["data_offsets"]
+                dtype, shape = _DTYPES[e["dtype"]], e["shape"]
+            except (KeyError, TypeError, ValueError):
+                self._fail(f"bad header entry for {name!r}")
+            if self._data_start + end > size:
+                self._fail(f"tensor {name!r} ends past the end of the file")
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                self._fail(f"tensor {name!r} has {end - begin} bytes for shape {shape}")
+
+    def _fail(self, why: str):
+        self._f.close()
+        raise UserError(f"{self.path} is not a valid safetensors file (truncated or corrupt? {why})")
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def metadata(self) -> Optional[dict]:
+        return self._metadata
+
+    def get_slice(self, name: str) -> _Slice:
+        e = self._entries[name]
+        return _Slice(e["dtype"], e["shape"])
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        e = self._entries[name]
+        begin, end = e["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        self._f.seek(self._data_start + begin)
+        if end > begin and self._f.readinto(buf.numpy()) != end - begin:
+            raise UserError(f"{self.path}: cannot read {name!r} (the file changed while reading?)")
+        return buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+    def close(self) -> None:
+        self._f.close()
+
+
 @contextmanager
-def open_safetensors(path: str | Path) -> Iterator:
-    """safe_open with one-line errors for a truncated or corrupt file (it is memory-mapped, not read)."""
+def open_safetensors(path: str | Path) -> Iterator[SafetensorsFile]:
+    """Open a safetensors file for tensor-by-tensor reading; one-line errors for a truncated or corrupt file."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} does not exist")
+    f = SafetensorsFile(path)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            yield f
-    except SafetensorError as e:
-        raise UserError(f"{path} is not a valid safetensors file (truncated or corrupt? {e})") from None
+        yield f
+    finally:
+        f.close()
 
 
 def safetensors_metadata(path: str | Path) -> dict:
@@ -143,13 +232,13 @@ def load_weights(
                 module = model.get_submodule(module_name)
             except AttributeError:
                 raise UserError(f"{path}: unexpected tensor {key!r} (does model_config.yaml match these weights?)") from None
-            try:
-                tensor = f.get_tensor(key)
-            except SafetensorError as e:
-                raise UserError(f"{path}: cannot read {key!r} (truncated file? {e})") from None
+            tensor = f.get_tensor(key)
             loader = getattr(module, "load_litquant_tensor", None)
             if loader is not None:
-                loader(attr, tensor, device, dtype)
+                try:
+                    loader(attr, tensor, device, dtype)
+                except UserError as e:
+                    raise UserError(f"{path}: {key}: {e}") from None
                 continue
             current = getattr(module, attr, None)
             if not isinstance(current, torch.Tensor):

@@ -23,7 +23,7 @@ JOBS: dict = {
     "finetune": {"lora": "finetune.lora:setup", "full": "finetune.full:setup"},
     "merge_lora": "litquant.lora:merge_lora_job",
     "evaluate": "litquant.evaluate_job:main",
-    "benchmark": "benchmarks.benchmark:main",
+    "benchmark": "litquant.benchmark:main",
     "estimate": "litquant.estimate:main",
 }
 

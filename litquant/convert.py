@@ -214,12 +214,14 @@ def _iter_hf_to_lit(
     config: Config,
     dtype: Optional[torch.dtype] = None,
     tie_word_embeddings: Optional[bool] = None,
+    shapes: Optional[Mapping[str, torch.Size]] = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Rename/reshape HF tensors as they arrive; q/k/v pieces wait only until their layer has all three.
-    Every produced tensor is checked against the config; anything missing is an error at the end."""
+    Every produced tensor is checked against the config (or `shapes`, the tensors expected: a GPTQ import
+    leaves out the quantized weights); anything missing is an error at the end."""
     mt = hf_model_type(config)
     to_lit = _import_map(config)
-    shapes = expected_shapes(config)
+    shapes = expected_shapes(config) if shapes is None else shapes
     fused = _fused_hf_qkv(config)
     q_rows, kv_rows, _ = _qkv_sizes(config)
     pending: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # lit qkv name -> {"q": (hf name, t), ...}
@@ -331,8 +333,13 @@ def _iter_lit_to_hf(
         yield hf_template.format(layer), t
 
 
-def _check_lit_state(names_shapes: Mapping[str, tuple], config: Config, source: str) -> None:
-    shapes = expected_shapes(config)
+def _check_lit_state(
+    names_shapes: Mapping[str, tuple], config: Config, source: str, skip: Iterable[str] = ()
+) -> None:
+    """Every tensor the config needs, of the right shape, and nothing else (the tensors of the modules in
+    `skip`, GPTQ-quantized layers, are checked elsewhere)."""
+    skip = set(skip)
+    shapes = {k: v for k, v in expected_shapes(config).items() if k.rpartition(".")[0] not in skip}
     for name, shape in names_shapes.items():
         if name not in shapes:
             raise UserError(f"{source}: unexpected tensor {name!r} for this config")
@@ -535,13 +542,272 @@ def _read_json(path: Path) -> dict:
     return d
 
 
-# ---- GPTQ hook -------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# GPTQ: AutoGPTQ-format HF models <-> litquant GPTQ checkpoints
+#
+# Each quantized Linear is a group of tensors `<module>.{qweight, qzeros, scales, g_idx[, bias]}` (layout:
+# litquant/quantization/gptq_format.py). Renaming a module is a plain rename. Splitting litquant's fused qkv
+# into q/k/v (or interleaving it for Falcon/GPT-NeoX) permutes *output* channels: qweight and scales are
+# column-wise over outputs, but qzeros packs several outputs per int32 word, so the layer is unpacked to
+# "rows" (every per-output tensor with outputs on dim 0: the integer codes [out, in], zeros and scales
+# [out, groups], bias), the rows are split / concatenated / interleaved exactly like the fp weight's rows,
+# and each result is packed again. All of it is integer bookkeeping: the round trip is exact.
+# ------------------------------------------------------------------------------------------------
+
+_GPTQ_ATTRS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+def _gptq_bits(quantize: str) -> int:
+    from litquant.quantization.gptq_format import SUPPORTED_BITS
+
+    m = re.fullmatch(r"gptq\.int(\d+)", str(quantize))
+    if m is None or int(m.group(1)) not in SUPPORTED_BITS:
+        raise UserError(f"--quantize {quantize!r} cannot be exported: choose one of "
+                        f"{', '.join(f'gptq.int{b}' for b in SUPPORTED_BITS)}")
+    return int(m.group(1))
+
+
+def _gptq_rows(t: Mapping[str, torch.Tensor], bits: int, v2: bool = False) -> dict[str, torch.Tensor]:
+    """One quantized Linear's tensors -> rows: {codes [out, in], zeros [out, groups] (true zero points),
+    scales [out, groups], g_idx [in], bias [out] (if any)}. `v2`: qzeros store the zero itself, not zero - 1."""
+    from litquant.quantization.gptq_format import unpack
+
+    codes, zeros, scales, g_idx = unpack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits)
+    if v2:
+        zeros = zeros - 1
+    rows = {"codes": codes, "zeros": zeros.t(), "scales": scales.t(), "g_idx": g_idx}
+    if t.get("bias") is not None:
+        rows["bias"] = t["bias"]
+    return rows
+
+
+def _gptq_pack_rows(rows: Mapping[str, torch.Tensor], bits: int, source: str) -> dict[str, torch.Tensor]:
+    from litquant.quantization.gptq_format import pack
+
+    if rows["zeros"].numel() and int(rows["zeros"].min()) < 1:
+        raise UserError(f"{source}: a zero point of 0 cannot be stored in the GPTQ v1 format (qzeros = zero - 1)")
+    out = pack(rows["codes"], rows["zeros"].t(), rows["scales"].t(), rows["g_idx"], bits)
+    if "bias" in rows:
+        out["bias"] = rows["bias"].contiguous()
+    return out
+
+
+def _gptq_map_rows(rows: Mapping[str, torch.Tensor], fn) -> dict[str, torch.Tensor]:
+    """Apply a row transform (split piece, interleave, ...) to every per-output tensor; g_idx is per input."""
+    return {k: (v if k == "g_idx" else fn(v)) for k, v in rows.items()}
+
+
+def _iter_gptq_lit_to_hf(
+    modules: Iterable[tuple[str, dict[str, torch.Tensor]]], config: Config, bits: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(litquant module name, its GPTQ tensors) -> HF GPTQ tensors (names per family, qkv split/interleaved)."""
+    to_hf = {lit: hf for hf, lit in weight_map(config).items()}
+    fused = _fused_hf_qkv(config)
+    for name, t in modules:
+        template, layer = _template(name + ".weight")
+        if template.endswith(".attn.qkv.weight"):
+            rows = _gptq_rows(t, bits)
+            if fused:
+                pieces = {template: _gptq_map_rows(rows, lambda r: interleave_qkv(r, config))}
+            else:
+                split = {k: (v.split(_qkv_sizes(config)) if k != "g_idx" else (v, v.clone(), v.clone()))
+                         for k, v in rows.items()}
+                pieces = {template.replace(".attn.qkv.", f".attn.{p}."): {k: v[i] for k, v in split.items()}
+                          for i, p in enumerate("qkv")}
+            for lit_template, piece in pieces.items():
+                hf_module = to_hf[lit_template].format(layer).removesuffix(".weight")
+                for attr, v in _gptq_pack_rows(piece, bits, name).items():
+                    yield f"{hf_module}.{attr}", v
+            continue
+        hf_template = to_hf.get(template)
+        if hf_template is None:
+            raise UserError(f"quantized layer {name!r} has no Hugging Face {hf_model_type(config)} equivalent")
+        hf_module = hf_template.format(layer).removesuffix(".weight")
+        for attr, v in t.items():
+            yield f"{hf_module}.{attr}", v
+
+
+def _gptq_modules(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Split tensor names into quantized module names (those with a qweight) and plain tensor names."""
+    names = list(names)
+    modules = {n.removesuffix(".qweight") for n in names if n.endswith(".qweight")}
+    plain = [n for n in names if n.rpartition(".")[0] not in modules]
+    return sorted(modules, key=_layer_order), plain
 
 
 def _import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_name: Optional[str]) -> None:
     """An AutoGPTQ-format HF model (config.json quantization_config.quant_method == "gptq") ->
-    `lit_model_gptq.<bits>bit.safetensors` + `quantize_config.json`. To be filled in."""
-    raise UserError("GPTQ import: not yet supported")
+    `lit_model_gptq.<bits>bit.safetensors` + `quantize_config.json` + `model_config.yaml`, in place."""
+    from litquant.quantization.gptq_format import check_shapes, default_g_idx
+    from litquant.quantization.gptq_plugin import QUANTIZE_CONFIG_FILE, check_quantize_config, gptq_file, quantize_config
+
+    source = str(checkpoint_dir / "config.json")
+    # gptqmodel keeps the settings that do not change the layout (damp_percent, ...) under "meta"
+    meta = hf["quantization_config"].get("meta")
+    q = {**(meta if isinstance(meta, dict) else {}), **hf["quantization_config"]}
+    fmt = q.get("checkpoint_format", "gptq")
+    if fmt not in ("gptq", "gptq_v2"):
+        raise UserError(f"{source}: GPTQ checkpoint_format {fmt!r} is not supported (only 'gptq' and 'gptq_v2')")
+    v2 = fmt == "gptq_v2"
+    check_quantize_config({**q, "checkpoint_format": "gptq"}, source)
+    bits, group_size = int(q["bits"]), int(q["group_size"])
+    qc = quantize_config(bits, group_size, bool(q.get("desc_act", False)), bool(q.get("sym", False)),
+                         float(q.get("damp_percent", 0.01)), bool(q.get("true_sequential", True)),
+                         bool(q.get("static_groups", False)))
+    torch_dtype = _parse_dtype(dtype)
+    if model_name is not None:
+        config = Config.from_name(model_name)
+    else:
+        config = Config.from_hf_config(hf)
+        if not hf.get("_name_or_path"):
+            config.name = checkpoint_dir.name
+    to_lit = _import_map(config)
+    shapes = expected_shapes(config)
+
+    items = dict(_iter_hf_files(_hf_weight_files(checkpoint_dir)))
+    hf_modules, plain = _gptq_modules(items)
+    if not hf_modules:
+        raise UserError(f"{source} says GPTQ but the weight files hold no quantized layers (*.qweight)")
+
+    # quantized layers: collect each layer's tensors, fuse q/k/v, check against the config
+    state: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for hf_module in hf_modules:
+        template, layer = _template(hf_module + ".weight")
+        lit_template = to_lit.get(template)
+        if lit_template is None:
+            raise UserError(f"unexpected quantized layer {hf_module!r} for a {hf_model_type(config)} model")
+        lit_module = lit_template.format(layer).removesuffix(".weight")
+        piece = re.search(r"\.attn\.([qkv])$", lit_module)
+        fused_name = lit_module[: piece.start()] + ".attn.qkv" if piece else lit_module
+        want = shapes[fused_name + ".weight"]
+        if piece:  # (out, in) of this piece of the fused layer
+            want = (_qkv_sizes(config)["qkv".index(piece.group(1))], want[1])
+        t = {a: items.pop(f"{hf_module}.{a}") for a in _GPTQ_ATTRS if f"{hf_module}.{a}" in items}
+        for a in ("qzeros", "scales"):
+            if a not in t:
+                raise UserError(f"quantized layer {hf_module!r} has no {a}")
+        in_features = t["qweight"].shape[0] * 32 // bits
+        if "g_idx" not in t:  # GPTQ-for-LLaMa era files: no act-order, groups in channel order
+            t["g_idx"] = default_g_idx(in_features, group_size)
+        t["g_idx"] = t["g_idx"].to(torch.int32)
+        t["scales"] = t["scales"].to(torch.float16)
+        check_shapes(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits)
+        has_bias = fused_name + ".bias" in shapes
+        if "bias" in t and not has_bias:
+            if bool(t["bias"].any()):
+                raise UserError(f"quantized layer {hf_module!r} has a bias but the config has none")
+            del t["bias"]  # AutoGPTQ saved an all-zero bias for bias-free layers
+        elif "bias" not in t and has_bias:
+            raise UserError(f"quantized layer {hf_module!r} has no bias but the config needs one")
+        if "bias" in t and torch_dtype is not None:
+            t["bias"] = t["bias"].to(torch_dtype)
+        if (t["scales"].shape[1], in_features) != tuple(want):
+            raise UserError(f"quantized layer {hf_module!r} is {t['scales'].shape[1]}x{in_features} (out x in) "
+                            f"but the config needs {tuple(want)[0]}x{tuple(want)[1]}")
+        if piece:  # separate q/k/v: concatenate their rows once all three are here
+            qkv = fused_name
+            pending.setdefault(qkv, {})[piece.group(1)] = t
+            if len(pending[qkv]) < 3:
+                continue
+            got = pending.pop(qkv)
+            parts = [_gptq_rows(got[p], bits, v2) for p in "qkv"]
+            if not all(torch.equal(p["g_idx"], parts[0]["g_idx"]) for p in parts):
+                raise UserError(f"{hf_module.rsplit('.', 1)[0]}: q/k/v were quantized with different g_idx "
+                                "(act-order permutations), so they cannot be fused into one qkv layer")
+            rows = {k: (parts[0][k] if k == "g_idx" else torch.cat([p[k] for p in parts])) for k in parts[0]}
+            lit_module, t = qkv, _gptq_pack_rows(rows, bits, hf_module)
+        elif lit_module.endswith(".attn.qkv") and _fused_hf_qkv(config):
+            t = _gptq_pack_rows(_gptq_map_rows(_gptq_rows(t, bits, v2), lambda r: deinterleave_qkv(r, config)),
+                                bits, hf_module)
+        elif v2:
+            t = _gptq_pack_rows(_gptq_rows(t, bits, v2), bits, hf_module)
+        state.update({f"{lit_module}.{a}": v for a, v in t.items()})
+    if pending:
+        qkv, parts = next(iter(pending.items()))
+        raise UserError(f"incomplete quantized attention: {qkv} lacks {', '.join(p for p in 'qkv' if p not in parts)}")
+
+    # everything else through the usual map; the quantized layers' weights (and biases) are not expected there
+    quantized = {k.removesuffix(".qweight") for k in state if k.endswith(".qweight")}
+    rest = {k: v for k, v in shapes.items() if k.rpartition(".")[0] not in quantized}
+    tie = hf.get("tie_word_embeddings") if "tie_word_embeddings" in hf else None
+    state.update(_iter_hf_to_lit(((k, items[k]) for k in plain), config, torch_dtype, tie, shapes=rest))
+
+    out = checkpoint_dir / gptq_file(bits)
+    save_safetensors(state, out, metadata={"format": "pt", "litquant": "1", "quantize_config": json.dumps(qc)})
+    atomic_write_text(checkpoint_dir / QUANTIZE_CONFIG_FILE, json.dumps(qc, indent=2) + "\n")
+    config.save(checkpoint_dir)
+    print(f"Wrote {out} ({len(quantized)} GPTQ layers, {bits} bits, group_size {group_size}) and {CONFIG_FILE}; "
+          f"run it with --quantize gptq.int{bits}", flush=True)
+
+
+def _export_gptq(checkpoint_dir: Path, output_dir: Path, config: Config, bits: int, max_shard_size: int) -> None:
+    """`convert_lit_checkpoint --quantize gptq.int<bits>`: the GPTQ file as an AutoGPTQ-format HF model."""
+    from litquant.quantization.gptq_format import check_shapes
+    from litquant.quantization.gptq_plugin import QUANTIZE_CONFIG_FILE, gptq_file, read_quantize_config
+
+    weights = checkpoint_dir / gptq_file(bits)
+    if not weights.is_file():
+        raise UserError(f"{checkpoint_dir} has no {weights.name}: make it with `litquant quantize gptq --bits {bits}`")
+    qc = read_quantize_config(weights)
+    if qc["bits"] != bits:
+        raise UserError(f"{weights} was quantized with {qc['bits']} bits, not {bits}")
+    shapes = expected_shapes(config)
+    with open_safetensors(weights) as f:
+        names = list(f.keys())
+        modules, plain = _gptq_modules(names)
+        slices = {n: f.get_slice(n) for n in names}
+        for m in modules:  # the quantized layers must match the config
+            want = shapes.get(m + ".weight")
+            qshape = slices[m + ".qweight"].get_shape()
+            out_features = slices[m + ".scales"].get_shape()[1] if m + ".scales" in slices else None
+            if want is None or (out_features, qshape[0] * 32 // bits) != tuple(want):
+                raise UserError(f"{weights}: quantized layer {m!r} does not match the config")
+        _check_lit_state({n: slices[n].get_shape() for n in plain}, config, str(weights), skip=set(modules))
+
+        def read(name: str) -> torch.Tensor:
+            try:
+                return f.get_tensor(name)
+            except SafetensorError as e:
+                raise UserError(f"{weights}: cannot read {name!r} (truncated or corrupt? {e})") from None
+
+        def module_tensors(m: str) -> dict[str, torch.Tensor]:
+            t = {a: read(f"{m}.{a}") for a in _GPTQ_ATTRS if f"{m}.{a}" in slices}
+            check_shapes(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits)
+            return t
+
+        wte = read("transformer.wte.weight")
+        tie = "lm_head" not in modules and _can_tie(wte, read("lm_head.weight"), config)
+        dtype = wte.dtype
+        del wte
+        d = hf_config(config, tie, dtype)
+        d["quantization_config"] = qc
+        if tie:
+            plain.remove("lm_head.weight")
+
+        def nbytes(unit: str) -> int:
+            ts = [unit] if unit in slices else [f"{unit}.{a}" for a in _GPTQ_ATTRS if f"{unit}.{a}" in slices]
+            return sum(_numel(slices[t].get_shape()) * _dtype_size(slices[t].get_dtype()) for t in ts)
+
+        units = sorted([*modules, *plain], key=_layer_order)
+        unit_set = set(modules)
+
+        def make_state(shard: list[str]) -> dict[str, torch.Tensor]:
+            q = [(u, module_tensors(u)) for u in shard if u in unit_set]
+            state = dict(_iter_lit_to_hf(((n, read(n)) for n in shard if n not in unit_set), config, tie))
+            state.update(_iter_gptq_lit_to_hf(q, config, bits))
+            return state
+
+        _write_hf_dir(checkpoint_dir, output_dir, _plan_shards([(u, nbytes(u)) for u in units], max_shard_size),
+                      make_state, d)
+    atomic_write_text(output_dir / QUANTIZE_CONFIG_FILE, json.dumps(qc, indent=2) + "\n")
+
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _dtype_size(safetensors_dtype: str) -> int:
+    return _DTYPE_SIZES.get(safetensors_dtype, 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -590,7 +856,9 @@ def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[str] = None, mod
     print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} ({n / 1e6:.1f}M parameters) and {CONFIG_FILE}", flush=True)
 
 
-def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, max_shard_size: int = HF_MAX_SHARD_SIZE) -> None:
+def convert_lit_checkpoint(
+    checkpoint_dir: Path, output_dir: Path, max_shard_size: int = HF_MAX_SHARD_SIZE, quantize: Optional[str] = None
+) -> None:
     """Export a litquant checkpoint as a Hugging Face model directory.
 
     Writes `config.json`, `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards plus an
@@ -600,14 +868,18 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, max_shard_siz
         checkpoint_dir: the litquant checkpoint (model_config.yaml + lit_model.safetensors).
         output_dir: where the HF directory is written (created if needed; must differ from checkpoint_dir).
         max_shard_size: largest weight file, in bytes.
+        quantize: export the GPTQ checkpoint instead (gptq.int2/3/4/8: lit_model_gptq.<bits>bit.safetensors)
+            as an AutoGPTQ-format model: quantized layers as qweight/qzeros/scales/g_idx with HF names,
+            `quantization_config` in config.json and a quantize_config.json.
     """
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
     if not (checkpoint_dir / CONFIG_FILE).is_file():
         raise UserError(f"{checkpoint_dir} has no {CONFIG_FILE} (is it a litquant checkpoint directory?)")
+    bits = None if quantize is None else _gptq_bits(quantize)
     weights = checkpoint_dir / WEIGHTS_FILE
-    if not weights.is_file():
+    if bits is None and not weights.is_file():
         raise UserError(f"{checkpoint_dir} has no {WEIGHTS_FILE}")
     if output_dir.resolve() == checkpoint_dir.resolve():
         raise UserError("output_dir must differ from checkpoint_dir (the export would overwrite its source)")
@@ -615,6 +887,8 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, max_shard_siz
         raise UserError(f"max_shard_size must be positive, got {max_shard_size}")
     config = Config.from_file(checkpoint_dir / CONFIG_FILE)
     hf_model_type(config)  # fail early if the config has no HF family
+    if bits is not None:
+        return _export_gptq(checkpoint_dir, output_dir, config, bits, max_shard_size)
 
     with open_safetensors(weights) as f:
         names = list(f.keys())
@@ -634,30 +908,48 @@ def convert_lit_checkpoint(checkpoint_dir: Path, output_dir: Path, max_shard_siz
         d = hf_config(config, tie, dtype)  # checked before any weights are written
 
         # plan shards from the stored sizes; each shard's tensors are read, mapped and written together
-        item = dtype.itemsize
-        names.sort(key=lambda n: (_template(n)[1] if _template(n)[1] is not None else -1, n))
+        names.sort(key=_layer_order)
         if tie:
             names.remove("lm_head.weight")
-        shards: list[list[str]] = [[]]
-        size = 0
-        for n in names:
-            nbytes = _numel(slices[n].get_shape()) * item
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].append(n)
-            size += nbytes
-        output_dir.mkdir(parents=True, exist_ok=True)
-        single = len(shards) == 1
-        weight_map: dict[str, str] = {}
-        total = 0
-        for i, shard in enumerate(tqdm(shards, desc="Exporting", unit="shard", disable=single)):
-            fname = "model.safetensors" if single else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            hf_state = dict(_iter_lit_to_hf(((n, read(n)) for n in shard), config, tie))
-            save_safetensors(hf_state, output_dir / fname, metadata={"format": "pt"})
-            weight_map.update({k: fname for k in hf_state})
-            total += sum(t.numel() * t.element_size() for t in hf_state.values())
-            del hf_state
+        shards = _plan_shards([(n, _numel(slices[n].get_shape()) * dtype.itemsize) for n in names], max_shard_size)
+        _write_hf_dir(checkpoint_dir, output_dir, shards,
+                      lambda shard: dict(_iter_lit_to_hf(((n, read(n)) for n in shard), config, tie)), d)
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    layer = _template(name)[1]
+    return (layer if layer is not None else -1, name)
+
+
+def _plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """Consecutive units (tensors, or whole quantized layers) into shards of at most max_shard_size bytes
+    (a single unit larger than that gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes:
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _write_hf_dir(
+    checkpoint_dir: Path, output_dir: Path, shards: list[list[str]], make_state, d: dict
+) -> None:
+    """Write the shards (`make_state(shard)` -> HF tensors), the index or not, config.json and side files."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    single = len(shards) == 1
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(tqdm(shards, desc="Exporting", unit="shard", disable=single)):
+        fname = "model.safetensors" if single else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        hf_state = make_state(shard)
+        save_safetensors(hf_state, output_dir / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in hf_state})
+        total += sum(t.numel() * t.element_size() for t in hf_state.values())
+        del hf_state
 
     # a stale single file would shadow a new index in transformers' loader, and the other way round
     if single:

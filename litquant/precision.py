@@ -123,10 +123,21 @@ def quantize_modes() -> list[str]:
 
 
 def default_precision(device: torch.device | str) -> str:
+    """bf16 where the hardware computes in it natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp16 on
+    older GPUs and fp32 on other CPUs (bf16 emulated in software is slower than fp32)."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
-    return "32-true"
+    return "bf16-true" if cpu_has_native_bf16() else "32-true"
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def parse_precision(precision: Optional[str], device: torch.device | str, allow_mixed: bool = False) -> str:

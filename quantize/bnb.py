@@ -1,4 +1,4 @@
-"""Pre-quantize a checkpoint with bitsandbytes: `python quantize/bnb.py --mode nf4` == `litquant quantize bnb --mode nf4`.
+"""Pre-quantize with bitsandbytes: `python quantize/bnb.py --mode nf4` == `litquant quantize bnb --mode nf4`.
 
 Writes `lit_model_bnb.<mode>.safetensors` beside `lit_model.safetensors`: the quantized Linears' storage (packed
 weight + absmax / nested constants, exactly what quantize-on-load produces) and every other tensor as it is.
@@ -58,7 +58,8 @@ def main(
 
     mode = mode[len("bnb."):] if mode.startswith("bnb.") else mode
     if mode not in MODES:
-        raise UserError(f"unknown --mode {mode!r}; choose one of: {', '.join(m for m in MODES if m != 'int8-training')}")
+        valid = ", ".join(m for m in MODES if m != "int8-training")
+        raise UserError(f"unknown --mode {mode!r}; choose one of: {valid}")
     mode = storage_mode(mode)
     checkpoint_dir = Path(checkpoint_dir)
     source = check_checkpoint_dir(checkpoint_dir, WEIGHTS_FILE)
@@ -68,7 +69,7 @@ def main(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The compute dtype does not change the quantized bits (weights are quantized from the source dtype).
     plugin = resolve("32-true", f"bnb.{mode}", device, quantize_lm_head=quantize_lm_head)
-    plugin.use_prequantized = False
+    plugin.use_prequantized, plugin.hints = False, False
     reset_peak_memory(device)
     t0 = time.perf_counter()
     model = load_model(checkpoint_dir, plugin, device)

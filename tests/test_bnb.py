@@ -37,7 +37,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def quantized_layer(mode: str, w: torch.Tensor, b: torch.Tensor | None, precision: str = "32-true", device: str = "cpu"):
+def quantized_layer(mode: str, w: torch.Tensor, b: torch.Tensor | None, precision: str = "32-true", device="cpu"):
     """An nn.Linear holding (w, b), converted by the plugin (the path Fabric's setup_module takes)."""
     plugin = resolve(precision, f"bnb.{mode}", device)
     holder = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=device))
@@ -57,12 +57,14 @@ def bnb_reference_state(mode: str, w: torch.Tensor):
 # ---- 4-bit layers ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("shape", [(96, 256), (50, 98)])  # (50, 98): blocks of 64 straddle rows, last one partial
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", FOUR_BIT)
-def test_4bit_layer_matches_dequantize_then_matmul(mode, device):
+def test_4bit_layer_matches_dequantize_then_matmul(mode, device, shape):
     torch.manual_seed(0)
-    w, b = torch.randn(96, 256, device=device) * 0.05, torch.randn(96, device=device) * 0.1
-    x = torch.randn(2, 7, 256, device=device)
+    out_f, in_f = shape
+    w, b = torch.randn(out_f, in_f, device=device) * 0.05, torch.randn(out_f, device=device) * 0.1
+    x = torch.randn(2, 7, in_f, device=device)
     layer = quantized_layer(mode, w, b, device=device)
 
     packed, qs = bnb_reference_state(mode, w)  # bitsandbytes' own quantization of the same weight
@@ -161,18 +163,19 @@ def test_double_quant_saves_037_bit_per_param():
 def llm_int8_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
     """LLM.int8 written out: weight rows scaled by their absmax to int8; input columns with any |x| >= threshold
     multiply in full precision (with the dequantized weight); the other columns are quantized per input row by
-    that row's absmax; int32 products rescaled by both absmaxes / 127^2."""
-    x, w = x.double(), w.double()
+    that row's absmax; int32 products rescaled by both absmaxes / 127^2. Rounding to int8 is done in fp32 as
+    round(v * (127 / absmax)) so ties fall the same way as in the layer; everything after that in fp64."""
+    x, w = x.float(), w.float()
     w_absmax = w.abs().amax(dim=1)
-    w_q = torch.round(w * 127 / w_absmax[:, None])
-    w_deq = w_q * w_absmax[:, None] / 127
+    w_q = torch.round(w * (127.0 / w_absmax)[:, None]).double()
+    w_deq = w_q * w_absmax[:, None].double() / 127
     cols = (x.abs() >= threshold).any(dim=0)
     x_rest = x.clone()
     x_rest[:, cols] = 0
     x_absmax = x_rest.abs().amax(dim=1)
-    x_q = torch.round(x_rest * 127 / x_absmax[:, None])
-    y = (x_q @ w_q.t()) * x_absmax[:, None] * w_absmax[None, :] / 127**2
-    return y + x[:, cols] @ w_deq[:, cols].t() + b.double()
+    x_q = torch.round(x_rest * (127.0 / x_absmax)[:, None]).double()
+    y = (x_q @ w_q.t()) * x_absmax[:, None].double() * w_absmax[None, :].double() / 127**2
+    return y + x[:, cols].double() @ w_deq[:, cols].t() + b.double()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -184,7 +187,7 @@ def test_int8_layer_matches_written_out_llm_int8(device):
     layer = quantized_layer("int8", w.to(device), b.to(device), device=device)
 
     w_absmax = w.abs().amax(dim=1)
-    assert torch.equal(layer.weight.cpu(), torch.round(w * 127 / w_absmax[:, None]).to(torch.int8))
+    assert torch.equal(layer.weight.cpu(), torch.round(w * (127.0 / w_absmax)[:, None]).to(torch.int8))
     with torch.no_grad():
         y = layer(x.to(device)).cpu()
     reference = llm_int8_reference(x, w, b)
@@ -196,15 +199,19 @@ def test_int8_layer_matches_written_out_llm_int8(device):
     assert rel(y, full) < 0.5 * rel(llm_int8_reference(x, w, b, threshold=math.inf), full.double())
 
 
+@pytest.mark.parametrize("shape", [(96, 256), (50, 99)])
 @pytest.mark.parametrize("mode", ["int8", "int8-training"])
-def test_int8_bound_on_normal_inputs(mode):
+def test_int8_bound_on_normal_inputs(mode, shape):
     torch.manual_seed(5)
-    w, b = torch.randn(96, 256) * 0.05, torch.randn(96) * 0.1
-    x = torch.randn(4, 5, 256)
+    w, b = torch.randn(*shape) * 0.05, torch.randn(shape[0]) * 0.1
+    x = torch.randn(4, 5, shape[1])
     layer = quantized_layer(mode, w, b)
     with torch.no_grad():
         y = layer(x)
     assert rel(y, x @ w.t() + b) < LAYER_BOUND[mode]
+    if mode == "int8":
+        reference = llm_int8_reference(x.reshape(-1, shape[1]), w, b).reshape(4, 5, -1)
+        torch.testing.assert_close(y.double(), reference, rtol=1e-4, atol=1e-4)
     if mode == "int8-training":  # dequantize-then-matmul, no input quantization
         torch.testing.assert_close(y, x @ layer.dequantize(torch.float32).t() + b, rtol=1e-5, atol=1e-5)
 
@@ -325,47 +332,49 @@ PROMPT = torch.tensor([[3, 17, 42, 99, 7, 250, 11, 64, 128, 5]])
 
 
 def greedy(model, prompt: torch.Tensor, steps: int, cached: bool) -> list[int]:
+    """Greedy tokens after `prompt` (1, T): with the KV cache (prefill + one token per step) or recomputing all."""
+    device = prompt.device
     tokens = prompt[0].tolist()
     with torch.no_grad():
         if cached:
             model.set_kv_cache(1, max_seq_length=len(tokens) + steps)
-            pos = torch.arange(len(tokens))
-            logits = model(prompt, pos, len(tokens))
+            logits = model(prompt, torch.arange(len(tokens), device=device), len(tokens))
             for _ in range(steps):
                 tokens.append(int(logits[0, -1].argmax()))
-                pos = torch.tensor([len(tokens) - 1])
-                logits = model(torch.tensor([[tokens[-1]]]), pos, len(tokens))
+                pos = torch.tensor([len(tokens) - 1], device=device)
+                logits = model(torch.tensor([[tokens[-1]]], device=device), pos, len(tokens))
             model.clear_kv_cache()
         else:
             for _ in range(steps):
-                tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+                tokens.append(int(model(torch.tensor([tokens], device=device))[0, -1].argmax()))
     return tokens[prompt.shape[1]:]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", ALL_MODES)
-def test_tiny_gpt_logits_and_greedy_generation(mode, checkpoint, fp32_logits):
-    plugin = resolve("32-true", f"bnb.{mode}", "cpu")
-    model = load_model(checkpoint, plugin, "cpu", progress=False)
+def test_tiny_gpt_logits_and_greedy_generation(mode, device, checkpoint, fp32_logits):
+    plugin = resolve("32-true", f"bnb.{mode}", device)
+    model = load_model(checkpoint, plugin, device, progress=False)
     linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, qb.Linear4bit, qb.Linear8bit))]
     quantized = [n for n, m in model.named_modules() if isinstance(m, (qb.Linear4bit, qb.Linear8bit))]
     assert quantized == [n for n in linears if n.startswith("transformer.h.")] and len(quantized) == 10
     assert type(model.lm_head) is nn.Linear and model.transformer.wte.weight.dtype == torch.float32
     with torch.no_grad():
-        logits = model(PROMPT)
+        logits = model(PROMPT.to(device)).cpu()
 
     # the same GPT in fp32 with every quantized weight replaced by its dequantized value
-    reference = load_model(checkpoint, None, "cpu", progress=False)
+    reference = load_model(checkpoint, None, device, progress=False)
     with torch.no_grad():
         for name in quantized:
             reference.get_submodule(name).weight.copy_(model.get_submodule(name).dequantize(torch.float32))
-        dequantized_logits = reference(PROMPT)
+        dequantized_logits = reference(PROMPT.to(device)).cpu()
     if mode == "int8":  # LLM.int8 also quantizes the inputs of each layer
         assert rel(logits, dequantized_logits) < 0.02
     else:
         torch.testing.assert_close(logits, dequantized_logits, rtol=1e-4, atol=1e-4)
 
     assert rel(logits, fp32_logits) < GPT_BOUND[mode]
-    assert greedy(model, PROMPT, 8, cached=True) == greedy(model, PROMPT, 8, cached=False)
+    assert greedy(model, PROMPT.to(device), 8, cached=True) == greedy(model, PROMPT.to(device), 8, cached=False)
 
 
 def test_tiny_gpt_bf16_and_quantized_lm_head(checkpoint, fp32_logits):
@@ -390,8 +399,8 @@ def test_weight_bytes_count_packed_weights_and_constants(checkpoint):
 # ---- pre-quantized files ---------------------------------------------------------------------------------
 
 
-def quant_state(model) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items()}
+def state_of(model) -> dict[str, torch.Tensor]:
+    return dict(model.state_dict())
 
 
 @pytest.mark.parametrize("mode", ["nf4-dq", "fp4", "int8"])
@@ -414,7 +423,7 @@ def test_prequantized_file_round_trip_is_bit_identical(mode, tmp_path):
     plugin = resolve("32-true", f"bnb.{mode}", "cpu")
     assert plugin.weights_file(ckpt) == path.name
     loaded = load_model(ckpt, plugin, "cpu", progress=False)
-    a, b = quant_state(reference), quant_state(loaded)
+    a, b = state_of(reference), state_of(loaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     with torch.no_grad():
         assert torch.equal(reference(PROMPT), loaded(PROMPT))

@@ -300,6 +300,8 @@ def test_cuda_matches_cpu():
     r_cpu = gptq_quantize(W, hessian(X), 4, group_size=32, act_order=True)
     assert r_cuda.weight.is_cuda
     assert torch.equal(gptq_format.dequantize(**r_cuda.pack(), bits=4), r_cuda.weight)
-    # fp32 rounding differs between devices: allow a few codes to flip
-    assert (r_cuda.intweight.cpu() != r_cpu.intweight).float().mean() < 0.01
-    assert output_error(W, r_cuda.weight.cpu(), X) < 0.7 * output_error(W, rtn_quantize(W, 4, 32).weight, X)
+    # fp32 rounding differs between devices and one flipped code changes the error fed to the rest of its
+    # row, so compare quality, not codes
+    err_rtn = output_error(W, rtn_quantize(W, 4, 32).weight, X)
+    assert output_error(W, r_cuda.weight.cpu(), X) < 0.5 * err_rtn
+    assert output_error(W, r_cuda.weight.cpu(), X) < 1.2 * output_error(W, r_cpu.weight, X)

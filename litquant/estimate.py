@@ -1,0 +1,439 @@
+"""Memory planning: `litquant estimate --model_name Llama-2-7b-hf [--context_length 4096] [--finetune qlora]`.
+
+Everything is counted from the model's real layer shapes (the GPT is built on the meta device, so a 70B
+config costs nothing), with the storage each quantization mode really keeps:
+
+  32-true / 16-true / bf16-true   every parameter in that dtype (4 / 2 / 2 bytes)
+  bnb.nf4, bnb.fp4                4-bit codes (ceil(n/2) bytes) + one fp32 absmax per block of 64 (0.5 bit/param)
+  bnb.nf4-dq, bnb.fp4-dq          4-bit codes + one uint8 absmax per 64 + one fp32 scale per 256 absmax values
+                                  (0.127 bit/param: QLoRA's ~0.37 bit/param saving) + bnb's 256-entry fp32 code
+                                  table and mean offset per layer
+  bnb.int8                        1 byte/param + one fp32 absmax per output row (bnb's SCB)
+  gptq.int<b>                     b bits/param (qweight) + per group and output: fp16 scale + b-bit packed zero
+                                  (qzeros) + one int32 g_idx per input channel (the AutoGPTQ file layout); in
+                                  memory, 4-bit layers run torch's int4 kernel, whose repacked weight replaces
+                                  qweight and adds an fp32 (scale, zero) pair per kernel group and output
+                                  (+0.5 bit/param at group size 128)
+
+Only the Linears inside the transformer blocks are quantized (the lm_head too with `--quantize_lm_head`);
+embeddings, norms, biases and the lm_head stay in the compute dtype (`--precision`), as the plugins do.
+
+Beyond the weights:
+  KV cache        2 (k and v) x n_layer x n_query_groups x head_size x context x batch x bytes(compute dtype)
+  activations     inference: one block's live tensors during prefill, B*T*(3*n_embd + 2*intermediate) values,
+                  plus the prefill logits B*T*vocab (PyTorch's flash/efficient attention: no T x T scores)
+  finetuning      LoRA params P = sum over adapted Linears of r*(in + out); they, their gradients and AdamW's
+                  two moment buffers take 4 x P x bytes(param dtype); activations kept for backward
+                  ~ B*T*(10*n_embd + 4*intermediate) values per layer + logits in fp32 with their gradient
+                  (B*T*vocab*(bytes + 8)). A rough figure: expect +-30%, more with long sequences.
+A GPU "fits" when the total leaves 1 GiB of its memory free for the CUDA context and allocator slack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import torch.nn as nn
+
+from litquant.config import Config, n_params
+from litquant.errors import UserError
+
+GB = 1e9  # decimal, as the seeds' tables and `Memory used:` lines are
+GIB = 2**30
+BNB_BLOCKSIZE = 64
+BNB_NESTED_BLOCKSIZE = 256
+GPU_HEADROOM = 1 * GIB
+
+# name -> total memory as the driver reports it (MiB); marketing names in GB
+GPUS: list[tuple[str, int]] = [
+    ("T4 16GB", 15360),
+    ("A10G 24GB", 23028),
+    ("L4 24GB", 23034),
+    ("RTX 4090 24GB", 24564),
+    ("A100 40GB", 40960),
+    ("A100 80GB", 81920),
+    ("H100 80GB", 81559),
+    ("H200 141GB", 143771),
+]
+
+DEFAULT_MODES = (
+    "32-true", "16-true", "bf16-true", "bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "gptq.int4",
+)
+_DTYPE_BYTES = {"32-true": 4, "16-true": 2, "bf16-true": 2}
+# nominal bits per parameter, "before overheads" (the seeds' simple params x bytes table)
+_NOMINAL_BITS = {"32-true": 32, "16-true": 16, "bf16-true": 16, "int8": 8, "nf4": 4, "nf4-dq": 4, "fp4": 4, "fp4-dq": 4}
+
+
+@dataclass
+class LinearShape:
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+def model_shapes(config: Config) -> tuple[list[LinearShape], int]:
+    """(every Linear of the model, number of parameters outside Linears), from a GPT built on meta."""
+    from litquant.checkpoint import build_model
+
+    model = build_model(config, "meta")
+    linears = [LinearShape(n, m.in_features, m.out_features, m.bias is not None)
+               for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linear_params = sum(s.in_features * s.out_features + (s.out_features if s.bias else 0) for s in linears)
+    total = sum(p.numel() for p in model.parameters())
+    return linears, total - linear_params
+
+
+def _mode_kind(mode: str) -> tuple[str, Optional[int]]:
+    """'32-true' -> ('32-true', None); 'bnb.nf4-dq' -> ('nf4-dq', None); 'gptq.int4' -> ('gptq', 4)."""
+    if mode in _DTYPE_BYTES:
+        return mode, None
+    if mode.startswith("bnb."):
+        kind = mode[4:]
+        kind = "int8" if kind == "int8-training" else kind
+        if kind in ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8"):
+            return kind, None
+    if mode.startswith("gptq.int") and mode[8:].isdigit() and int(mode[8:]) in (2, 3, 4, 8):
+        return "gptq", int(mode[8:])
+    raise UserError(
+        f"cannot estimate mode {mode!r}; choose from: {', '.join(DEFAULT_MODES)}, bnb.int8-training, gptq.int2/3/8"
+    )
+
+
+def quantized_linear_bytes(
+    kind: str, in_features: int, out_features: int, gptq_bits: int = 4, gptq_group_size: int = 128,
+    runtime: bool = True,
+) -> int:
+    """Bytes a quantized Linear's weight storage takes (without bias), as the plugins keep it in memory
+    (`runtime=False`, GPTQ: as the file stores it)."""
+    n = in_features * out_features
+    if kind in ("nf4", "fp4", "nf4-dq", "fp4-dq"):
+        blocks = math.ceil(n / BNB_BLOCKSIZE)
+        codes = (n + 1) // 2
+        if kind.endswith("-dq"):
+            # uint8 absmax per block, fp32 scale per 256 of them, bnb's 256-entry fp32 code table, fp32 offset
+            return codes + blocks + 4 * math.ceil(blocks / BNB_NESTED_BLOCKSIZE) + 4 * 256 + 4
+        return codes + 4 * blocks
+    if kind == "int8":
+        return n + 4 * out_features
+    if kind == "gptq":
+        groups = 1 if gptq_group_size == -1 else math.ceil(in_features / gptq_group_size)
+        qweight = in_features * gptq_bits // 32 * 4 * out_features
+        qzeros = groups * (out_features * gptq_bits // 32) * 4
+        rest = qzeros + 2 * groups * out_features + 4 * in_features  # + fp16 scales + int32 g_idx
+        kernel_group = gptq_kernel_group(in_features, out_features, gptq_bits, gptq_group_size) if runtime else None
+        if kernel_group is None:
+            return qweight + rest
+        # int4 kernel: the repacked weight (n/2 bytes) replaces qweight; fp32 (scale, zero) per kernel group and row
+        return n // 2 + 8 * (in_features // kernel_group) * out_features + rest
+    raise ValueError(kind)
+
+
+def gptq_kernel_group(in_features: int, out_features: int, bits: int, group_size: int) -> Optional[int]:
+    """The group size GPTQLinear's int4 kernel runs a layer with (None: no kernel, dequantize + matmul):
+    the largest of 256/128/64/32 that divides in_features and never spans two GPTQ groups."""
+    if bits != 4 or out_features % 16:
+        return None
+    return next((kg for kg in (256, 128, 64, 32)
+                 if in_features % kg == 0 and (group_size == -1 or group_size % kg == 0)), None)
+
+
+def _is_quantized(name: str, quantize_lm_head: bool) -> bool:
+    return quantize_lm_head or name != "lm_head"
+
+
+def weight_bytes(
+    config: Config,
+    mode: str,
+    precision: str = "bf16-true",
+    quantize_lm_head: bool = False,
+    gptq_group_size: int = 128,
+    _shapes: Optional[tuple[list[LinearShape], int]] = None,
+) -> dict:
+    """{"bytes", "quantized_params", "quantized_bytes", "other_bytes"} for `mode` with `precision` as compute dtype
+    (GPTQ: the bits come from the mode name, gptq.int4)."""
+    kind, bits = _mode_kind(mode)
+    if precision not in _DTYPE_BYTES:
+        raise UserError(f"unknown --precision {precision!r}; choose one of: {', '.join(_DTYPE_BYTES)}")
+    linears, other_params = _shapes or model_shapes(config)
+    if kind in _DTYPE_BYTES:
+        b = _DTYPE_BYTES[kind]
+        total = (other_params + sum(s.in_features * s.out_features + (s.out_features if s.bias else 0)
+                                    for s in linears)) * b
+        return {"bytes": total, "quantized_params": 0, "quantized_bytes": 0, "other_bytes": total}
+    b = _DTYPE_BYTES[precision]
+    q_params = q_bytes = other = 0
+    for s in linears:
+        other += (s.out_features if s.bias else 0) * b
+        if _is_quantized(s.name, quantize_lm_head):
+            if kind == "gptq":
+                from litquant.quantization.gptq_format import check_packable
+
+                check_packable(s.in_features, s.out_features, bits)
+            q_params += s.in_features * s.out_features
+            q_bytes += quantized_linear_bytes(kind, s.in_features, s.out_features, bits or 4, gptq_group_size)
+        else:
+            other += s.in_features * s.out_features * b
+    other += other_params * b
+    return {"bytes": q_bytes + other, "quantized_params": q_params, "quantized_bytes": q_bytes, "other_bytes": other}
+
+
+def kv_cache_bytes(config: Config, context_length: int, batch_size: int = 1, dtype_bytes: int = 2) -> int:
+    return 2 * config.n_layer * config.n_query_groups * config.head_size * context_length * batch_size * dtype_bytes
+
+
+def inference_activation_bytes(config: Config, context_length: int, batch_size: int = 1, dtype_bytes: int = 2) -> int:
+    tokens = batch_size * context_length
+    return tokens * (3 * config.n_embd + 2 * config.intermediate_size + config.padded_vocab_size) * dtype_bytes
+
+
+def lora_params(linears: list[LinearShape], r: int, targets: str = "all") -> int:
+    """LoRA's A (r x in) and B (out x r) for every adapted Linear: `targets` "all" (every Linear in the blocks)
+    or a comma list of name parts ("qkv,proj,fc_1,fc_2,lm_head")."""
+    wanted = None if targets == "all" else {t.strip() for t in targets.split(",") if t.strip()}
+    total = 0
+    for s in linears:
+        parts = s.name.split(".")
+        if wanted is None:
+            hit = s.name != "lm_head"
+        else:
+            hit = bool(wanted & set(parts))
+        if hit:
+            total += r * (s.in_features + s.out_features)
+    return total
+
+
+def finetune_bytes(
+    config: Config, linears: list[LinearShape], context_length: int, batch_size: int, r: int, targets: str,
+    param_bytes: int, act_bytes: int,
+) -> dict:
+    p = lora_params(linears, r, targets)
+    tokens = batch_size * context_length
+    acts = config.n_layer * tokens * (10 * config.n_embd + 4 * config.intermediate_size) * act_bytes
+    logits = tokens * config.padded_vocab_size * (act_bytes + 8)
+    return {"lora_params": p, "lora_state_bytes": 4 * p * param_bytes, "activation_bytes": acts + logits}
+
+
+def fits(total_bytes: float) -> list[str]:
+    return [name for name, mib in GPUS if total_bytes + GPU_HEADROOM <= mib * 2**20]
+
+
+@dataclass
+class Row:
+    mode: str
+    nominal_bytes: int  # params x nominal bits / 8 (the seeds' "before overheads")
+    weight_bytes: int
+    bits_per_quantized_param: Optional[float]
+    kv_cache_bytes: int
+    activation_bytes: int
+    total_bytes: int
+    fits: list[str]
+    lora_params: int = 0
+    lora_state_bytes: int = 0
+
+
+def estimate(
+    config: Config,
+    modes: tuple[str, ...] | list[str] = DEFAULT_MODES,
+    precision: str = "bf16-true",
+    context_length: Optional[int] = None,
+    batch_size: int = 1,
+    quantize_lm_head: bool = False,
+    gptq_group_size: int = 128,
+    finetune: Optional[str] = None,
+    lora_r: int = 8,
+    lora_targets: str = "all",
+) -> dict:
+    """The memory table as a dict: {"model", "params", "context_length", "batch_size", "rows": [Row as dict]}."""
+    if precision not in _DTYPE_BYTES:
+        raise UserError(f"unknown --precision {precision!r}; choose one of: {', '.join(_DTYPE_BYTES)}")
+    context_length = context_length or config.block_size
+    if context_length < 1 or batch_size < 1:
+        raise UserError("--context_length and --batch_size must be at least 1")
+    if finetune not in (None, "lora", "qlora"):
+        raise UserError(f"unknown --finetune {finetune!r}; choose lora or qlora")
+    shapes = model_shapes(config)
+    linears, _ = shapes
+    total_params = n_params(config)
+    b = _DTYPE_BYTES[precision]
+    if finetune == "qlora":
+        modes = [m for m in modes if _mode_kind(m)[0] in ("nf4", "nf4-dq", "fp4", "fp4-dq")] or ["bnb.nf4"]
+    elif finetune == "lora":
+        modes = [m for m in modes if m in _DTYPE_BYTES] or [precision]
+    rows = []
+    for mode in modes:
+        kind, bits = _mode_kind(mode)
+        try:
+            w = weight_bytes(config, mode, precision, quantize_lm_head, gptq_group_size, _shapes=shapes)
+        except UserError as e:  # e.g. a GPTQ width that cannot be packed: leave that row out, say why
+            if len(modes) == 1:
+                raise
+            print(f"Skipping {mode}: {e}", file=sys.stderr)
+            continue
+        act_b = _DTYPE_BYTES[kind] if kind in _DTYPE_BYTES else b
+        nominal_bits = _NOMINAL_BITS.get(kind, bits)
+        row = Row(
+            mode=mode,
+            nominal_bytes=int(total_params * nominal_bits / 8),
+            weight_bytes=w["bytes"],
+            bits_per_quantized_param=(8 * w["quantized_bytes"] / w["quantized_params"]) if w["quantized_params"] else None,
+            kv_cache_bytes=0 if finetune else kv_cache_bytes(config, context_length, batch_size, act_b),
+            activation_bytes=0 if finetune else inference_activation_bytes(config, context_length, batch_size, act_b),
+            total_bytes=0,
+            fits=[],
+        )
+        if finetune:
+            ft = finetune_bytes(config, linears, context_length, batch_size, lora_r, lora_targets, act_b, act_b)
+            row.lora_params, row.lora_state_bytes, row.activation_bytes = (
+                ft["lora_params"], ft["lora_state_bytes"], ft["activation_bytes"])
+        row.total_bytes = row.weight_bytes + row.kv_cache_bytes + row.activation_bytes + row.lora_state_bytes
+        row.fits = fits(row.total_bytes)
+        rows.append(row)
+    return {
+        "model": config.name,
+        "params": total_params,
+        "quantizable_params": sum(s.in_features * s.out_features for s in linears
+                                  if _is_quantized(s.name, quantize_lm_head)),
+        "precision": precision,
+        "context_length": context_length,
+        "batch_size": batch_size,
+        "finetune": finetune,
+        "lora_r": lora_r if finetune else None,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+# ---- output ---------------------------------------------------------------------------------------------
+
+
+def _size(n: float, unit: str) -> str:
+    return f"{n / GB:.2f} GB" if unit == "GB" else f"{n / 1e6:.2f} MB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def format_table(result: dict) -> str:
+    ft = result["finetune"]
+    unit = "GB" if max((r["total_bytes"] for r in result["rows"]), default=0) >= 1e8 else "MB"
+    _gb = lambda n: _size(n, unit)  # noqa: E731
+    head = (f"{result['model']}: {_count(result['params'])} parameters "
+            f"({_count(result['quantizable_params'])} in the Linears that quantization replaces); "
+            f"compute dtype {result['precision']}; "
+            + (f"{ft} finetuning, r={result['lora_r']}, " if ft else "")
+            + f"context {result['context_length']} x batch {result['batch_size']}")
+    cols = ["mode", "before overheads", "bits/param", "weights"]
+    cols += (["LoRA state", "activations"] if ft else ["KV cache", "activations"]) + ["total", "fits on"]
+    lines = []
+    for r in result["rows"]:
+        bpp = f"{r['bits_per_quantized_param']:.3f}" if r["bits_per_quantized_param"] else "-"
+        extra = [_gb(r["lora_state_bytes"]), _gb(r["activation_bytes"])] if ft else \
+            [_gb(r["kv_cache_bytes"]), _gb(r["activation_bytes"])]
+        lines.append([r["mode"], _gb(r["nominal_bytes"]), bpp, _gb(r["weight_bytes"]), *extra, _gb(r["total_bytes"]),
+                      _fits_text(r["fits"])])
+    widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [head, "", fmt.format(*cols).rstrip(), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*l).rstrip() for l in lines]
+    out.append("")
+    out.append("bits/param: over the quantized Linears, with scales/zeros/absmax. 'before overheads': params x nominal "
+               "bits, the rule of thumb.")
+    out.append("fits on: the smallest of " + ", ".join(n for n, _ in GPUS) + " that holds the total with 1 GiB to spare.")
+    return "\n".join(out)
+
+
+def _fits_text(names: list[str]) -> str:
+    if not names:
+        return f"none (more than {GPUS[-1][0]})"
+    return names[0] if names[0] == GPUS[-1][0] else f"{names[0]} and larger"
+
+
+def _gptq_settings(checkpoint_dir: Path) -> tuple[Optional[int], Optional[int]]:
+    cfg = checkpoint_dir / "quantize_config.json"
+    if not cfg.is_file():
+        return None, None
+    try:
+        d = json.loads(cfg.read_text())
+        return int(d["bits"]), int(d["group_size"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{cfg}: expected JSON with integer 'bits' and 'group_size'") from None
+
+
+def main(
+    model_name: Optional[str] = None,
+    *,
+    checkpoint_dir: Optional[Path] = None,
+    precision: str = "bf16-true",
+    modes: Optional[str] = None,
+    context_length: Optional[int] = None,
+    batch_size: int = 1,
+    quantize_lm_head: bool = False,
+    gptq_group_size: Optional[int] = None,
+    finetune: Optional[Literal["lora", "qlora"]] = None,
+    lora_r: int = 8,
+    lora_targets: str = "all",
+    out_file: Optional[Path] = None,
+) -> dict:
+    """Estimate the memory a model needs at each precision / quantization mode, and which GPUs it fits.
+
+    Args:
+        model_name: a named config (e.g. Llama-2-7b-hf, meta-llama/Llama-2-7b-hf, Mistral-7B-v0.1).
+        checkpoint_dir: or a checkpoint directory (its model_config.yaml; GPTQ settings from quantize_config.json).
+        precision: dtype of everything kept in full precision (embeddings, norms, lm_head, KV cache) in quantized
+            modes: 32-true, 16-true or bf16-true.
+        modes: comma list of modes (default: 32-true,16-true,bf16-true,bnb.int8,bnb.nf4,bnb.nf4-dq,bnb.fp4,
+            bnb.fp4-dq,gptq.int4; gptq.int2/int3/int8 for other widths; with --checkpoint_dir, the GPTQ width of
+            its quantize_config.json).
+        context_length: tokens in the KV cache (default: the model's block_size).
+        batch_size: sequences at once.
+        quantize_lm_head: the output layer quantized too.
+        gptq_group_size: GPTQ group size (default 128, or the checkpoint's).
+        finetune: lora (full-precision base) or qlora (4-bit base): adds LoRA params, grads, AdamW state and
+            activations for --batch_size sequences of --context_length tokens.
+        lora_r: LoRA rank.
+        lora_targets: "all" (every Linear in the blocks) or a comma list such as "qkv,proj".
+        out_file: also write the result as JSON here.
+    """
+    if (model_name is None) == (checkpoint_dir is None):
+        raise UserError("give exactly one of --model_name or --checkpoint_dir")
+    file_bits = file_group = None
+    if checkpoint_dir is not None:
+        from litquant.checkpoint import check_checkpoint_dir
+
+        checkpoint_dir = check_checkpoint_dir(checkpoint_dir, None)
+        config = Config.from_checkpoint(checkpoint_dir)
+        file_bits, file_group = _gptq_settings(checkpoint_dir)
+    else:
+        config = Config.from_name(model_name)
+    mode_list = [m.strip() for m in modes.split(",") if m.strip()] if modes else list(DEFAULT_MODES)
+    if file_bits and not modes:
+        mode_list = [f"gptq.int{file_bits}" if m == "gptq.int4" else m for m in mode_list]
+    for m in mode_list:
+        _mode_kind(m)  # unknown names fail before any work
+    result = estimate(
+        config, mode_list, precision, context_length, batch_size, quantize_lm_head,
+        gptq_group_size or file_group or 128, finetune, lora_r, lora_targets,
+    )
+    if checkpoint_dir is not None:
+        result["files_on_disk"] = {p.name: p.stat().st_size for p in sorted(checkpoint_dir.glob("lit_model*.safetensors"))}
+    print(format_table(result))
+    if out_file is not None:
+        from litquant.checkpoint import atomic_write_text
+
+        atomic_write_text(out_file, json.dumps(result, indent=2))
+        print(f"Wrote {out_file}", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    from litquant.errors import run_guarded
+
+    run_guarded(CLI, main, as_positional=False)

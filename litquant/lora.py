@@ -1,0 +1,379 @@
+"""LoRA: low-rank adapters over any base Linear (full precision, bnb 4/8-bit, GPTQ), and merging them back.
+
+    y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r)        A: (r, in) kaiming, B: (out, r) zeros
+
+The base is never touched: it may be an `nn.Linear`, a bnb `Linear4bit`/`Linear8bit` or a `GPTQLinear` (all of
+them take x and give x W^T + b, and can hand back W), so QLoRA is simply LoRA over a quantized base. Adapters live
+in the compute dtype. The fused `attn.qkv` Linear holds [q | k | v] rows; with only some of them enabled, B has
+rows for the enabled parts only and its output is added into those rows (`index_add`), so no parameter is spent
+on (or decayed towards zero for) the disabled parts.
+
+Merging (`merge_lora`) dequantizes the base (bnb: `dequantize_4bit` / int8 row scales; GPTQ: the AutoGPTQ
+formula), adds B @ A * alpha/r in fp32 and returns a model of plain `nn.Linear`s: the weights the adapted model
+actually computed with, ready to be saved as a full-precision checkpoint and re-quantized (e.g. with GPTQ).
+
+An adapter file (`lit_model.lora.safetensors`) holds only the A/B tensors; its safetensors metadata records the
+LoRA config and the base it was trained on (checkpoint dir, --quantize, --precision), so `load_lora` and
+`litquant merge_lora` need nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from litquant.checkpoint import (
+    DEFAULT_CHECKPOINT_DIR,
+    WEIGHTS_FILE,
+    check_checkpoint_dir,
+    load_model,
+    open_safetensors,
+    safetensors_metadata,
+    save_checkpoint,
+    save_safetensors,
+)
+from litquant.errors import UserError
+
+LORA_FILE = "lit_model.lora.safetensors"
+# files of a checkpoint directory that a derived checkpoint (merged, fully finetuned) copies as they are
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "config.json")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    query: bool = True
+    key: bool = False
+    value: bool = True
+    projection: bool = False
+    mlp: bool = False
+    head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise UserError(f"LoRA rank must be at least 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not any((self.query, self.key, self.value, self.projection, self.mlp, self.head)):
+            raise UserError("LoRA is enabled on no layer: set at least one of query/key/value/projection/mlp/head")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRAConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class LoRALinear(nn.Module):
+    """`base(x)` plus a trainable low-rank update. `out_index`: the output rows the update goes to (None: all)."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        out_index: Optional[torch.Tensor] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.r = r
+        self.alpha = alpha
+        self.scaling = alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = _device_of(base)
+        dtype = dtype or _compute_dtype(base)
+        n_out = self.out_features if out_index is None else out_index.numel()
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(n_out, r, device=device, dtype=dtype))
+        # the same init nn.Linear gives its weight: the update starts at exactly zero because B does
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.register_buffer("out_index", None if out_index is None else out_index.to(device), persistent=False)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out, in) fp32 update this adapter adds to the base weight."""
+        d = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (n_out, in)
+        if self.out_index is None:
+            return d
+        full = torch.zeros(self.out_features, self.in_features, device=d.device, dtype=d.dtype)
+        return full.index_copy(0, self.out_index, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        a = self.dropout(x).to(self.lora_A.dtype)
+        d = (a @ self.lora_A.transpose(0, 1)) @ self.lora_B.transpose(0, 1) * self.scaling
+        d = d.to(y.dtype)
+        if self.out_index is None:
+            return y + d
+        return y.index_add(-1, self.out_index, d)
+
+    def extra_repr(self) -> str:
+        parts = "all" if self.out_index is None else f"{self.out_index.numel()} of {self.out_features}"
+        return f"r={self.r}, alpha={self.alpha}, output rows={parts}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype the base computes in: a quantized Linear says so, a plain one has it in its weight."""
+    dtype = getattr(module, "compute_dtype", None)
+    if dtype is not None:
+        return dtype
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight.dtype
+    return torch.float32
+
+
+# ---- putting adapters on a GPT -------------------------------------------------------------------------------
+
+
+def lora_targets(model: nn.Module, config: LoRAConfig) -> dict[str, Optional[torch.Tensor]]:
+    """Module name -> output rows to adapt (None: all) for the layers `config` enables."""
+    mcfg = model.config
+    hs, nh, ng = mcfg.head_size, mcfg.n_head, mcfg.n_query_groups
+    sizes = {"query": nh * hs, "key": ng * hs, "value": ng * hs}
+    qkv_parts = [p for p in ("query", "key", "value") if getattr(config, p)]
+    qkv_index = None
+    if qkv_parts and len(qkv_parts) < 3:
+        starts = {"query": 0, "key": sizes["query"], "value": sizes["query"] + sizes["key"]}
+        qkv_index = torch.cat([torch.arange(starts[p], starts[p] + sizes[p]) for p in qkv_parts])
+    targets: dict[str, Optional[torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear) or not hasattr(module, "in_features"):
+            continue
+        parts = name.split(".")
+        if parts[-2:] == ["attn", "qkv"] and qkv_parts:
+            targets[name] = qkv_index
+        elif parts[-2:] == ["attn", "proj"] and config.projection:
+            targets[name] = None
+        elif len(parts) >= 2 and parts[-2] == "mlp" and config.mlp:
+            targets[name] = None
+        elif name == "lm_head" and config.head:
+            targets[name] = None
+    return targets
+
+
+def add_lora(model: nn.Module, config: LoRAConfig, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Wrap the enabled Linears of `model` (in place) in `LoRALinear`; returns the model.
+
+    `dtype`: adapter dtype (default: each base layer's compute dtype)."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise UserError("the model already has LoRA adapters")
+    targets = lora_targets(model, config)
+    if not targets:
+        raise UserError("no layer of this model matches the enabled LoRA targets")
+    for name, out_index in targets.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        lora = LoRALinear(base, config.r, config.alpha, config.dropout, out_index, dtype)
+        setattr(parent, child, lora.train(base.training))  # an eval-mode model stays without dropout
+    model.lora_config = config
+    return model
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name.rpartition(".")[2]
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.rpartition(".")[2].startswith("lora_")}
+
+
+def lora_metadata(config: LoRAConfig, **base: Any) -> dict[str, str]:
+    """safetensors metadata of an adapter file: the LoRA config and what base it was trained on."""
+    meta = {"format": "pt", "litquant": "1", "litquant_lora": "1", "lora_config": json.dumps(asdict(config))}
+    meta.update({k: "" if v is None else str(v) for k, v in base.items()})
+    return meta
+
+
+def save_lora(tensors: dict[str, torch.Tensor], path: str | Path, config: LoRAConfig, **base: Any) -> None:
+    """Write adapter tensors (atomically) with the metadata `load_lora` needs."""
+    save_safetensors(tensors, path, metadata=lora_metadata(config, **base))
+
+
+def resolve_lora_path(path: str | Path) -> Path:
+    """An adapter file, or a finetune out_dir / checkpoint step dir holding `lit_model.lora.safetensors`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise UserError(f"LoRA adapter {str(path)!r} does not exist")
+    return path
+
+
+def read_lora_metadata(path: str | Path) -> tuple[LoRAConfig, dict[str, str]]:
+    path = resolve_lora_path(path)
+    meta = safetensors_metadata(path)
+    if meta.get("litquant_lora") != "1" or "lora_config" not in meta:
+        raise UserError(f"{path} is not a litquant LoRA adapter file (no lora_config in its metadata)")
+    return LoRAConfig.from_dict(json.loads(meta["lora_config"])), meta
+
+
+def load_lora(model: nn.Module, path: str | Path, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Add the adapters described by the file at `path` to `model` and load their weights."""
+    path = resolve_lora_path(path)
+    config, _ = read_lora_metadata(path)
+    add_lora(model, config, dtype)
+    expected = {n: p for n, p in model.named_parameters() if "lora_" in n.rpartition(".")[2]}
+    with open_safetensors(path) as f:
+        keys = set(f.keys())
+        missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected))
+        if missing or unexpected:
+            what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise UserError(f"{path} does not fit this model ({what}): was it trained on another base model?")
+        for name, p in expected.items():
+            t = f.get_tensor(name)
+            if t.shape != p.shape:
+                raise UserError(f"{path}: {name} has shape {tuple(t.shape)}, this model needs {tuple(p.shape)} "
+                                "(adapter trained on another base model?)")
+            with torch.no_grad():
+                p.copy_(t.to(p.dtype))
+    return model
+
+
+# ---- merging ------------------------------------------------------------------------------------------------
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The fp32 (out, in) weight of any supported Linear: nn.Linear, bnb Linear4bit/Linear8bit, GPTQLinear."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float()
+    if hasattr(module, "dequantized_weight"):  # GPTQLinear
+        try:
+            return module.dequantized_weight(torch.float32)
+        except RuntimeError as e:
+            raise UserError(f"cannot dequantize a GPTQ layer: {e}") from None
+    if hasattr(module, "dequantize"):  # bnb Linear4bit / Linear8bit
+        return module.dequantize(torch.float32)
+    raise UserError(f"do not know how to dequantize a {type(module).__name__}")
+
+
+def _bias_of(module: nn.Module) -> Optional[torch.Tensor]:
+    bias = getattr(module, "bias", None)
+    return bias.detach() if isinstance(bias, torch.Tensor) else None
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or hasattr(module, "dequantized_weight") or hasattr(module, "dequantize")
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace (in place) every LoRALinear by an nn.Linear holding dequantized base + B @ A * alpha/r, and every
+    remaining quantized Linear by its dequantized nn.Linear; returns the model (now plain full precision)."""
+    todo = [(n, m) for n, m in model.named_modules()
+            if isinstance(m, LoRALinear) or (_is_linear_like(m) and not isinstance(m, nn.Linear))]
+    inside_lora = {f"{n}.base" for n, m in todo if isinstance(m, LoRALinear)}
+    for name, module in todo:
+        if name in inside_lora:
+            continue
+        base = module.base if isinstance(module, LoRALinear) else module
+        w = dequantized_weight(base)
+        if isinstance(module, LoRALinear):
+            w = w + module.delta_weight().to(w.device)
+        bias = _bias_of(base)
+        linear = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+        linear.weight = nn.Parameter(w.to(dtype), requires_grad=False)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.to(device=w.device, dtype=dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _file_float_dtype(path: Path) -> torch.dtype:
+    """dtype of the first floating tensor of a safetensors file (what the checkpoint is stored in)."""
+    with open_safetensors(path) as f:
+        for key in f.keys():
+            t = f.get_slice(key)
+            name = t.get_dtype()
+            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(name)
+            if dtype is not None:
+                return dtype
+    return torch.float32
+
+
+def merge_lora_job(
+    lora_path: Path,
+    checkpoint_dir: Optional[Path] = None,
+    out_dir: Optional[Path] = None,
+    quantize: Optional[str] = "auto",
+    precision: Optional[str] = None,
+) -> Path:
+    """Merge a LoRA adapter into its base model and save a full-precision litquant checkpoint.
+
+    The base is loaded as it was during training (e.g. bnb.nf4 for QLoRA) and dequantized, so the merged weights
+    are exactly what the adapted model computed with; quantize the result again (`litquant quantize gptq`) to deploy.
+
+    Args:
+        lora_path: the adapter file, or the finetune out_dir holding lit_model.lora.safetensors.
+        checkpoint_dir: the base checkpoint (default: the one the adapter was trained on).
+        out_dir: where to write the merged checkpoint (default: <adapter dir>/merged).
+        quantize: the base's quantization to merge into: "auto" = the one used in training (recorded in the adapter
+            file), "none" = merge into the full-precision weights, or a mode such as bnb.nf4.
+        precision: dtype to save the merged weights in: 32-true, 16-true or bf16-true (default: the dtype of the
+            base checkpoint's lit_model.safetensors).
+    """
+    from litquant.precision import PRECISIONS, parse_precision, resolve
+
+    lora_path = resolve_lora_path(lora_path)
+    _, meta = read_lora_metadata(lora_path)
+    if checkpoint_dir is None:
+        if not meta.get("base_checkpoint_dir"):
+            raise UserError(f"{lora_path} does not record its base model: pass --checkpoint_dir")
+        checkpoint_dir = Path(meta["base_checkpoint_dir"])
+    checkpoint_dir = Path(checkpoint_dir)
+    check_checkpoint_dir(checkpoint_dir, None)
+    if quantize == "auto":
+        quantize = meta.get("base_quantize") or None
+    out_dir = Path(out_dir) if out_dir is not None else lora_path.parent / "merged"
+    if out_dir.resolve() == checkpoint_dir.resolve():
+        raise UserError("--out_dir must differ from the base --checkpoint_dir (it would overwrite the base weights)")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Dequantizing does not depend on the compute dtype: load in fp32 so nothing is rounded before the merge.
+    plugin = resolve("32-true", quantize, device)
+    model = load_model(checkpoint_dir, plugin, device)
+    load_lora(model, lora_path, dtype=torch.float32)
+    merge_lora(model, torch.float32)
+    if precision is not None:
+        save_dtype = PRECISIONS[parse_precision(precision, "cpu")]
+    elif (checkpoint_dir / WEIGHTS_FILE).is_file():
+        save_dtype = _file_float_dtype(checkpoint_dir / WEIGHTS_FILE)
+    else:
+        save_dtype = torch.float16
+    state = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_checkpoint(state, model.config, out_dir)
+    copy_tokenizer_files(checkpoint_dir, out_dir)
+    print(f"Merged {lora_path} into {checkpoint_dir} ({quantize or 'full precision'} base, dequantized); "
+          f"saved {out_dir / WEIGHTS_FILE} ({str(save_dtype).replace('torch.', '')})", file=sys.stderr)
+    return out_dir
