@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 if __package__ in (None, ""):  # `python generate/base.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -7,7 +7,6 @@ in the model. `Config.from_name`, `Config.from_file`, `Config.from_checkpoint` a
 
 from __future__ import annotations
 
-import math
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path

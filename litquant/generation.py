@@ -8,7 +8,7 @@ single token at its position. `generate` returns the tokens and the time split b
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch

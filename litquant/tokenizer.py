@@ -11,9 +11,7 @@ do not say which token starts a sequence or which tokens end a generation.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
@@ -240,15 +238,9 @@ def _ids(value: Any) -> list[Optional[int]]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from litquant.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def train_bpe_tokenizer(
@@ -290,14 +282,10 @@ def train_bpe_tokenizer(
 
     bos, eos = special_tokens[0], special_tokens[1]
     pad = special_tokens[2] if len(special_tokens) > 2 else None
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tokenizer.json.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tok.save(tmp)
-        os.replace(tmp, out_dir / "tokenizer.json")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from litquant.checkpoint import atomic_path
+
+    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
     tok_cfg = {"bos_token": bos, "eos_token": eos, "add_bos_token": True, "add_eos_token": False,
                "tokenizer_class": "PreTrainedTokenizerFast"}
     if pad is not None:

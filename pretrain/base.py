@@ -12,7 +12,6 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
