@@ -304,13 +304,19 @@ def launch(run: RunSpec, fn: Callable) -> dict:
     validate_args(run)
     accelerator = pick_accelerator(run.accelerator)
     device = torch.device("cuda" if accelerator == "cuda" else "cpu")
-    run.plugin = resolve(run.precision, run.quantize, device)
+    run.plugin = resolve(run.precision, run.quantize, device, **base_options(run.quantize))
     run.resume_dir = find_resume_dir(run)
     strategy = build_strategy(run.strategy, run.world_size, accelerator)
     loggers = make_loggers(run.out_dir, run.logger)
     fabric = L.Fabric(accelerator=accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=strategy,
                       plugins=run.plugin, loggers=loggers)
     return fabric.launch(fn, run)
+
+
+def base_options(quantize: Optional[str]) -> dict:
+    """Plugin options a trainable base needs: a GPTQ base keeps its AutoGPTQ weights (dequantized again in the
+    backward pass) instead of releasing them after repacking for the int4 kernel."""
+    return {"keep_source": True} if quantize and quantize.startswith("gptq.") else {}
 
 
 def build_strategy(name: str, world_size: int, accelerator: str) -> Any:
@@ -364,12 +370,8 @@ def load_base(fabric, run: RunSpec):
     tokenizer = Tokenizer(run.checkpoint_dir)
     reset_peak_memory(fabric.device)
     model = load_model(run.checkpoint_dir, run.plugin, fabric.device, progress=fabric.global_rank == 0)
-    for m in model.modules():
-        # a GPTQ base: keep the AutoGPTQ weights (the backward pass dequantizes them) next to the int4 kernel layout
-        if hasattr(m, "prepare") and hasattr(m, "qweight"):
-            if m.qweight is None:
-                raise UserError("this GPTQ base was loaded for inference only (qweight released): cannot train on it")
-            m.prepare(keep_source=True)
+    if any(hasattr(m, "qweight") and m.qweight is None for m in model.modules()):
+        raise UserError("the GPTQ base was loaded for inference only (qweight released): cannot train through it")
     return model, tokenizer
 
 
@@ -519,29 +521,42 @@ def _dcp_options(**kw: Any):
 
 
 def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The optimizer state keyed by parameter name, as (tensors, json-able rest); full even under FSDP."""
+    """The optimizer state keyed by parameter name (full even under FSDP) as (tensors, JSON skeleton): every tensor,
+    however deeply nested (bnb keeps its 8-bit state in a dict), is replaced by {"__tensor__": its key}."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(module, optimizer, options=_dcp_options(cpu_offload=True))
-    tensors, scalars = {}, {}
-    for pname, st in osd.get("state", {}).items():  # under FSDP only rank 0 receives the full state
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optimizer.{pname}.{k}"] = (v.full_tensor() if _is_dtensor(v) else v).detach().cpu().clone()
-            else:
-                scalars.setdefault(pname, {})[k] = v
-    return tensors, {"scalars": scalars, "param_groups": osd.get("param_groups", [])}
+    tensors: dict[str, torch.Tensor] = {}
+
+    def strip(obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            t = obj.full_tensor() if _is_dtensor(obj) else obj
+            tensors[path] = t.detach().cpu().clone()
+            return {"__tensor__": path}
+        if isinstance(obj, dict):
+            return {str(k): strip(v, f"{path}/{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [strip(v, f"{path}/{i}") for i, v in enumerate(obj)]
+        return obj
+
+    # under FSDP only rank 0 receives the full state; the others return an empty dict (and do not write)
+    skeleton = strip({"state": osd.get("state", {}), "param_groups": osd.get("param_groups", [])}, "optimizer")
+    return tensors, skeleton
 
 
-def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, rest: dict) -> None:
+def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, skeleton: dict) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    state: dict[str, dict] = {p: dict(v) for p, v in rest["scalars"].items()}
-    for key, t in tensors.items():
-        pname, _, k = key[len("optimizer."):].rpartition(".")
-        state.setdefault(pname, {})[k] = t
-    set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": rest["param_groups"]},
-                             options=_dcp_options())
+    def fill(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            if set(obj) == {"__tensor__"}:
+                return tensors[obj["__tensor__"]]
+            return {k: fill(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [fill(v) for v in obj]
+        return obj
+
+    set_optimizer_state_dict(module, optimizer, fill(skeleton), options=_dcp_options())
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
@@ -609,7 +624,7 @@ def load_checkpoint_dir(fabric, run: RunSpec, weights, model, optimizer, directo
                         "resume with the same global batch size (the data position depends on it)")
     params = load_file(str(directory / weights.file))
     load_params(model.module, params, directory / weights.file)
-    tensors = {k: v for k, v in load_file(str(state_path)).items() if k.startswith("optimizer.")}
+    tensors = {k: v for k, v in load_file(str(state_path)).items() if k.startswith("optimizer/")}
     load_optimizer_state(model.module, optimizer.optimizer, tensors, json.loads(meta["optimizer"]))
     return counters
 
@@ -746,34 +761,31 @@ def fit(fabric, run: RunSpec, model: nn.Module, tokenizer, weights) -> dict:
         lr = lr_at(step, total, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_loss = 0.0
+        # real (unpadded) input tokens of the whole global batch: every rank knows every rank's batches
+        step_tokens = sum(data.train[i].input_ids.numel() - 1 for r in range(world)
+                          for b in train_batch_indices(len(data.train), step, run, r) for i in b)
         for a, idx in enumerate(train_batch_indices(len(data.train), step, run, rank)):
-            batch = [data.train[i] for i in idx]
-            x, y = collate(batch, data.pad_id)
+            x, y = collate([data.train[i] for i in idx], data.pad_id)
             x, y = x.to(fabric.device), y.to(fabric.device)
             with fabric.no_backward_sync(model, enabled=a < accum - 1):
                 loss, _ = _loss(model(x[:, :-1]), y)
                 fabric.backward(loss / accum)
-            step_loss += loss.item() / accum
-            n_tok = sum(e.input_ids.numel() - 1 for e in batch)  # real (unpadded) input tokens
-            window_tokens += n_tok
-            train_tokens += n_tok
+            window_loss[0] += loss.detach().double() / accum  # no .item(): no host sync per micro-batch
         if t.max_norm is not None:
             fabric.clip_gradients(model, optimizer, max_norm=t.max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        window_loss += torch.tensor([step_loss, 1.0], dtype=torch.float64, device=fabric.device)
+        window_loss[1] += 1
+        window_tokens += step_tokens
+        train_tokens += step_tokens
+        tokens_seen += step_tokens
 
         if step % t.log_interval == 0 or step == total:
-            stats = torch.cat((window_loss, torch.tensor([float(window_tokens)], dtype=torch.float64,
-                                                         device=fabric.device)))
-            if world > 1:
-                stats = fabric.all_reduce(stats, reduce_op="sum")
+            stats = fabric.all_reduce(window_loss, reduce_op="sum") if world > 1 else window_loss
             dt = time.perf_counter() - window_t0
             mean_loss = float(stats[0] / stats[1])  # mean over steps and ranks
-            tokens_seen += int(stats[2])
-            entry = {"loss": mean_loss, "lr": lr, "tokens_per_sec": float(stats[2]) / dt,
+            entry = {"loss": mean_loss, "lr": lr, "tokens_per_sec": window_tokens / dt,
                      "memory_gb": peak_memory_bytes(fabric.device) / 1e9, "tokens": tokens_seen}
             fabric.log_dict(entry, step=step)
             losses.append((step, mean_loss))
@@ -782,6 +794,7 @@ def fit(fabric, run: RunSpec, model: nn.Module, tokenizer, weights) -> dict:
             window_loss.zero_()
             window_tokens, window_t0 = 0, time.perf_counter()
 
+        t_pause = time.perf_counter()
         if step % run.eval.interval == 0 and step < total:
             val = validate(fabric, run, model, data)
             fabric.log_dict({"val_loss": val}, step=step)
@@ -793,6 +806,9 @@ def fit(fabric, run: RunSpec, model: nn.Module, tokenizer, weights) -> dict:
                  "world_size": world, "seed": run.seed}
             path = save_checkpoint_dir(fabric, run, weights, model, optimizer, c)
             fabric.print(f"Saved checkpoint {path}")
+        paused = time.perf_counter() - t_pause  # validation and saving are not training throughput
+        window_t0 += paused
+        train_t0 += paused
     train_s = time.perf_counter() - train_t0
 
     # the end: validation, accuracy, final weights
@@ -809,7 +825,7 @@ def fit(fabric, run: RunSpec, model: nn.Module, tokenizer, weights) -> dict:
     metrics["max_rank_divergence"] = rank_divergence(fabric, params) if run.strategy != "fsdp" else None
     metrics.update(
         steps=step, train_seconds=train_s,
-        tokens_per_sec=train_tokens * world / train_s if step > start_step and train_s > 0 else None,
+        tokens_per_sec=train_tokens / train_s if step > start_step and train_s > 0 else None,
         peak_memory_gb=peak_memory_bytes(fabric.device) / 1e9, train_losses=losses,
         trainable_parameters=sum(p.numel() for p in params.values()), world_size=world,
     )

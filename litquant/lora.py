@@ -361,7 +361,8 @@ def merge_lora_job(
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Dequantizing does not depend on the compute dtype: load in fp32 so nothing is rounded before the merge.
-    plugin = resolve("32-true", quantize, device)
+    options = {"keep_source": True} if quantize and quantize.startswith("gptq.") else {}  # dequantizing needs qweight
+    plugin = resolve("32-true", quantize, device, **options)
     model = load_model(checkpoint_dir, plugin, device)
     load_lora(model, lora_path, dtype=torch.float32)
     merge_lora(model, torch.float32)

@@ -157,7 +157,7 @@ def main(
 
     summary = {"model": config.name, "parameters": num_parameters(model), "max_steps": max_steps,
                "micro_batch_size": micro_batch_size, "seq_len": seq_len, "seed": seed, "train_seconds": round(train_s, 1),
-               "heldout_perplexity_fp32_training": round(ppl, 3), "history": history}
+               "heldout_perplexity": round(ppl, 3), "eval_precision": precision, "history": history}
     atomic_write_text(out_dir / "pretrain_summary.json", json.dumps(summary, indent=2))
     fabric.print(memory_used_line(fabric.device))
     return summary

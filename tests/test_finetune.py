@@ -372,14 +372,15 @@ def test_resume_after_kill_continues_the_same_loss_curve(small, tmp_path):
 
 def test_bnb_optimizer_state_is_checkpointed_and_paged_falls_back_on_cpu(small, tmp_path, capsys):
     root, ckpt, data = small
-    kw = _small_kwargs(ckpt, data, tmp_path / "opt", steps=4, save_interval=2)
+    kw = {**_small_kwargs(ckpt, data, tmp_path / "opt", steps=4, save_interval=2), "lora_r": 32}
     m = setup(**kw, optimizer="PagedAdamW8bit")
     assert "paged optimizers page to CPU memory from a GPU; on CPU using AdamW8bit" in capsys.readouterr().out
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "opt" / "step-000002" / "train_state.safetensors"), "pt") as f:
-        dtypes = {k.rpartition(".")[2]: f.get_tensor(k).dtype for k in f.keys()}
-    assert dtypes.get("state1") == torch.uint8 and "absmax1" in dtypes  # bnb's 8-bit Adam state
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    a_state = "optimizer/state/transformer.h.0.attn.qkv.lora_A/__bnb_optimizer_quant_state__"
+    assert dtypes[f"{a_state}/state1"] == torch.uint8 and f"{a_state}/absmax1" in dtypes  # bnb's 8-bit Adam state
     resumed = setup(**{**kw, "out_dir": tmp_path / "opt"}, optimizer="PagedAdamW8bit",
                     resume=tmp_path / "opt" / "step-000002")
     assert [s for s, _ in resumed["train_losses"]] == [3, 4]
@@ -434,6 +435,15 @@ def test_lora_trains_over_a_gptq_base(small, tmp_path):
     kw = dict(checkpoint_dir=base, quantize="gptq.int4", prompt="Reverse: cat dog fish", max_new_tokens=4,
               temperature=0.0, precision="32-true")
     assert generate(**kw, lora_path=tmp_path / "run") != generate(**kw)
+    # merging dequantizes the GPTQ weights: the merged full-precision model computes what adapter + GPTQ base did
+    from litquant.lora import merge_lora_job
+
+    merged = merge_lora_job(tmp_path / "run", out_dir=tmp_path / "merged", precision="32-true")
+    adapted = load_model(base, resolve("32-true", "gptq.int4", "cpu", keep_source=True), progress=False)
+    load_lora(adapted, tmp_path / "run")
+    x = torch.randint(0, adapted.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(merged, progress=False)(x), adapted(x), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.slow
