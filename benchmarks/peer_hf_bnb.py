@@ -22,7 +22,9 @@ tokens (--int8_max_new_tokens), and so does litquant's int8 row, so the pair sta
 
 tokens/sec is new tokens / wall time of the whole generation (prefill included) on both sides, as
 `litquant generate` prints it; time to first token is litquant's prefill and transformers' `generate` of one
-token. Model load time and process start are outside both.
+token. Model load time and process start are outside both. Memory: each process's peak resident set, and the
+part of it over the process's resident set right before loading, both stacks imported by then (litquant's
+includes Lightning, which transformers does not load: compare the "over baseline" figures for the model).
 """
 
 from __future__ import annotations
@@ -123,8 +125,11 @@ spec = json.loads(sys.argv[1])
 if spec["threads"]:
     torch.set_num_threads(spec["threads"])
 import transformers
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoConfig, BitsAndBytesConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+import accelerate, bitsandbytes  # imported before the baseline, as litquant's worker imports its stack first
 transformers.logging.set_verbosity_error()
+model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(spec["model_dir"]))]  # imports the model code
 
 def rss():
     with open("/proc/self/statm") as f:
@@ -138,8 +143,7 @@ quant = {
 }[spec["mode"]]
 baseline = rss()
 t0 = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16, device_map="cpu",
-                                             quantization_config=quant)
+model = model_cls.from_pretrained(spec["model_dir"], dtype=torch.bfloat16, device_map="cpu", quantization_config=quant)
 model.eval()
 load_s = time.perf_counter() - t0
 peak_after_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -17,10 +17,10 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.lora import DataArgs, EvalArgs, RunSpec, TrainArgs, _as, _hparams, cli, fit, launch, load_base
+from finetune.lora import DataArgs, EvalArgs, RunSpec, TrainArgs, _as, _hparams, fit, launch, load_base
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, WEIGHTS_FILE, save_checkpoint, save_safetensors
 from litquant.config import Config
-from litquant.errors import UserError, run_guarded
+from litquant.errors import UserError, run_job
 from litquant.lora import copy_tokenizer_files
 from litquant.utils import num_parameters
 
@@ -47,7 +47,8 @@ def setup(
     Args:
         checkpoint_dir: the model to finetune (default: the bundled model).
         out_dir: where the final checkpoint (out_dir/final), step checkpoints, logs and hyperparameters go.
-        precision: 32-true, bf16-mixed, 16-mixed, bf16-true or 16-true (default: bf16-true on CUDA, 32-true on CPU).
+        precision: 32-true, bf16-mixed, 16-mixed, bf16-true or 16-true (default: bf16-mixed where bf16 is native,
+            i.e. most GPUs and recent CPUs, else 32-true).
         devices: devices (processes) per node; >1 runs data parallel.
         num_nodes: number of nodes.
         strategy: auto, ddp or fsdp (FSDP2 `fully_shard` per transformer block: shards weights and optimizer state).
@@ -61,10 +62,16 @@ def setup(
         seed: the run's seed (the data order comes from data.seed).
         quantize: not supported here (full finetuning needs full-precision weights); use `finetune lora`.
     """
+    hparams = _hparams(locals(), exclude=("quantize",))  # first: only the arguments are local yet
     if quantize not in (None, "", "none", "None"):
         raise UserError("full finetuning trains every weight and cannot use a quantized base: "
                         "use `litquant finetune lora --quantize ...` (QLoRA) instead")
-    hparams = _hparams(locals(), exclude=("quantize",))
+    if precision is None:
+        # every weight trains: keep fp32 master weights (bf16 weights would round most small updates away)
+        from litquant.precision import default_precision, pick_accelerator
+
+        device = "cuda" if pick_accelerator(accelerator) == "cuda" else "cpu"
+        precision = "bf16-mixed" if default_precision(device) == "bf16-true" else "32-true"
     run = RunSpec(kind="full", checkpoint_dir=Path(checkpoint_dir), out_dir=Path(out_dir), precision=precision,
                   quantize=None, devices=devices, num_nodes=num_nodes, strategy=strategy, accelerator=accelerator,
                   data=_as(data, DataArgs), train=_as(train, TrainArgs), eval=_as(eval, EvalArgs), optimizer=optimizer,
@@ -103,4 +110,4 @@ class FullWeights:
 
 
 if __name__ == "__main__":
-    cli(setup)
+    run_job(setup)

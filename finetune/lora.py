@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # `python finetune/lora.py`: make the repo import
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, atomic_write_text, check_checkpoint_dir, load_model
-from litquant.errors import UserError, run_guarded
+from litquant.errors import UserError, run_job
 from litquant.lora import LORA_FILE, LoRAConfig, add_lora, lora_metadata, mark_only_lora_as_trainable
 from litquant.utils import num_parameters, peak_memory_bytes, reset_peak_memory
 
@@ -150,9 +150,9 @@ def setup(
         resume: continue from a checkpoint: true = the latest in out_dir, or a checkpoint directory.
         seed: seed for adapter init and dropout.
     """
+    hparams = _hparams(locals())  # first: only the arguments are local yet
     lora = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
                       value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head)
-    hparams = _hparams(locals(), exclude=("lora",))
     run = RunSpec(kind="lora", checkpoint_dir=Path(checkpoint_dir), out_dir=Path(out_dir), precision=precision,
                   quantize=quantize, devices=devices, num_nodes=num_nodes, strategy=strategy, accelerator=accelerator,
                   data=_as(data, DataArgs), train=_as(train, TrainArgs), eval=_as(eval, EvalArgs), optimizer=optimizer,
@@ -332,7 +332,8 @@ def build_strategy(name: str, world_size: int, accelerator: str) -> Any:
         import inspect
 
         ddp_params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
-        no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp_params else {"broadcast_buffers": False}
+        key = "forward_sync_buffers" if "forward_sync_buffers" in ddp_params else "broadcast_buffers"
+        no_sync = {key: False}
         return DDPStrategy(process_group_backend=backend, **no_sync)
     # FSDP2: shard each transformer block's parameters (Fabric's FSDP1 strategy refuses CPUs; this one works there)
     return ModelParallelStrategy(parallelize_fn=_fully_shard_blocks, data_parallel_size=world_size,
@@ -563,7 +564,8 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete step checkpoints in out_dir, oldest first (an interrupted save leaves only a .tmp directory)."""
     if not out_dir.is_dir():
         return []
-    dirs = [p for p in out_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit() and (p / TRAIN_STATE_FILE).is_file()]
+    dirs = [p for p in out_dir.glob("step-*")
+            if p.is_dir() and p.name[5:].isdigit() and (p / TRAIN_STATE_FILE).is_file()]
     return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
@@ -746,7 +748,8 @@ def fit(fabric, run: RunSpec, model: nn.Module, tokenizer, weights) -> dict:
         metrics["val_loss_before"] = validate(fabric, run, model, data)
         log = {"val_loss": metrics["val_loss_before"]}
         if run.eval.exact_match_examples:
-            metrics["exact_match_before"] = log["exact_match"] = exact_match_accuracy(fabric, run, model, tokenizer, data)
+            acc = exact_match_accuracy(fabric, run, model, tokenizer, data)
+            metrics["exact_match_before"] = log["exact_match"] = acc
         fabric.log_dict(log, step=0)
         fabric.print(f"step 0: val loss {metrics['val_loss_before']:.4f}"
                      + (f", exact match {log['exact_match']:.3f}" if "exact_match" in log else ""))
@@ -839,20 +842,6 @@ def fit(fabric, run: RunSpec, model: nn.Module, tokenizer, weights) -> dict:
     return metrics
 
 
-def cli(fn: Callable) -> None:
-    """`python finetune/<job>.py`: like the litquant CLI, but a bad flag or config key is one `error:` line
-    (jsonargparse would print the whole usage, dozens of lines for this many flags, before it)."""
-    from argparse import ArgumentError
-
-    from jsonargparse import CLI
-
-    try:
-        run_guarded(CLI, fn, as_positional=False, exit_on_error=False)
-    except ArgumentError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def rank_divergence(fabric, params: dict[str, torch.Tensor]) -> float:
     """Largest difference of a trainable weight between any two ranks (0.0 when they are in sync)."""
     if fabric.world_size == 1 or not params:
@@ -863,4 +852,4 @@ def rank_divergence(fabric, params: dict[str, torch.Tensor]) -> float:
 
 
 if __name__ == "__main__":
-    cli(setup)
+    run_job(setup)

@@ -11,7 +11,7 @@ if __package__ in (None, ""):  # `python generate/base.py`: make the repo import
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, load_model
-from litquant.errors import UserError, run_guarded
+from litquant.errors import UserError, run_job
 from litquant.generation import compiled_decode_step, generate
 from litquant.precision import setup_fabric
 from litquant.tokenizer import Tokenizer
@@ -84,6 +84,7 @@ def main(
     if not 0.0 < top_p <= 1.0:
         raise UserError("--top_p must be in (0, 1]")
     fabric, plugin, model = setup_model(checkpoint_dir, precision, quantize, accelerator, quantize_lm_head, lora_path)
+    weights = weights_line(model)  # as loaded (kernels may add a repacked layout on first use)
     tokenizer = Tokenizer(checkpoint_dir)
     encoded = tokenizer.encode(prompt, device=fabric.device)
     if encoded.numel() == 0:
@@ -115,12 +116,10 @@ def main(
             f"Time for inference {i}: {result.total_s:.02f} sec total, {n / result.total_s:.02f} tokens/sec",
             file=sys.stderr,
         )
-    fabric.print(weights_line(model), file=sys.stderr)
+    fabric.print(weights, file=sys.stderr)
     fabric.print(memory_used_line(fabric.device), file=sys.stderr)
     return samples
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    run_guarded(CLI, main, as_positional=False)
+    run_job(main)

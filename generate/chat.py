@@ -16,7 +16,7 @@ if __package__ in (None, ""):
 
 from generate.base import setup_model
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR
-from litquant.errors import UserError, run_guarded
+from litquant.errors import UserError, run_job
 from litquant.generation import GenerationResult, stream
 from litquant.prompts import PromptStyle, model_name_to_prompt_style
 from litquant.tokenizer import Tokenizer
@@ -92,6 +92,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    run_guarded(CLI, main, as_positional=False)
+    run_job(main)

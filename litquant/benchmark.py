@@ -14,7 +14,7 @@ Each mode runs in a fresh subprocess, so "peak memory" is that mode's alone: CUD
 on CPU the process's peak resident set (which includes the ~0.5 GB of the Python/torch libraries: the JSON's
 `baseline_memory_bytes` is the resident set right before loading; see CPU_MMAP_THRESHOLD for the allocator).
 
-`--random_init --model_name Llama-2-7b-hf` measures speed and memory of a real model size without weights:
+`--random_init true --model_name Llama-2-7b-hf` measures speed and memory of a real model size without weights:
 the model is built on the meta device and each tensor is drawn and handed to the precision plugin one at a
 time, exactly as a checkpoint's tensors are, so no full-precision copy of the model ever exists.
 On CUDA, `--compile` compiles the decode step over the static KV cache (`generation.compiled_decode_step`), and
@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -634,8 +634,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--_worker":
         _worker(sys.argv[2])
     else:
-        from jsonargparse import CLI
+        from litquant.errors import run_job
 
-        from litquant.errors import run_guarded
-
-        run_guarded(CLI, main, as_positional=False)
+        run_job(main)

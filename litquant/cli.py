@@ -10,7 +10,7 @@ import importlib.util
 import sys
 from typing import Callable
 
-from litquant.errors import run_guarded
+from litquant.errors import run_job
 
 # subcommand -> "module:function"; nested dicts are sub-subcommands (`litquant quantize gptq`).
 JOBS: dict = {
@@ -56,13 +56,17 @@ def _exists(module: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import CLI
-
     argv = sys.argv[1:] if argv is None else argv
-    components = _resolve(JOBS, argv)
-    if not components:
-        components = _resolve(JOBS, [])
-    run_guarded(CLI, components, args=argv, as_positional=False)
+    # `litquant <job> [<sub>] ARGS`: parse ARGS with the job's own parser (the same one its script uses),
+    # so errors and --help read the same both ways (jsonargparse's nested subcommands also garble errors).
+    spec, rest, prog = JOBS, argv, "litquant"
+    while rest and isinstance(spec, dict) and rest[0] in spec:
+        spec, prog, rest = spec[rest[0]], f"{prog} {rest[0]}", rest[1:]
+    if isinstance(spec, str) and _exists(spec.split(":")[0]):
+        run_job(_load(spec), args=rest, prog=prog)
+        return
+    components = _resolve(spec if isinstance(spec, dict) else JOBS, [])
+    run_job(components, args=rest if spec is not JOBS else argv, prog=prog)
 
 
 if __name__ == "__main__":

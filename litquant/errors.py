@@ -32,3 +32,20 @@ def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             print(f"error: device out of memory ({str(e).splitlines()[0]})", file=sys.stderr)
             raise SystemExit(1) from None
         raise
+
+
+def run_job(components: Any, args: list[str] | None = None, prog: str | None = None) -> Any:
+    """Entry point of every job script and of `litquant`: jsonargparse CLI under `run_guarded`.
+
+    A bad flag, type or config key is one `error:` line and exit code 2 (jsonargparse would otherwise
+    print the whole usage, dozens of lines for the jobs with many flags, before the error)."""
+    from argparse import ArgumentError
+
+    from jsonargparse import CLI
+
+    try:
+        kwargs = {"prog": prog} if prog else {}
+        return run_guarded(CLI, components, args=args, as_positional=False, exit_on_error=False, **kwargs)
+    except ArgumentError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise SystemExit(2) from None

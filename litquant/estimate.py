@@ -36,7 +36,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Literal, Optional
 
 import torch.nn as nn
 
@@ -432,8 +432,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from litquant.errors import run_job
 
-    from litquant.errors import run_guarded
-
-    run_guarded(CLI, main, as_positional=False)
+    run_job(main)

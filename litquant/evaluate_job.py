@@ -204,8 +204,6 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
+    from litquant.errors import run_job
 
-    from litquant.errors import run_guarded
-
-    run_guarded(CLI, main, as_positional=False)
+    run_job(main)

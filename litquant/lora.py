@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 
 from litquant.checkpoint import (
-    DEFAULT_CHECKPOINT_DIR,
     WEIGHTS_FILE,
     check_checkpoint_dir,
     load_model,

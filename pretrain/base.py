@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 from litquant.checkpoint import atomic_write_text, save_checkpoint
 from litquant.config import Config
 from litquant.data.corpus import DOC_SEPARATOR, corpus_documents, write_heldout
-from litquant.errors import UserError, run_guarded
+from litquant.errors import UserError, run_job
 from litquant.evaluation import perplexity
 from litquant.model import GPT
 from litquant.precision import setup_fabric
@@ -164,6 +164,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    run_guarded(CLI, main, as_positional=False)
+    run_job(main)

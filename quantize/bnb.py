@@ -26,7 +26,7 @@ from litquant.checkpoint import (
     open_safetensors,
     save_safetensors,
 )
-from litquant.errors import UserError, run_guarded
+from litquant.errors import UserError, run_job
 from litquant.precision import PRECISIONS, parse_precision, resolve
 from litquant.utils import memory_used_line, reset_peak_memory
 
@@ -102,6 +102,4 @@ def main(
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    run_guarded(CLI, main, as_positional=False)
+    run_job(main)

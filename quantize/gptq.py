@@ -42,7 +42,7 @@ from litquant.checkpoint import (
     save_safetensors,
 )
 from litquant.config import CONFIG_FILE, Config
-from litquant.errors import UserError, run_guarded
+from litquant.errors import UserError, run_job
 from litquant.model import build_mask_cache
 from litquant.precision import PRECISIONS, parse_precision, pick_accelerator
 from litquant.utils import memory_used_line, reset_peak_memory
@@ -268,6 +268,4 @@ def _check_shapes(config: Config, bits: int) -> None:
 
 
 if __name__ == "__main__":
-    from jsonargparse import CLI
-
-    run_guarded(CLI, main, as_positional=False)
+    run_job(main)

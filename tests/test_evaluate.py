@@ -180,3 +180,21 @@ def test_load_text_default_is_the_heldout_split():
 
     text, source = load_text(None)
     assert text == heldout_text() and "held-out" in source
+
+
+BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "litquant-tiny"
+
+
+@pytest.mark.skipif(not (BUNDLED / "lit_model.safetensors").is_file(), reason="the bundled model is not there")
+def test_bundled_model_quantization_costs_little_perplexity():
+    """On the trained bundled model: 8 bits ~ lossless, 4 bits a little worse, NF4 better than FP4 (QLoRA)."""
+    from litquant.precision import quantize_modes
+
+    if not {"bnb.nf4", "bnb.fp4", "bnb.int8"} <= set(quantize_modes()):
+        pytest.skip("bnb modes are not registered")
+    ppl = {q: main(BUNDLED, precision="32-true", quantize=q, max_tokens=1024, accelerator="cpu")["perplexity"]
+           for q in (None, "bnb.int8", "bnb.nf4", "bnb.fp4")}
+    fp32 = ppl[None]
+    assert all(math.isfinite(v) for v in ppl.values())
+    assert abs(ppl["bnb.int8"] / fp32 - 1) < 0.005
+    assert fp32 < ppl["bnb.nf4"] < ppl["bnb.fp4"] < 1.05 * fp32

@@ -54,7 +54,7 @@ QLORA_YAML = REPO / "config_hub" / "finetune" / "litquant-tiny" / "qlora.yaml"
 LORA_YAML = REPO / "config_hub" / "finetune" / "litquant-tiny" / "lora.yaml"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Jobs run in-process here: one intra-op thread keeps them fast on 2 shared cores (and like the CLI runs)."""
     n = torch.get_num_threads()
@@ -189,25 +189,29 @@ def test_lr_schedule():
 
 
 def test_bundled_task_file_is_reproducible_and_correct():
+    import ast
+
     committed = json.loads(BUNDLED_TASK_FILE.read_text())
     assert committed == generate_bundled_task()  # the committed file is what the seeded generator makes
     assert len({(r["instruction"], r["input"]) for r in committed}) == len(committed)  # no duplicates
     kinds = [task_kind(r) for r in committed]
-    assert {k: kinds.count(k) for k in set(kinds)} == {"func": 1000, "snake": 1000, "reverse": 1000}
+    assert {k: kinds.count(k) for k in set(kinds)} == {"func": 750, "call": 750, "import": 750, "attribute": 750}
     ops = {"sum": "+", "difference": "-", "product": "*", "quotient": "/", "remainder": "%"}
-    for r in committed[:300]:
-        if task_kind(r) == "reverse":
-            assert json.loads(r["output"]) == json.loads(r["input"])[::-1]
-        elif task_kind(r) == "snake":
-            assert r["output"].replace("_", "") == r["input"].lower() and "".join(
-                w.capitalize() for w in r["output"].split("_")) == r["input"]
-        else:  # "Write a Python function NAME that returns the OP of A and B."
-            words = r["instruction"].rstrip(".").split()
-            name, op, a, b = words[4], words[8], words[10], words[12]
+    for r in committed[:400]:
+        w = r["instruction"].rstrip(".").split()
+        ast.parse(r["output"])  # every answer is valid Python
+        if task_kind(r) == "func":  # Write a Python function NAME that returns the OP of A and B
+            name, op, a, b = w[4], w[8], w[10], w[12]
             assert r["output"] == f"def {name}({a}, {b}):\n    return {a} {ops[op]} {b}"
             code = {}
-            exec(r["output"], code)  # and it is valid Python that computes the operation
+            exec(r["output"], code)  # and it computes the operation
             assert code[name](7, 3) == eval(f"7 {ops[op]} 3")
+        elif task_kind(r) == "call":  # Call NAME with A and B
+            assert r["output"] == f"{w[1]}({w[3]}, {w[5]})"
+        elif task_kind(r) == "import":  # Import NAME from the MODULE module
+            assert r["output"] == f"from {w[4]} import {w[1]}"
+        else:  # Get the ATTR attribute of OBJ
+            assert r["output"] == f"{w[5]}.{w[2]}"
 
 
 # ---- the bundled task: QLoRA on the bundled model learns it -------------------------------------------------
@@ -220,7 +224,7 @@ def bundled_qlora(tmp_path_factory):
         pytest.skip("the bundled model checkpoints/litquant-tiny is not there")
     out_dir = tmp_path_factory.mktemp("bundled") / "qlora"
     cfg = yaml.safe_load(QLORA_YAML.read_text())
-    train = {**cfg["train"], "max_steps": 120, "save_interval": None}
+    train = {**cfg["train"], "max_steps": 100, "save_interval": None}
     ev = {**cfg["eval"], "interval": 1000, "initial_validation": True, "exact_match_examples": 60,
           "sample_max_new_tokens": 0}
     kwargs = {k: v for k, v in cfg.items() if k not in ("train", "eval", "data", "out_dir")}
@@ -233,9 +237,10 @@ def bundled_qlora(tmp_path_factory):
 def test_qlora_on_the_bundled_model_learns_the_bundled_task(bundled_qlora):
     out_dir, m, cfg = bundled_qlora
     assert cfg["quantize"].startswith("bnb.")  # it is QLoRA: a 4-bit frozen base
-    assert m["val_loss"] < m["val_loss_before"] - 0.5, m
+    assert m["val_loss"] < m["val_loss_before"] - 1.0, m
     assert m["exact_match_before"] <= 0.05  # the base model cannot do it ...
-    assert m["exact_match"] >= m["exact_match_before"] + 0.3, m  # ... after 120 steps it does, on held-out examples
+    assert m["exact_match"] >= m["exact_match_before"] + 0.2, m  # ... after 100 steps it often can (held-out examples;
+    # the full 300-step config reaches ~0.8)
     assert (out_dir / LORA_FILE).is_file()
 
 
@@ -464,7 +469,7 @@ def test_pipeline_qlora_merge_gptq_generate(bundled_qlora, tmp_path):
     with torch.autocast("cpu", enabled=False):
         acc, answers = exact_match(model, tok, style, examples)
     assert acc >= m["exact_match"] - 0.15, (acc, m["exact_match"])
-    assert acc > m["exact_match_before"] + 0.2
+    assert acc > m["exact_match_before"] + 0.15
 
     from generate.base import main as generate
 

@@ -38,7 +38,8 @@ def _args(ckpt, data, out_dir, quantize):
             "--data.prompt_style", "default", "--data.max_seq_length", "64",
             "--train.global_batch_size", "8", "--train.micro_batch_size", "4", "--train.max_steps", str(STEPS),
             "--train.learning_rate", "0.02", "--train.lr_warmup_steps", "0", "--lora_dropout", "0",
-            "--lora_mlp", "true", "--eval.interval", "100", "--eval.max_iters", "2", "--eval.sample_max_new_tokens", "0",
+            "--lora_mlp", "true", "--eval.interval", "100", "--eval.max_iters", "2",
+            "--eval.sample_max_new_tokens", "0",
             "--accelerator", "cpu", "--precision", "32-true", "--logger", "csv"]
     return args + (["--quantize", quantize] if quantize else [])
 

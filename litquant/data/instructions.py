@@ -7,12 +7,18 @@ sees when it generates after the prompt. With `mask_prompt` the prompt tokens ge
 the answer only. Sequences longer than `max_seq_length` are cut at the end; an example left without any answer
 token is dropped (it would teach nothing).
 
-The bundled task (`bundled/pyfunc_instructions.json`, made by `generate_bundled_task` with a fixed seed): three
-small code-flavoured instructions a base code model cannot follow but learns from a few hundred examples:
-  - write a one-line Python function for a named arithmetic operation  (copy names, map the word to the operator)
-  - convert a CamelCase name to snake_case                              (map each word's token to its other form)
-  - reverse a short list of numbers                                     (position-aware copying)
-Success is measured as exact-match accuracy of greedy answers on held-out examples (`exact_match`).
+The bundled task (`bundled/pyfunc_instructions.json`, made by `generate_bundled_task` with a fixed seed): 3000
+distinct code-writing instructions of four kinds, in turn:
+  - "Call get_node with right and n."                       -> get_node(right, n)
+  - "Import parse_table from the random module."            -> from random import parse_table
+  - "Get the size attribute of end."                        -> end.size
+  - "Write a Python function make_last that returns the remainder of stop and n."
+                                                            -> def make_last(stop, n):\\n    return stop % n
+The bundled code model has seen a lot of Python but never an instruction: before finetuning it answers none of
+them (it continues with unrelated code); it has to learn to copy the names into place, reorder them and map an
+operation's name to its operator. Success is exact-match accuracy of greedy answers on held-out examples
+(`exact_match`): ~0.3 after 100 QLoRA steps, ~0.8 after the 300 of config_hub/finetune/litquant-tiny/qlora.yaml
+(the arithmetic kind is the slowest to learn).
 """
 
 from __future__ import annotations
@@ -173,52 +179,48 @@ def collate(batch: Sequence[EncodedExample], pad_id: int = 0) -> tuple[torch.Ten
 
 _WORDS = (
     "count index value name path size item key line file data text user node total level mode token buffer "
-    "offset length result state config cache table field width height limit start end first last max min new "
-    "old default target source block page score"
+    "offset length result state config cache table field width height limit start end first last default target "
+    "source block page score"
 ).split()
 _ARGS = "x y a b n m left right first second start stop low high base step width height".split()
 _OPS = {"sum": "+", "difference": "-", "product": "*", "quotient": "/", "remainder": "%"}
-_VERBS = "get compute make find calc apply".split()
+_VERBS = "get compute make find load parse apply build".split()
+_MODULES = "os sys json re math time random string itertools functools collections pathlib shutil struct".split()
+
+
+def _name(rng: random.Random) -> str:
+    return f"{rng.choice(_VERBS)}_{rng.choice(_WORDS)}"
 
 
 def _func_example(rng: random.Random) -> dict:
     word, symbol = rng.choice(sorted(_OPS.items()))
-    name = f"{rng.choice(_VERBS)}_{rng.choice(_WORDS)}"
-    a, b = rng.sample(_ARGS, 2)
-    return {
-        "instruction": f"Write a Python function {name} that returns the {word} of {a} and {b}.",
-        "input": "",
-        "output": f"def {name}({a}, {b}):\n    return {a} {symbol} {b}",
-    }
+    name, (a, b) = _name(rng), rng.sample(_ARGS, 2)
+    return {"instruction": f"Write a Python function {name} that returns the {word} of {a} and {b}.", "input": "",
+            "output": f"def {name}({a}, {b}):\n    return {a} {symbol} {b}"}
 
 
-def _snake_example(rng: random.Random) -> dict:
-    words = rng.sample(_WORDS, rng.choice((2, 2, 3)))
-    return {
-        "instruction": "Convert this CamelCase name to snake_case.",
-        "input": "".join(w.capitalize() for w in words),
-        "output": "_".join(words),
-    }
+def _call_example(rng: random.Random) -> dict:
+    name, (a, b) = _name(rng), rng.sample(_ARGS, 2)
+    return {"instruction": f"Call {name} with {a} and {b}.", "input": "", "output": f"{name}({a}, {b})"}
 
 
-def _reverse_example(rng: random.Random) -> dict:
-    items = [str(rng.randrange(10)) for _ in range(rng.choice((3, 4, 5)))]
-    return {
-        "instruction": "Reverse the list.",
-        "input": "[" + ", ".join(items) + "]",
-        "output": "[" + ", ".join(reversed(items)) + "]",
-    }
+def _import_example(rng: random.Random) -> dict:
+    module, name = rng.choice(_MODULES), _name(rng)
+    return {"instruction": f"Import {name} from the {module} module.", "input": "",
+            "output": f"from {module} import {name}"}
 
 
-TASK_KINDS = {"func": _func_example, "snake": _snake_example, "reverse": _reverse_example}
+def _attribute_example(rng: random.Random) -> dict:
+    obj, attr = rng.sample(_WORDS, 2)
+    return {"instruction": f"Get the {attr} attribute of {obj}.", "input": "", "output": f"{obj}.{attr}"}
+
+
+TASK_KINDS = {"func": _func_example, "call": _call_example, "import": _import_example, "attribute": _attribute_example}
 
 
 def task_kind(example: dict) -> str:
-    if example["instruction"].startswith("Write a Python function"):
-        return "func"
-    if example["instruction"].startswith("Convert this CamelCase"):
-        return "snake"
-    return "reverse"
+    first = example["instruction"].split()[0]
+    return {"Write": "func", "Call": "call", "Import": "import", "Get": "attribute"}[first]
 
 
 def generate_bundled_task(n: int = BUNDLED_TASK_SIZE, seed: int = BUNDLED_TASK_SEED) -> list[dict]:
