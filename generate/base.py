@@ -15,7 +15,7 @@ from litquant.errors import UserError, run_job
 from litquant.generation import compiled_decode_step, generate
 from litquant.precision import setup_fabric
 from litquant.tokenizer import Tokenizer
-from litquant.utils import memory_used_line, reset_peak_memory, weights_line
+from litquant.utils import configure_cpu_threads, memory_used_line, reset_peak_memory, weights_line
 
 
 def setup_model(
@@ -37,6 +37,7 @@ def setup_model(
 
         load_lora(model, lora_path, dtype=plugin.dtype)
         model.eval()
+    configure_cpu_threads(model, fabric.device)
     model = fabric.setup_module(model, move_to_device=False)
     return fabric, plugin, model
 

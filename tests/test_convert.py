@@ -304,12 +304,12 @@ def test_error_unsupported_model_type(tmp_path):
         convert_hf_checkpoint(tmp_path)
 
 
-def test_error_gptq_hook(tmp_path):
+def test_error_gptq_config_over_plain_weights(tmp_path):
     d = _tiny_llama_dir(tmp_path / "m")
     hf = json.loads((d / "config.json").read_text())
     hf["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (d / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(UserError, match="GPTQ import: not yet supported"):
+    with pytest.raises(UserError, match=r"says GPTQ but the weight files hold no quantized layers \(\*\.qweight\)"):
         convert_hf_checkpoint(d)
 
 
