@@ -101,8 +101,9 @@ def main(
         batch_size: calibration windows per forward pass.
         output_dir: where to write (default: checkpoint_dir); another directory gets the config and tokenizer
             files too, so it is a checkpoint directory of its own.
-        precision: dtype of the calibration forward passes (32-true, 16-true, bf16-true; default: 32-true on CPU,
-            the GPU's default (bf16-true on Ampere+) on CUDA). Hessians and GPTQ itself always run in fp32.
+        precision: dtype of the calibration forward passes (32-true, 16-true, bf16-true; default: bf16-true where
+            the GPU or CPU computes in bf16 natively, else 16-true on GPUs, 32-true on CPUs). Hessians and GPTQ
+            itself always run in fp32 (on the bundled model bf16 calibration gives the same KL to fp as fp32).
         accelerator: auto, cuda or cpu.
         seed: seed of the calibration sampling.
     """
@@ -131,8 +132,7 @@ def main(
     _check_shapes(config, bits)
     output_dir = checkpoint_dir if output_dir is None else Path(output_dir)
     device = torch.device("cuda" if pick_accelerator(accelerator) == "cuda" else "cpu")
-    # calibration activations feed the Hessians: on CPUs fp32 unless asked (bf16 there is for speed, not quality)
-    dtype = PRECISIONS[parse_precision(precision if precision or device.type == "cuda" else "32-true", device)]
+    dtype = PRECISIONS[parse_precision(precision, device)]
 
     tokenizer = Tokenizer(checkpoint_dir)
     tokens = calibration_tokens(tokenizer, n_samples, seq_len, calibration_data, seed)

@@ -58,7 +58,7 @@ needs_bundled = pytest.mark.skipif(
 # act-order with 128 windows: on the bundled model the perplexity gaps below are small (RTN-4 costs ~0.3%), so the
 # calibration sample matters; measured over seeds 0-3 the GPTQ/RTN gap ratio was 0.12-0.78 at 4 bits and 0.42-0.55
 # at 3 bits, the KL ratio 0.44-0.46 and 0.47-0.49 (n_samples=32 without act-order: 4-bit ratio up to 1.2)
-Q = dict(group_size=128, act_order=True, n_samples=128, seq_len=256, seed=0)
+Q = dict(group_size=128, act_order=True, n_samples=128, seq_len=256, seed=0, precision="32-true")
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_job_matches_true_sequential_reference_and_streams_one_block(tiny, tmp_p
     monkeypatch.setattr(job, "build_model", build)
     monkeypatch.setattr(job, "_load_block", load_block)
     out = job.main(tiny, bits=4, group_size=64, act_order=act_order, block_size=32, n_samples=12, seq_len=48,
-                   batch_size=4, output_dir=tmp_path, seed=7, **QUIET)
+                   batch_size=4, output_dir=tmp_path, seed=7, precision="32-true", **QUIET)
     assert on_device == [1, 1]  # each block is loaded alone, never the whole model
 
     tokens = calibration_tokens(Tokenizer(tiny), 12, 48, None, 7)
@@ -302,14 +302,15 @@ def test_plugin_loads_into_gptq_linears_matching_dequantized_reference(tiny, tmp
     out = job.main(tiny, bits=bits, group_size=64, act_order=True, n_samples=6, seq_len=32, output_dir=tmp_path,
                    **QUIET)
     plugin = resolve(precision, f"gptq.int{bits}")
+    dtype = plugin.dtype
     model = load_model(tmp_path, plugin, progress=False)
     quantized = {n for n, m in model.named_modules() if isinstance(m, GPTQLinear)}
     assert quantized == {k[: -len(".qweight")] for k in load_file(out) if k.endswith(".qweight")}
     assert len(quantized) == 10 and isinstance(model.lm_head, nn.Linear)
-    if bits == 4:  # repacked for the kernel at load, AutoGPTQ qweight released (inference memory)
-        assert all(model.get_submodule(n)._kernel is not None and model.get_submodule(n).qweight is None
-                   for n in quantized)
-    dtype = plugin.dtype
+    if bits == 4:  # repacked for the kernel at load; AutoGPTQ qweight released (inference memory) with bf16
+        # activations, kept with fp32 ones (the CPU kernel then serves only decoding, dequantize + matmul the rest)
+        assert all(model.get_submodule(n)._kernel is not None for n in quantized)
+        assert all((model.get_submodule(n).qweight is None) == (dtype == torch.bfloat16) for n in quantized)
     ref = _dense_with(load_model(tiny, resolve(precision), progress=False), _dequantized(out, bits))
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -40,6 +40,11 @@ from litquant.errors import UserError
 from litquant.quantization import gptq_format
 
 _KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # the inner group sizes tinygemm supports, largest first
+# Input rows up to which the CPU kernel beats dequantize + matmul (2 cores, 256x768 and 4096x4096 layers): with
+# bf16 activations 0.03 vs 1.4 ms at 1 row, even at 256, 5x slower at 4080; with fp32 ones it runs at ~0.3 ms
+# (256x768) / 26 ms (4096x4096) per row, a win only below ~3 rows.
+CPU_KERNEL_MAX_ROWS_BF16 = 512
+CPU_KERNEL_MAX_ROWS = 2
 _RELEASED = (
     "GPTQLinear released its AutoGPTQ qweight in prepare(keep_source=False) and can only run the int4 kernel"
     " forward without gradients; call prepare(keep_source=True) to train through it"
@@ -182,7 +187,7 @@ class GPTQLinear(nn.Module):
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         k = self._kernel
-        if k is None or not self.uses_kernel(x2d.dtype) or x2d.device != k.device:
+        if k is None or not self.uses_kernel(x2d.dtype) or x2d.device != k.device or not self._kernel_wins(x2d):
             return x2d @ self.dequantized_weight(x2d.dtype).t()
         if k.perm is not None:
             x2d = x2d.index_select(1, k.perm)
@@ -190,6 +195,14 @@ class GPTQLinear(nn.Module):
         if k.device.type == "cuda":
             return torch.ops.aten._weight_int4pack_mm(x2d, k.weight, k.group_size, k.sz(x2d.dtype))
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, k.weight, k.group_size, k.sz(x2d.dtype))
+
+    def _kernel_wins(self, x2d: torch.Tensor) -> bool:
+        """The CPU kernel is a decode kernel: its cost grows per input row. Past a few rows (prefill, evaluation)
+        dequantize + matmul is faster, if qweight is still there to dequantize (else the kernel it is)."""
+        if self.qweight is None or x2d.device.type != "cpu":
+            return True
+        limit = CPU_KERNEL_MAX_ROWS_BF16 if x2d.dtype == torch.bfloat16 else CPU_KERNEL_MAX_ROWS
+        return x2d.shape[0] <= limit
 
     def _build_kernel(self) -> _Int4Kernel | None:
         """The int4 kernel's layout for this layer, or None when the kernel cannot serve it."""

@@ -166,10 +166,13 @@ class GPTQPrecision(LitquantPrecision):
         return super().convert_module(module)
 
     def after_load(self, model: nn.Module) -> nn.Module:
-        """Repack 4-bit layers for the int4 kernel now that they sit on their device."""
+        """Repack 4-bit layers for the int4 kernel now that they sit on their device. The AutoGPTQ qweight is
+        released (4-bit memory) unless asked to keep it, or unless the CPU kernel would serve only decoding:
+        with fp32/fp16 activations it is slower than dequantize + matmul beyond 2 input rows."""
         for m in model.modules():
             if isinstance(m, GPTQLinear):
-                m.prepare(keep_source=self.keep_source)
+                cpu_decode_only = m.qzeros.device.type == "cpu" and self.dtype != torch.bfloat16
+                m.prepare(keep_source=self.keep_source or cpu_decode_only)
         return model
 
 
