@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from litquant.config import CONFIG_FILE, Config
 from litquant.errors import UserError
+from litquant.utils import release_freed_memory
 
 WEIGHTS_FILE = "lit_model.safetensors"
 DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "litquant-tiny"
@@ -239,6 +240,9 @@ def load_weights(
                     loader(attr, tensor, device, dtype)
                 except UserError as e:
                     raise UserError(f"{path}: {key}: {e}") from None
+                del tensor
+                if device.type == "cpu":  # the full-precision source and its temporaries are gone: return them
+                    release_freed_memory()
                 continue
             current = getattr(module, attr, None)
             if not isinstance(current, torch.Tensor):

@@ -12,18 +12,33 @@ import torch.nn as nn
 
 
 def peak_memory_bytes(device: torch.device | str) -> int:
-    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size."""
+    """CUDA: peak allocated since the last reset. CPU: the process's peak resident set size since the last reset
+    (Linux: VmHWM, which starts afresh at exec, unlike ru_maxrss, which a child inherits from a big parent)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB
 
 
 def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak: CUDA's allocator stats, or on Linux the resident-set high-water mark (clear_refs 5)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then counts from process start
+        pass
 
 
 def current_rss_bytes() -> int:
@@ -32,6 +47,26 @@ def current_rss_bytes() -> int:
             return int(f.read().split()[1]) * resource.getpagesize()
     except OSError:
         return 0
+
+
+_libc = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc's malloc_trim). Streaming a checkpoint through quantization
+    frees a full-precision buffer per layer; glibc keeps such holes in its heap, and over a whole model they add up to
+    a large share of the quantized size. A no-op where there is no glibc."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
 
 
 def memory_used_line(device: torch.device | str) -> str:

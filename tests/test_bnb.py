@@ -60,7 +60,10 @@ def bnb_reference_state(mode: str, w: torch.Tensor):
 @pytest.mark.parametrize("shape", [(96, 256), (50, 98)])  # (50, 98): blocks of 64 straddle rows, last one partial
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", FOUR_BIT)
-def test_4bit_layer_matches_dequantize_then_matmul(mode, device, shape):
+@pytest.mark.parametrize("chunk", [None, 128])  # 128: quantized chunk by chunk, as large Linears are
+def test_4bit_layer_matches_dequantize_then_matmul(mode, device, shape, chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr(qb, "QUANTIZE_CHUNK", chunk)
     torch.manual_seed(0)
     out_f, in_f = shape
     w, b = torch.randn(out_f, in_f, device=device) * 0.05, torch.randn(out_f, device=device) * 0.1

@@ -45,6 +45,7 @@ from litquant.precision import PRECISIONS, LitquantPrecision, register
 
 BLOCKSIZE = 64  # bnb's default 4-bit block
 NESTED_BLOCKSIZE = 256  # double quantization: blocks of absmax values (the only size bnb's fused kernels take)
+QUANTIZE_CHUNK = 1 << 22  # weights are quantized this many elements at a time (bounds the temporaries)
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold on input magnitudes
 MIN_BNB_CPU = (0, 48)  # first bitsandbytes with CPU 4-bit and int8 ops
 CPU_KERNEL_MAX_ROWS = 64  # CPU fused 4-bit kernel vs dequantize+matmul: measured crossover ~110 rows (5632x2048)
@@ -328,14 +329,23 @@ class Linear4bit(_QuantLinear):
         F = _bnb().functional
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             weight = weight.float()
-        packed, qs = F.quantize_4bit(
-            weight.contiguous(), blocksize=self.blocksize, compress_statistics=self.double_quant,
-            quant_type=self.quant_type,
-        )
-        state = {"weight": packed, "absmax": qs.absmax}
+        # In chunks of rows: bnb's CPU quantizer makes several fp32-sized temporaries of its input, which for a
+        # large Linear would cost more than the whole layer's 4-bit result. Blocks never straddle chunks (each
+        # chunk is a multiple of blocksize elements), and the double quantization below runs over all absmax at
+        # once exactly as quantize_4bit(compress_statistics=True) does, so the bits are bnb's.
+        flat = weight.contiguous().reshape(-1)
+        step = max(QUANTIZE_CHUNK // self.blocksize, 1) * self.blocksize
+        parts = [F.quantize_4bit(flat[i : i + step], blocksize=self.blocksize, quant_type=self.quant_type)
+                 for i in range(0, flat.numel(), step)]
+        packed = torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
+        absmax = torch.cat([qs.absmax for _, qs in parts]) if len(parts) > 1 else parts[0][1].absmax
+        del parts, flat
+        state = {"weight": packed, "absmax": absmax}
         if self.double_quant:
-            nested = qs.state2
-            state.update(nested_absmax=nested.absmax, nested_code=nested.code, offset=qs.offset.float().reshape(()))
+            offset = absmax.mean()
+            qabsmax, nested = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+            state.update(absmax=qabsmax, nested_absmax=nested.absmax, nested_code=nested.code,
+                         offset=offset.float().reshape(()))
         self._on_state_change()
         self._set_state(state)
 

@@ -1,0 +1,122 @@
+"""Load-time peak memory of each `--quantize` mode against the quantized model's own size (CPU or CUDA).
+
+    python benchmarks/load_memory.py [--model_name TinyLlama-1.1B-Chat-v1.0] [--modes bf16-true,bnb.nf4,...]
+
+1. Makes (once) a checkpoint of the named config with random bf16 weights at benchmarks/out/load-<name>/ (real
+   shapes, real file size: the loader streams it exactly as it streams downloaded weights), and a pre-quantized
+   nf4 file next to it (`litquant quantize bnb --mode nf4`).
+2. Loads it once per mode, each in a fresh process: memory before `load_model` (torch, bitsandbytes and litquant
+   imported), the peak during it, and the weight bytes of the loaded model. "over baseline" = peak - before:
+   on CPU resident set (what the load itself cost), on CUDA peak allocated. The goal (bitsandbytes issue):
+   over baseline <= 1.3x the quantized model's size, i.e. never a full-precision copy of the model.
+
+The page cache holding the file is not part of a process's resident set; the loader reads tensor by tensor with
+plain reads (no mmap), so what it keeps is what counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+OUT = REPO / "benchmarks" / "out"
+DEFAULT_MODES = "bf16-true,bnb.nf4,bnb.nf4-dq,bnb.fp4,bnb.fp4-dq,bnb.int8,bnb.nf4+prequantized"
+
+_WORKER = r"""
+import gc, json, sys, time
+import torch, bitsandbytes  # noqa: F401  (imported before the baseline: the libraries are not the load)
+from litquant.checkpoint import load_model
+from litquant.precision import resolve
+from litquant.utils import current_rss_bytes, peak_memory_bytes, reset_peak_memory, weight_bytes
+checkpoint, mode, precision, device = sys.argv[1:5]
+plugin = resolve(precision, None if mode == precision else mode, device)
+gc.collect()
+reset_peak_memory(device)
+before = torch.cuda.memory_allocated() if device == "cuda" else current_rss_bytes()
+t0 = time.perf_counter()
+model = load_model(checkpoint, plugin, device, progress=False)
+seconds = time.perf_counter() - t0
+peak = peak_memory_bytes(device)
+print(json.dumps(dict(before=before, peak=peak, weights=weight_bytes(model), seconds=seconds,
+                      file=str(plugin.weights_file(__import__("pathlib").Path(checkpoint))))))
+"""
+
+
+def make_checkpoint(name: str, directory: Path) -> None:
+    """Random bf16 weights of the named config, saved as a litquant checkpoint (skipped when already there)."""
+    import torch
+
+    from litquant.checkpoint import WEIGHTS_FILE, build_model, save_checkpoint
+    from litquant.config import Config
+
+    if (directory / WEIGHTS_FILE).is_file():
+        return
+    config = Config.from_name(name)
+    print(f"Writing a random-weight {name} checkpoint to {directory} ...", file=sys.stderr)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = build_model(config, "cpu").to(torch.bfloat16)
+    for k, t in model.state_dict().items():
+        if t.ndim == 2:
+            t.normal_(0.0, 0.02)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model.state_dict(), config, directory)
+
+
+def measure(checkpoint: Path, mode: str, precision: str, device: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _WORKER, str(checkpoint), mode, precision, device],
+                          capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode}: the load failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model_name", default="TinyLlama-1.1B-Chat-v1.0")
+    ap.add_argument("--modes", default=DEFAULT_MODES,
+                    help="comma list; `MODE+prequantized` loads the file `litquant quantize bnb` wrote")
+    ap.add_argument("--precision", default="bf16-true", help="compute dtype of every mode")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = ap.parse_args(argv)
+
+    base = OUT / f"load-{args.model_name}"
+    make_checkpoint(args.model_name, base)
+    results = []
+    for spec in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        mode, _, variant = spec.partition("+")
+        checkpoint = base
+        if variant == "prequantized":  # a second directory (hard links to the same files) with the bnb file in it
+            checkpoint = OUT / f"load-{args.model_name}-{mode}"
+            if not any(checkpoint.glob("lit_model_bnb*.safetensors")):
+                checkpoint.mkdir(parents=True, exist_ok=True)
+                for f in base.iterdir():
+                    if f.is_file() and not (checkpoint / f.name).exists():
+                        os.link(f, checkpoint / f.name)
+                subprocess.run([sys.executable, "-m", "litquant.cli", "quantize", "bnb", "--checkpoint_dir",
+                                str(checkpoint), "--mode", mode.removeprefix("bnb.")], check=True, cwd=REPO)
+        r = measure(checkpoint, mode, args.precision, args.device)
+        r.update(mode=spec, over=r["peak"] - r["before"])
+        r["ratio"] = r["over"] / r["weights"]
+        results.append(r)
+        print(f"{spec:24s} weights {r['weights'] / 1e9:6.3f} GB  before {r['before'] / 1e9:5.2f}  peak "
+              f"{r['peak'] / 1e9:5.2f}  over baseline {r['over'] / 1e9:6.3f} GB = {r['ratio']:.2f}x weights  "
+              f"load {r['seconds']:.1f} s  ({Path(r['file']).name})", flush=True)
+    print("\n| mode | weights GB | peak over baseline GB | / weights | load s | file read |")
+    print("|---|---:|---:|---:|---:|---|")
+    for r in results:
+        print(f"| {r['mode']} | {r['weights'] / 1e9:.3f} | {r['over'] / 1e9:.3f} | {r['ratio']:.2f}x | "
+              f"{r['seconds']:.1f} | {Path(r['file']).name} |")
+    (OUT / f"load_memory-{args.model_name}.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
