@@ -52,6 +52,9 @@ SEQUENTIAL_GROUPS = {
     "LLaMAMLP": (("attn.qkv",), ("attn.proj",), ("mlp.fc_1", "mlp.fc_2"), ("mlp.proj",)),
     "GptNeoxMLP": (("attn.qkv",), ("attn.proj",), ("mlp.fc",), ("mlp.proj",)),
 }
+# The MLP's down-projection inputs are kept for the block's output pass only up to this size (n_tokens x
+# intermediate_size activations: 50 MB for the bundled model, 5.8 GB for Llama-2-7B's default calibration)
+MLP_CACHE_BYTES = 1 << 30
 # Files a checkpoint directory needs besides the weights, copied when --output_dir is another directory.
 SIDE_FILES = (CONFIG_FILE, "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
               "special_tokens_map.json")
@@ -187,7 +190,6 @@ def quantize_blocks(
     """GPTQ over every block of the model in `source`: -> {"transformer.h.0.attn.qkv": {qweight, qzeros,
     scales, g_idx}, ...} (CPU tensors; biases stay as in `source`). `settings` are GPTQ.quantize's keyword
     arguments."""
-    from litquant.quantization.gptq import GPTQ
 
     model = build_model(config, "meta")
     T = tokens.shape[1]
@@ -203,34 +205,51 @@ def quantize_blocks(
     with open_safetensors(source) as f:
         wte = f.get_tensor("transformer.wte.weight").to(device=device, dtype=dtype)
         xs = [F.embedding(b.to(device), wte) for b in tokens.split(batch_size)]  # this block's inputs, per batch
+        n_tokens = tokens.numel()
         del wte
         keys = list(f.keys())
         bar = tqdm(model.transformer.h, desc="Quantizing", unit="block", disable=not progress)
         for i, block in enumerate(bar):
             prefix = f"transformer.h.{i}."
             _load_block(f, block, prefix, [k for k in keys if k.startswith(prefix)], device, dtype, source)
+            tails = [_TailCache(block.attn, "attn.")]
+            if n_tokens * block.mlp.proj.in_features * dtype.itemsize <= MLP_CACHE_BYTES:
+                tails.append(_TailCache(block.mlp, "mlp."))
+            done: set[str] = set()
             for group in groups:
                 layers = {name: block.get_submodule(name) for name in group}
-                gptqs = {name: GPTQ(layer.in_features, device) for name, layer in layers.items()}
-                handles = [layer.register_forward_hook(gptqs[name].hook) for name, layer in layers.items()]
-                handles.append(layers[group[-1]].register_forward_hook(_stop))
+                recording = [t for t in tails if t.usable(group, done)]  # true-sequential: attn.proj, mlp.proj
+                for t in recording:
+                    t.record()
+                hessians = _HessianCollector(layers, device)
+                handle = layers[group[-1]].register_forward_hook(_stop)
                 try:
-                    for x in xs:
+                    for b, x in enumerate(xs):
+                        for t in tails:
+                            t.batch = b
                         try:
                             block(x, cos, sin, mask, None, None)
                         except _StopForward:
                             pass
+                        hessians.next_forward()
                 finally:
-                    for h in handles:
-                        h.remove()
+                    hessians.remove()
+                    handle.remove()
                 for name, layer in layers.items():
-                    result = gptqs[name].quantize(layer.weight, **settings)
-                    gptqs[name].free()
+                    result = hessians.gptqs[name].quantize(layer.weight, **settings)
                     out[prefix + name] = {k: v.cpu() for k, v in result.pack().items()}
                     layer.weight.data = result.weight.to(dtype)  # later steps and blocks see the quantized layer
                     bar.set_postfix_str(f"{name} loss {result.loss:.3g}")
-            for j, x in enumerate(xs):  # the quantized block's outputs are the next block's inputs
-                xs[j] = block(x, cos, sin, mask, None, None)
+                hessians.free()
+                done.update(group)
+                for t in recording:
+                    t.start()
+            for b, x in enumerate(xs):  # the quantized block's outputs are the next block's inputs
+                for t in tails:
+                    t.batch = b
+                xs[b] = block(x, cos, sin, mask, None, None)
+            for t in tails:
+                t.stop()
             block.to("meta")  # free the block's weights
         bar.close()
     return out
@@ -238,6 +257,87 @@ def quantize_blocks(
 
 def _stop(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
     raise _StopForward
+
+
+def _linear_names(module: nn.Module, prefix: str) -> list[str]:
+    return [prefix + n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+class _HessianCollector:
+    """Forward hooks feeding each Linear's inputs to its own GPTQ, except that Linears handed the very same input
+    tensor in one forward (the MLP's fc_1 and fc_2) share one GPTQ: one Hessian computed instead of two."""
+
+    def __init__(self, layers: dict[str, nn.Module], device: torch.device) -> None:
+        from litquant.quantization.gptq import GPTQ
+
+        self.gptqs: dict[str, GPTQ] = {}
+        self._seen: list[tuple[torch.Tensor, GPTQ]] = []  # inputs of the current forward, and where they went
+        self._new = lambda layer: GPTQ(layer.in_features, device)
+        self._handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0]
+            for seen, gptq in self._seen:
+                if seen is x:
+                    self.gptqs.setdefault(name, gptq)
+                    return
+            gptq = self.gptqs.setdefault(name, self._new(module))
+            gptq.add_batch(x)
+            self._seen.append((x, gptq))
+
+        return hook
+
+    def next_forward(self) -> None:
+        self._seen.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._seen.clear()
+
+    def free(self) -> None:
+        for gptq in self.gptqs.values():
+            gptq.free()
+
+
+class _TailCache:
+    """A block's attention and MLP both end with their `proj` Linear. Once every other Linear of such a module is
+    quantized, the inputs of its proj are final: recorded while proj is calibrated (`record`), they let every later
+    forward of the block replace the whole module by `proj(recorded input)` (`start`): the MLP steps and the
+    block's output pass skip qkv, RoPE and SDPA, the output pass also the MLP's up-projections. Costs one copy of
+    proj's inputs over the calibration batches, for the length of one block."""
+
+    def __init__(self, module: nn.Module, prefix: str) -> None:
+        self.module, self.batch, self.active = module, 0, False
+        self.linears = set(_linear_names(module, prefix))
+        self.proj = prefix + "proj"
+        self.inputs: dict[int, torch.Tensor] = {}
+        self._handle = None
+
+    def usable(self, group: tuple[str, ...], done: set[str]) -> bool:
+        """True when `group` calibrates proj and every other Linear of the module is already quantized."""
+        return self.proj in group and self.linears - {self.proj} <= done
+
+    def record(self) -> None:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.inputs[self.batch] = args[0]
+
+        self._handle = self.module.proj.register_forward_pre_hook(hook)
+
+    def start(self) -> None:
+        self._handle.remove()
+        self._handle = None
+        self.module.forward = lambda *args, **kwargs: self.module.proj(self.inputs[self.batch])  # shadows the class's
+        self.active = True
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        if self.active:
+            del self.module.forward
+        self.active = False
+        self.inputs.clear()
 
 
 def _load_block(f, block: nn.Module, prefix: str, keys: list[str], device: torch.device, dtype: torch.dtype,

@@ -63,12 +63,13 @@ Q = dict(group_size=128, act_order=True, n_samples=128, seq_len=256, seed=0, pre
 
 @pytest.fixture(scope="module")
 def bundled_gptq(tmp_path_factory):
-    """The bundled model quantized at 4 and 3 bits (group 128), each in its own output dir."""
+    """The bundled model quantized at 4 and 3 bits with groups of 128 (keys 4, 3), and at 3 bits with one group
+    per output channel (key "3pc", the paper's main setting), each in its own output dir."""
     out = {}
-    for bits in (4, 3):
-        d = tmp_path_factory.mktemp(f"bundled{bits}")
-        job.main(DEFAULT_CHECKPOINT_DIR, bits=bits, output_dir=d, **Q, **QUIET)
-        out[bits] = d
+    for key, bits, group_size in ((4, 4, 128), (3, 3, 128), ("3pc", 3, -1)):
+        d = tmp_path_factory.mktemp(f"bundled{key}")
+        job.main(DEFAULT_CHECKPOINT_DIR, bits=bits, output_dir=d, **{**Q, "group_size": group_size}, **QUIET)
+        out[key] = d
     return out
 
 
@@ -88,30 +89,32 @@ def _ppl_and_kl(models: dict[str, nn.Module], tokens: torch.Tensor, window: int 
 
 
 @needs_bundled
-@pytest.mark.xfail(strict=False, reason="open (issue 4): on the 5M bundled model the held-out perplexity gaps are "
-                   "small (fp 47.09, GPTQ-4 47.08, GPTQ-3 47.38, RTN-3 47.67): GPTQ-3 is not yet 'far' better than "
-                   "RTN-3 as the paper's pattern asks; per-layer output error is below RTN's (next test)")
 def test_gptq_beats_rtn_on_heldout_perplexity(bundled_gptq):
+    """The paper's pattern on the bundled model's held-out text. Measured (fp 47.09): g128 4-bit RTN 47.21, GPTQ
+    47.08; g128 3-bit RTN 47.67, GPTQ 47.39; per-channel 3-bit RTN 47.90, GPTQ 47.36 (KL to fp 0.030 vs 0.014).
+    A 5M model with 256-wide layers loses little even to RTN at g128 (two groups per row), so the widest gap
+    shows where the paper measures it: 3 bits, per channel."""
     from litquant.data.corpus import heldout_text
 
     tokens = Tokenizer(DEFAULT_CHECKPOINT_DIR).encode(heldout_text(), bos=False)
     src = load_file(DEFAULT_CHECKPOINT_DIR / WEIGHTS_FILE)
     models = {"fp": load_model(DEFAULT_CHECKPOINT_DIR, progress=False)}
-    for bits in (4, 3):
-        file = bundled_gptq[bits] / f"lit_model_gptq.{bits}bit.safetensors"
-        rtn = {m: rtn_quantize(src[m + ".weight"].float(), bits, 128).weight for m in _dequantized(file, bits)}
-        models[f"rtn{bits}"] = _dense_with(load_model(DEFAULT_CHECKPOINT_DIR, progress=False), rtn)
-        models[f"gptq{bits}"] = load_model(bundled_gptq[bits], resolve("32-true", f"gptq.int{bits}"), progress=False)
+    for key, bits, group_size in ((4, 4, 128), (3, 3, 128), ("3pc", 3, -1)):
+        file = bundled_gptq[key] / f"lit_model_gptq.{bits}bit.safetensors"
+        rtn = {m: rtn_quantize(src[m + ".weight"].float(), bits, group_size).weight for m in _dequantized(file, bits)}
+        models[f"rtn{key}"] = _dense_with(load_model(DEFAULT_CHECKPOINT_DIR, progress=False), rtn)
+        models[f"gptq{key}"] = load_model(bundled_gptq[key], resolve("32-true", f"gptq.int{bits}"), progress=False)
     result = _ppl_and_kl(models, tokens)
     print({k: (round(p, 4), round(kl, 5)) for k, (p, kl) in result.items()})
-    gap = {k: p - result["fp"][0] for k, (p, _) in result.items()}
+    gap = {k: abs(p - result["fp"][0]) for k, (p, _) in result.items()}  # GPTQ-4 can land a hair below fp
     kl = {k: v for k, (_, v) in result.items()}
-    # 4 bit: GPTQ is closer to full precision than round-to-nearest with the same grid and groups
-    assert 0 < gap["gptq4"] < gap["rtn4"], result
-    assert kl["gptq4"] < 0.7 * kl["rtn4"], result
-    # 3 bit: RTN degrades several times more than at 4 bits; GPTQ keeps well under 60% of that
+    # 4 bit, g128: GPTQ is closer to full precision than round-to-nearest with the same grid and groups
+    assert gap["gptq4"] < gap["rtn4"] and kl["gptq4"] < 0.7 * kl["rtn4"], result
+    # 3 bit: RTN degrades several times more than at 4 bits; GPTQ keeps well under 60% of that at g128, and
+    # per channel RTN loses at least 2.5x the perplexity GPTQ does (measured 3.0x) and twice its KL
     assert gap["rtn3"] > 3 * gap["rtn4"], result
     assert gap["gptq3"] < 0.6 * gap["rtn3"] and kl["gptq3"] < 0.6 * kl["rtn3"], result
+    assert gap["gptq3pc"] < gap["rtn3pc"] / 2.5 and kl["gptq3pc"] < 0.55 * kl["rtn3pc"], result
     assert gap["gptq4"] < gap["gptq3"], result
 
 

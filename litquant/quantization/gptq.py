@@ -23,7 +23,6 @@ its top level). All math runs in fp32 (fp64 if given fp64), on the device of the
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -121,11 +120,10 @@ class GPTQ:
         n = x.shape[0]
         if n == 0:
             return
-        # running mean: rescale what we have so far, then add the new rows with weight 2 / n_total
-        self.H.mul_(self.nsamples / (self.nsamples + n))
-        self.nsamples += n
-        x = x * math.sqrt(2.0 / self.nsamples)
-        self.H.addmm_(x.t(), x)
+        # running mean in one op: rescale what we have so far, add the new rows with weight 2 / n_total
+        total = self.nsamples + n
+        self.H.addmm_(x.t(), x, beta=self.nsamples / total, alpha=2.0 / total)
+        self.nsamples = total
 
     def hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         """A forward hook: `linear.register_forward_hook(gptq.hook)` feeds every call's input to add_batch."""
@@ -153,6 +151,7 @@ class GPTQ:
         self.H = torch.empty(0)
 
 
+@torch.no_grad()
 def gptq_quantize(
     weight: torch.Tensor,
     H: torch.Tensor,
@@ -208,7 +207,7 @@ def gptq_quantize(
     Hinv = _inverse_hessian_upper_cholesky(H, damp_percent)
     del H
     Q = torch.zeros_like(W)
-    losses = torch.zeros_like(W)
+    losses = 0.0
     scale = zero = None
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
@@ -230,15 +229,13 @@ def gptq_quantize(
                 scale, zero = quant_params(cols, bits, sym)
                 scales[j // gs], zeros[j // gs] = scale, zero
             w = W1[:, i]
-            d = Hinv1[i, i]
             q = quantize_to_grid(w, scale, zero, bits)
             Q[:, j] = q
-            w_hat = scale * (q - zero)
-            losses[:, j] = (w - w_hat) ** 2 / d**2
-            err = (w - w_hat) / d
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # OBS update of this block's later columns
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of everything after the block
+            err = Err1[:, i]
+            torch.div(w - scale * (q - zero), Hinv1[i, i], out=err)
+            W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)  # OBS update of this block's later columns
+        losses += float((Err1**2).sum())  # (w - ŵ)² / d² summed: the errors themselves, squared
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of everything after the block
 
     if static_groups:
         g_idx = gptq_format.default_g_idx(in_features, group_size, W.device)
@@ -247,7 +244,7 @@ def gptq_quantize(
         g_idx[orig] = (torch.arange(in_features, device=W.device) // gs).to(torch.int32)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return _result(Q, scales, zeros, g_idx, float(losses.sum()) / 2, bits, group_size)
+    return _result(Q, scales, zeros, g_idx, losses / 2, bits, group_size)
 
 
 def _inverse_hessian_upper_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
