@@ -41,36 +41,23 @@ from typing import Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.peer_litgpt import machine, sh  # noqa: E402
+from benchmarks.common import OUT, REPO, VENVS, machine, sh  # noqa: E402
+from benchmarks.common import ensure_venv as peer_venv  # noqa: E402
+from benchmarks.common import venv_env as common_venv_env  # noqa: E402
 from litquant.errors import UserError  # noqa: E402
 
 GPTQMODEL_VERSION = "7.7.0"
-VENV = REPO / "benchmarks" / ".venvs" / "gptqmodel"
-OUT = REPO / "benchmarks" / "out"
 
 
 def venv_env() -> dict:
-    # the venv must not see the repo (its top-level `generate`/`quantize` packages), and gptqmodel wants a worker count
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    return env
+    return common_venv_env(GPTQMODEL_CPU_WORKERS="2")  # gptqmodel wants a worker count on CPU
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. the gptqmodel venv
 # ---------------------------------------------------------------------------------------------------------
-
-_PROBE = ("import json, torch, importlib.metadata as m; import gptqmodel; print(json.dumps(dict("
-          "torch=torch.__version__, torch_file=torch.__file__, gptqmodel=m.version('gptqmodel'))))")
-
-
-def _probe(py: Path) -> Optional[dict]:
-    p = subprocess.run([str(py), "-c", _PROBE], capture_output=True, text=True, env=venv_env(), cwd=OUT)
-    return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else None
-
 
 def _requirements(py: Path) -> list[str]:
     """gptqmodel's own requirements.txt (from its sdist), without torch: the system's torch must stay."""
@@ -86,25 +73,15 @@ def _requirements(py: Path) -> list[str]:
 
 
 def ensure_venv() -> Path:
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        print(f"Creating {VENV} (--system-site-packages: reuses torch {torch.__version__})", flush=True)
-        sh([sys.executable, "-m", "venv", "--system-site-packages", VENV])
-    info = _probe(py)
-    if info is None or info["gptqmodel"] != GPTQMODEL_VERSION:
-        constraints = VENV / "constraints.txt"
-        constraints.write_text(f"torch=={torch.__version__}\n")
-        print(f"Installing gptqmodel=={GPTQMODEL_VERSION}'s requirements into {VENV}", flush=True)
+    def install(py: Path, constraints: Path) -> None:
+        print(f"Installing gptqmodel=={GPTQMODEL_VERSION}'s requirements into {VENVS / 'gptqmodel'}", flush=True)
         sh([py, "-m", "pip", "install", "-q", "-c", constraints, *_requirements(py)], env=venv_env(), timeout=3600)
         print(f"Installing gptqmodel=={GPTQMODEL_VERSION} (--no-deps: it asks for torch>=2.14)", flush=True)
         sh([py, "-m", "pip", "install", "-q", "--no-deps", "-c", constraints, f"gptqmodel=={GPTQMODEL_VERSION}"],
            env=venv_env(), timeout=3600)
-        info = _probe(py)
-    if info is None:
-        raise UserError(f"gptqmodel does not import in {VENV}; delete that folder and run again")
-    if info["torch"] != torch.__version__ or Path(info["torch_file"]).resolve() != Path(torch.__file__).resolve():
-        raise UserError(f"{VENV} has its own torch {info['torch']} at {info['torch_file']} (expected the system's "
-                        f"{torch.__version__}); delete that folder and run again")
+
+    py, _ = peer_venv("gptqmodel", "import gptqmodel", {"gptqmodel": "gptqmodel"},
+                      lambda i: i["gptqmodel"] == GPTQMODEL_VERSION, install, venv_env())
     return py
 
 

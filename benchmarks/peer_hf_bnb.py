@@ -31,74 +31,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import OUT, REPO, VENVS, sh  # noqa: E402
+from benchmarks.common import ensure_venv as peer_venv  # noqa: E402
+from benchmarks.common import venv_env as common_venv_env  # noqa: E402
 from litquant.errors import UserError, run_guarded  # noqa: E402
 
 ACCELERATE = "accelerate>=1.1.0,<2"
-VENV = REPO / "benchmarks" / ".venvs" / "hf-bnb"
-OUT = REPO / "benchmarks" / "out"
 LITQUANT_MODE = {"bf16": "bf16-true", "nf4": "bnb.nf4@bf16-true", "int8": "bnb.int8@bf16-true"}
-
-
-def sh(cmd: list, *, env: Optional[dict] = None, cwd: Path = REPO, timeout: int = 3600) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
-    if p.returncode != 0:
-        tail = (p.stdout + p.stderr)[-3000:]
-        raise UserError(f"command failed ({p.returncode}): {' '.join(map(str, cmd))[:300]}\n{tail}")
-    return p
 
 
 def venv_env() -> dict:
     from litquant.benchmark import CPU_MMAP_THRESHOLD
 
-    # the repo stays off the venv's path (its top-level `generate` package would shadow nothing, but keep it clean)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", CPU_MMAP_THRESHOLD)
-    return env
+    return common_venv_env(MALLOC_MMAP_THRESHOLD_=CPU_MMAP_THRESHOLD)  # the allocator setting litquant's runs get
 
 
 # ---- 1. the venv ----------------------------------------------------------------------------------------------
 
-_PROBE = ("import json, torch, transformers, bitsandbytes, accelerate; print(json.dumps(dict(torch=torch.__version__, "
-          "torch_file=torch.__file__, transformers=transformers.__version__, bitsandbytes=bitsandbytes.__version__, "
-          "accelerate=accelerate.__version__)))")
-
-
-def _probe(py: Path) -> Optional[dict]:
-    p = subprocess.run([str(py), "-c", _PROBE], capture_output=True, text=True, env=venv_env(), cwd=OUT)
-    return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
-
-
 def ensure_venv() -> tuple[Path, dict]:
     """The venv's python (system torch/transformers/bitsandbytes + accelerate) and its package versions."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        print(f"Creating {VENV} (--system-site-packages: reuses torch {torch.__version__})", flush=True)
-        sh([sys.executable, "-m", "venv", "--system-site-packages", VENV])
-    info = _probe(py)
-    if info is None:
-        constraints = VENV / "constraints.txt"
-        constraints.write_text(f"torch=={torch.__version__}\n")
-        print(f"Installing {ACCELERATE} into {VENV}", flush=True)
+
+    def install(py: Path, constraints: Path) -> None:
+        print(f"Installing {ACCELERATE} into {VENVS / 'hf-bnb'}", flush=True)
         sh([py, "-m", "pip", "install", "-q", "-c", constraints, ACCELERATE], env=venv_env())
-        info = _probe(py)
-    if info is None:
-        raise UserError(f"transformers + bitsandbytes + accelerate do not import in {VENV}; delete it and run again")
-    if Path(info["torch_file"]).resolve() != Path(torch.__file__).resolve():
-        raise UserError(f"{VENV} has its own torch {info['torch']} at {info['torch_file']}; delete it and run again")
-    return py, info
+
+    versions = {k: k for k in ("transformers", "bitsandbytes", "accelerate")}
+    return peer_venv("hf-bnb", "import transformers, bitsandbytes, accelerate", versions, lambda i: True, install,
+                     venv_env())
 
 
 # ---- 2. export ----------------------------------------------------------------------------------------------

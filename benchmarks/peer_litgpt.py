@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -33,9 +32,10 @@ from typing import Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import OUT, REPO, VENVS, machine, sh, venv_env  # noqa: E402
+from benchmarks.common import ensure_venv as peer_venv  # noqa: E402
 from litquant.errors import UserError  # noqa: E402
 
 LITGPT_VERSION = "0.5.13"
@@ -43,58 +43,24 @@ LITGPT_VERSION = "0.5.13"
 # system's newer one and breaks the system transformers that lightning imports (through torchmetrics).
 # So litgpt goes in with --no-deps, plus the only two of its pins the system does not already satisfy.
 LITGPT_EXTRA = ("jsonargparse==4.41.0", "psutil==7.2.2")
-VENV = REPO / "benchmarks" / ".venvs" / "litgpt"
-OUT = REPO / "benchmarks" / "out"
 TIMING = re.compile(r"Time for inference (\d+): ([\d.]+) sec total, ([\d.]+) tokens/sec")
-
-
-def sh(cmd: list, *, env: Optional[dict] = None, cwd: Path = REPO, timeout: int = 1800) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
-    if p.returncode != 0:
-        tail = (p.stdout + p.stderr)[-3000:]
-        raise UserError(f"command failed ({p.returncode}): {' '.join(map(str, cmd))[:300]}\n{tail}")
-    return p
-
-
-def venv_env() -> dict:
-    # the venv must not see the repo (it has top-level `generate`/`finetune` packages of its own)
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. the litgpt venv
 # ---------------------------------------------------------------------------------------------------------
 
-_PROBE = "import json, torch; import litgpt, importlib.metadata as m; print(json.dumps(dict(" \
-         "torch=torch.__version__, torch_file=torch.__file__, cuda=torch.version.cuda, litgpt=m.version('litgpt'))))"
-
-
-def _probe(py: Path) -> Optional[dict]:
-    p = subprocess.run([str(py), "-c", _PROBE], capture_output=True, text=True, env=venv_env(), cwd=OUT)
-    return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else None
-
 
 def ensure_venv() -> Path:
     """The venv's python, with litgpt installed on top of *this* torch (never a second torch)."""
-    py = VENV / "bin" / "python"
-    if not py.exists():
-        print(f"Creating {VENV} (--system-site-packages: reuses torch {torch.__version__})", flush=True)
-        sh([sys.executable, "-m", "venv", "--system-site-packages", VENV])
-    info = _probe(py)
-    if info is None or info["litgpt"] != LITGPT_VERSION:
-        constraints = VENV / "constraints.txt"
-        constraints.write_text(f"torch=={torch.__version__}\n")
-        print(f"Installing litgpt=={LITGPT_VERSION} into {VENV}", flush=True)
-        sh([py, "-m", "pip", "install", "-q", "--no-deps", "-c", constraints,
-            f"litgpt=={LITGPT_VERSION}", *LITGPT_EXTRA], env=venv_env())
-        info = _probe(py)
-    if info is None:
-        raise UserError(f"litgpt does not import in {VENV}; delete that folder and run again")
-    if info["torch"] != torch.__version__ or Path(info["torch_file"]).resolve() != Path(torch.__file__).resolve():
-        raise UserError(f"{VENV} has its own torch {info['torch']} at {info['torch_file']} (expected the system's "
-                        f"{torch.__version__}); delete that folder and run again")
-    if info["cuda"] != torch.version.cuda:
-        raise UserError(f"{VENV}: torch CUDA build {info['cuda']} differs from the system's {torch.version.cuda}")
+
+    def install(py: Path, constraints: Path) -> None:
+        print(f"Installing litgpt=={LITGPT_VERSION} into {VENVS / 'litgpt'}", flush=True)
+        sh([py, "-m", "pip", "install", "-q", "--no-deps", "-c", constraints, f"litgpt=={LITGPT_VERSION}",
+            *LITGPT_EXTRA], env=venv_env())
+
+    py, _ = peer_venv("litgpt", "import litgpt", {"litgpt": "litgpt"}, lambda i: i["litgpt"] == LITGPT_VERSION,
+                      install, venv_env())
     return py
 
 
@@ -242,7 +208,7 @@ def time_both(checkpoint_dir: Path, litgpt_dir: Path, prompt: str, n: int, preci
     common = ["--prompt", prompt, "--max_new_tokens", n, "--temperature", "0", "--top_k", "1",
               "--precision", precision, "--num_samples", warmup + 1]
     ours_cmd = [sys.executable, "-m", "litquant.cli", "generate", "--checkpoint_dir", checkpoint_dir, *common]
-    theirs_cmd = [VENV / "bin" / "litgpt", "generate", litgpt_dir, *common]
+    theirs_cmd = [VENVS / "litgpt" / "bin" / "litgpt", "generate", litgpt_dir, *common]
     ours_env = {**os.environ, "PYTHONPATH": str(REPO)}
     samples: dict[str, list[tuple[float, float]]] = {"litquant": [], "litgpt": []}
     jobs = [("litquant", ours_cmd, ours_env, REPO), ("litgpt", theirs_cmd, venv_env(), OUT)]
@@ -262,20 +228,6 @@ def time_both(checkpoint_dir: Path, litgpt_dir: Path, prompt: str, n: int, preci
 # ---------------------------------------------------------------------------------------------------------
 # report
 # ---------------------------------------------------------------------------------------------------------
-
-
-def machine() -> dict:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
-    return dict(cpu=model, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                commit=(git.stdout.strip() + ("+dirty" if dirty else "")) if git.returncode == 0 else "uncommitted",
-                loadavg_1m_at_start=round(os.getloadavg()[0], 2))
 
 
 def table(meta: dict, rows: list[dict]) -> str:
