@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from litquant.errors import UserError
+from litquant.errors import UserError, read_json
 
 CONFIG_FILE = "model_config.yaml"
 
@@ -110,9 +110,7 @@ class Config:
         if (checkpoint_dir / CONFIG_FILE).is_file():
             return cls.from_file(checkpoint_dir / CONFIG_FILE)
         if (checkpoint_dir / "config.json").is_file():
-            import json
-
-            return cls.from_hf_config(json.loads((checkpoint_dir / "config.json").read_text()))
+            return cls.from_hf_config(read_json(checkpoint_dir / "config.json"))
         if checkpoint_dir.name in name_to_config:
             return cls.from_name(checkpoint_dir.name)
         raise UserError(f"no {CONFIG_FILE} in {checkpoint_dir} (is it a litquant checkpoint directory?)")

@@ -30,7 +30,7 @@ from litquant.checkpoint import (
     WEIGHTS_FILE, atomic_path, atomic_write_text, open_safetensors, save_checkpoint, save_safetensors,
 )
 from litquant.config import CONFIG_FILE, Config
-from litquant.errors import UserError
+from litquant.errors import UserError, read_json
 
 HF_FAMILIES = ("llama", "mistral", "falcon", "gpt_neox", "phi")
 # Files an HF directory carries besides the weights; copied unchanged on export.
@@ -532,16 +532,6 @@ def _parse_dtype(dtype: Optional[str]) -> Optional[torch.dtype]:
     return d
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return d
-
-
 # ------------------------------------------------------------------------------------------------
 # GPTQ: AutoGPTQ-format HF models <-> litquant GPTQ checkpoints
 #
@@ -833,7 +823,7 @@ def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[str] = None, mod
     hf_path = checkpoint_dir / "config.json"
     if not hf_path.is_file() and model_name is None:
         raise UserError(f"{checkpoint_dir} has no config.json (pass --model_name to use a known config)")
-    hf = _read_json(hf_path) if hf_path.is_file() else {}
+    hf = read_json(hf_path) if hf_path.is_file() else {}
 
     quant = hf.get("quantization_config") or {}
     if quant:

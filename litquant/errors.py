@@ -7,12 +7,29 @@ never a traceback. Bugs still show their traceback.
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit code 1."""
+
+
+def read_json(path: str | Path, what: str = "") -> dict:
+    """A JSON object from a user's file; anything else (unreadable, not JSON, not an object) is a UserError.
+    `what` prefixes the message (e.g. "tokenizer")."""
+    prefix = f"{what}: " if what else ""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{prefix}{path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{prefix}{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{prefix}{path}: expected a JSON object")
+    return data
 
 
 def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -41,7 +41,7 @@ from typing import Literal, Optional
 import torch.nn as nn
 
 from litquant.config import Config, n_params
-from litquant.errors import UserError
+from litquant.errors import UserError, read_json
 
 GB = 1e9  # decimal, as the seeds' tables and `Memory used:` lines are
 GIB = 2**30
@@ -358,8 +358,8 @@ def _gptq_settings(checkpoint_dir: Path) -> tuple[Optional[int], Optional[int]]:
     cfg = checkpoint_dir / "quantize_config.json"
     if not cfg.is_file():
         return None, None
+    d = read_json(cfg)
     try:
-        d = json.loads(cfg.read_text())
         return int(d["bits"]), int(d["group_size"])
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{cfg}: expected JSON with integer 'bits' and 'group_size'") from None

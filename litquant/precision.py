@@ -61,6 +61,20 @@ class LitquantPrecision(Precision):
                 p.data = p.data.to(self.dtype)
         return module
 
+    @staticmethod
+    def swap_linears(module: Module, wanted: Callable[[str], bool], make: Callable[[str, torch.nn.Linear], Module]) -> None:
+        """Replace, in place, each plain nn.Linear of `module` whose qualified name `wanted` accepts by
+        `make(name, linear)`. LoRA adapter Linears are never swapped: they stay trainable full-precision layers.
+        Already swapped layers are not nn.Linear any more, so a second call (Fabric makes one) changes nothing."""
+        if isinstance(module, torch.nn.Linear):
+            raise UserError("convert_module needs a model containing Linear layers, not a bare nn.Linear")
+        todo = [(n, m) for n, m in module.named_modules()
+                if type(m) is torch.nn.Linear and not any(p.startswith("lora") for p in n.split(".")) and wanted(n)]
+        for name, linear in todo:
+            new = make(name, linear)
+            new.litquant_name = name
+            module.set_submodule(name, new)
+
     def tensor_init_context(self) -> AbstractContextManager:
         return _DtypeContextManager(self.dtype)
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from litquant.errors import UserError
+from litquant.errors import UserError, read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -215,15 +215,7 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"tokenizer: {path} is not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise UserError(f"tokenizer: {path} should hold a JSON object")
-    return data
+    return read_json(path, "tokenizer") if path.is_file() else {}
 
 
 def _ids(value: Any) -> list[Optional[int]]:

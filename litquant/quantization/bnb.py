@@ -524,10 +524,7 @@ class BitsandbytesPrecision(LitquantPrecision):
 
     # -- which Linears, and as what --------------------------------------------------------------------------
     def _wanted(self, name: str) -> bool:
-        parts = name.split(".")
-        if any(p.startswith("lora") for p in parts):  # adapters stay trainable full-precision layers
-            return False
-        return self.quantize_lm_head or "lm_head" not in parts
+        return self.quantize_lm_head or "lm_head" not in name.split(".")
 
     def make_linear(self, in_features: int, out_features: int, bias: bool, device: torch.device | str) -> _QuantLinear:
         if self.mode in FOUR_BIT:
@@ -539,21 +536,18 @@ class BitsandbytesPrecision(LitquantPrecision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Swap every nn.Linear (lm_head only with quantize_lm_head) in place. Meta Linears become empty quantized
         modules for the loader to fill; materialised ones are quantized now. Idempotent (Fabric calls it again)."""
-        if isinstance(module, nn.Linear):
-            raise UserError("convert_module needs a model containing Linear layers, not a bare nn.Linear")
-        todo = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear) and self._wanted(n)]
-        for name, linear in todo:
-            parent_name, _, child = name.rpartition(".")
-            device = linear.weight.device
-            new = self.make_linear(linear.in_features, linear.out_features, linear.bias is not None, device)
-            new.litquant_name = name
+
+        def make(name: str, linear: nn.Linear) -> _QuantLinear:
+            new = self.make_linear(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
             new.train(linear.training)
             if not linear.weight.is_meta:
                 new.quantize_(linear.weight.detach())
                 if linear.bias is not None:
                     bias = linear.bias.detach().to(self.dtype)
                     new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
-            setattr(module.get_submodule(parent_name) if parent_name else module, child, new)
+            return new
+
+        self.swap_linears(module, self._wanted, make)
         return super().convert_module(module)  # casts the remaining full-precision parameters
 
     def after_load(self, model: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from litquant.checkpoint import file_keys, safetensors_metadata
-from litquant.errors import UserError
+from litquant.errors import UserError, read_json
 from litquant.precision import PRECISIONS, LitquantPrecision, register
 from litquant.quantization.gptq_format import SUPPORTED_BITS
 from litquant.quantization.gptq_linear import GPTQLinear
@@ -72,10 +72,7 @@ def read_quantize_config(path: Path) -> dict[str, Any]:
         cfg = path.parent / QUANTIZE_CONFIG_FILE
         if not cfg.is_file():
             raise UserError(f"{path.parent} has no {QUANTIZE_CONFIG_FILE} (needed to read {path.name})")
-        try:
-            qc = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(f"{cfg} is not valid JSON ({e})") from None
+        qc = read_json(cfg)
     check_quantize_config(qc, str(path))
     return qc
 
@@ -138,8 +135,6 @@ class GPTQPrecision(LitquantPrecision):
         return name
 
     def _wanted(self, name: str) -> bool:
-        if any(p.startswith("lora") for p in name.split(".")):  # adapters stay trainable full-precision layers
-            return False
         if self.modules is not None:
             return name in self.modules
         return name.startswith("transformer.h.")  # no file seen yet: GPTQ's default, the blocks' Linears
@@ -147,22 +142,18 @@ class GPTQPrecision(LitquantPrecision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         """Swap the Linears the file quantizes for empty GPTQLinears (on meta, for the loader to fill).
         Idempotent: Fabric calls it again on the loaded model, which has no such nn.Linear left."""
-        if isinstance(module, nn.Linear):
-            raise UserError("convert_module needs a model containing Linear layers, not a bare nn.Linear")
-        todo = [(n, m) for n, m in module.named_modules() if type(m) is nn.Linear and self._wanted(n)]
-        for name, linear in todo:
+        def make(name: str, linear: nn.Linear) -> GPTQLinear:
             if not linear.weight.is_meta:
                 raise UserError(
                     f"--quantize {self.quantize} loads GPTQ weights made ahead of time (`litquant quantize gptq`);"
                     f" it cannot quantize the already-loaded layer {name}: load the model with litquant.checkpoint.load_model"
                 )
-            group_size = self.group_size if self.group_size is not None else 128
-            new = GPTQLinear(
+            return GPTQLinear(
                 linear.in_features, linear.out_features, bias=linear.bias is not None, bits=self.bits,
-                group_size=group_size, device="meta", dtype=self.dtype,
+                group_size=self.group_size if self.group_size is not None else 128, device="meta", dtype=self.dtype,
             )
-            new.litquant_name = name
-            module.set_submodule(name, new)
+
+        self.swap_linears(module, self._wanted, make)
         return super().convert_module(module)
 
     def after_load(self, model: nn.Module) -> nn.Module:
