@@ -625,6 +625,16 @@ def _gptq_modules(names: Iterable[str]) -> tuple[list[str], list[str]]:
     return sorted(modules, key=_layer_order), plain
 
 
+def _hf_import_config(hf: dict, checkpoint_dir: Path, model_name: Optional[str]) -> Config:
+    """The litquant Config of an HF checkpoint: a named one if asked, else read from its config.json."""
+    if model_name is not None:
+        return Config.from_name(model_name)
+    config = Config.from_hf_config(hf)
+    if not hf.get("_name_or_path"):
+        config.name = checkpoint_dir.name
+    return config
+
+
 def _import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_name: Optional[str]) -> None:
     """An AutoGPTQ-format HF model (config.json quantization_config.quant_method == "gptq") ->
     `lit_model_gptq.<bits>bit.safetensors` + `quantize_config.json` + `model_config.yaml`, in place."""
@@ -645,12 +655,7 @@ def _import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_nam
                          float(q.get("damp_percent", 0.01)), bool(q.get("true_sequential", True)),
                          bool(q.get("static_groups", False)))
     torch_dtype = _parse_dtype(dtype)
-    if model_name is not None:
-        config = Config.from_name(model_name)
-    else:
-        config = Config.from_hf_config(hf)
-        if not hf.get("_name_or_path"):
-            config.name = checkpoint_dir.name
+    config = _hf_import_config(hf, checkpoint_dir, model_name)
     to_lit = _import_map(config)
     shapes = expected_shapes(config)
 
@@ -832,12 +837,7 @@ def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[str] = None, mod
             return _import_gptq(checkpoint_dir, hf, dtype, model_name)
         raise UserError(f"{hf_path}: {method!r}-quantized Hugging Face checkpoints are not supported")
 
-    if model_name is not None:
-        config = Config.from_name(model_name)
-    else:
-        config = Config.from_hf_config(hf)
-        if not hf.get("_name_or_path"):
-            config.name = checkpoint_dir.name
+    config = _hf_import_config(hf, checkpoint_dir, model_name)
     tie = hf.get("tie_word_embeddings") if "tie_word_embeddings" in hf else None
     files = _hf_weight_files(checkpoint_dir)
     state = dict(_iter_hf_to_lit(_iter_hf_files(files), config, torch_dtype, tie))
