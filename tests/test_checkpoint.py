@@ -109,3 +109,38 @@ def test_precision_registry_rejects_unknown_values():
     with pytest.raises(UserError, match=r"unknown --quantize 'bnb.nf5'; choose one of: .*bnb.nf4"):
         resolve("32-true", "bnb.nf5")
     assert resolve("bf16").dtype == torch.bfloat16
+
+
+_PEAK_SCRIPT = r"""
+import subprocess, sys, torch
+from litquant.utils import peak_memory_bytes, reset_peak_memory
+if sys.argv[1] == "child":
+    print(peak_memory_bytes("cpu"))
+    raise SystemExit
+x = torch.ones(600_000_000, dtype=torch.uint8)  # 600 MB, touched
+big = peak_memory_bytes("cpu")
+del x
+reset_peak_memory("cpu")
+after_reset = peak_memory_bytes("cpu")
+y = torch.ones(200_000_000, dtype=torch.uint8)
+again = peak_memory_bytes("cpu")
+del y
+x = torch.ones(600_000_000, dtype=torch.uint8)  # the parent is big while the child starts
+child = int(subprocess.run([sys.executable, "-c", sys.argv[2], "child", ""], capture_output=True, text=True).stdout)
+print(big, after_reset, again, child)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux peak-RSS reset")
+def test_cpu_peak_memory_resets_and_is_not_inherited_by_children():
+    """`Memory used` on CPU: the peak resident set since reset_peak_memory (jobs reset before loading), and a
+    child process's own peak, not the one ru_maxrss would hand down from a big parent (benchmarks spawn jobs)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, "parent", _PEAK_SCRIPT], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    big, after_reset, again, child = map(int, out.stdout.split())
+    assert big - after_reset > 500e6  # the 600 MB peak is forgotten after the reset
+    assert 180e6 < again - after_reset < 260e6  # a new 200 MB allocation is the new peak
+    assert child < big - 500e6  # the child counts from its own start
