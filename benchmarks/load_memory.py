@@ -23,10 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-OUT = REPO / "benchmarks" / "out"
+from benchmarks.common import OUT, REPO  # noqa: E402
+from litquant.errors import UserError, run_guarded  # noqa: E402
 DEFAULT_MODES = "bf16-true,bnb.nf4,bnb.nf4-dq,bnb.fp4,bnb.fp4-dq,bnb.int8,bnb.nf4+prequantized"
 
 _WORKER = r"""
@@ -50,22 +50,20 @@ print(json.dumps(dict(before=before, peak=peak, weights=weight_bytes(model), sec
 
 
 def make_checkpoint(name: str, directory: Path) -> None:
-    """Random bf16 weights of the named config, saved as a litquant checkpoint (skipped when already there)."""
+    """Random bf16 weights of the named config, saved as a litquant checkpoint (skipped when already there).
+    Drawn tensor by tensor by the benchmark's `random_model`, so no fp32 copy of the model is ever made."""
     import torch
 
-    from litquant.checkpoint import WEIGHTS_FILE, build_model, save_checkpoint
+    from litquant.benchmark import random_model
+    from litquant.checkpoint import WEIGHTS_FILE, save_checkpoint
     from litquant.config import Config
+    from litquant.precision import resolve
 
     if (directory / WEIGHTS_FILE).is_file():
         return
     config = Config.from_name(name)
     print(f"Writing a random-weight {name} checkpoint to {directory} ...", file=sys.stderr)
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = build_model(config, "cpu").to(torch.bfloat16)
-    for k, t in model.state_dict().items():
-        if t.ndim == 2:
-            t.normal_(0.0, 0.02)
+    model = random_model(config, resolve("bf16-true", None, "cpu"), torch.device("cpu"), seed=0)
     directory.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model.state_dict(), config, directory)
 
@@ -74,7 +72,7 @@ def measure(checkpoint: Path, mode: str, precision: str, device: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", _WORKER, str(checkpoint), mode, precision, device],
                           capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
-        raise SystemExit(f"{mode}: the load failed:\n{proc.stderr[-2000:]}")
+        raise UserError(f"{mode}: the load failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -87,10 +85,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
 
+    from litquant.config import Config
+    from litquant.precision import resolve
+
+    Config.from_name(args.model_name)  # an unknown name is a one-line error before any work
+    specs = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for spec in specs:
+        mode, _, variant = spec.partition("+")
+        if variant not in ("", "prequantized") or (variant and not mode.startswith("bnb.")):
+            raise UserError(f"--modes: {spec!r}: only a bnb mode takes '+prequantized'")
+        resolve(args.precision, None if mode == args.precision else mode, args.device)  # unknown names fail here
+
     base = OUT / f"load-{args.model_name}"
     make_checkpoint(args.model_name, base)
     results = []
-    for spec in [m.strip() for m in args.modes.split(",") if m.strip()]:
+    for spec in specs:
         mode, _, variant = spec.partition("+")
         checkpoint = base
         if variant == "prequantized":  # a second directory (hard links to the same files) with the bnb file in it
@@ -119,4 +128,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

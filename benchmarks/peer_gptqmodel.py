@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import OUT, REPO, VENVS, machine, sh  # noqa: E402
 from benchmarks.common import ensure_venv as peer_venv  # noqa: E402
 from benchmarks.common import venv_env as common_venv_env  # noqa: E402
-from litquant.errors import UserError  # noqa: E402
+from litquant.errors import UserError, run_guarded  # noqa: E402
 
 GPTQMODEL_VERSION = "7.7.0"
 
@@ -336,8 +336,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run_guarded(main)

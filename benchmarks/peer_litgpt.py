@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import OUT, REPO, VENVS, machine, sh, venv_env  # noqa: E402
 from benchmarks.common import ensure_venv as peer_venv  # noqa: E402
-from litquant.errors import UserError  # noqa: E402
+from litquant.errors import UserError, run_guarded  # noqa: E402
 
 LITGPT_VERSION = "0.5.13"
 # `pip install litgpt==0.5.13` would also pull huggingface_hub<1.4 into the venv, where it shadows the
@@ -279,8 +279,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_guarded(main)
