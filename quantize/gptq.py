@@ -272,7 +272,7 @@ class _HessianCollector:
 
         self.gptqs: dict[str, GPTQ] = {}
         self._seen: list[tuple[torch.Tensor, GPTQ]] = []  # inputs of the current forward, and where they went
-        self._new = lambda layer: GPTQ(layer.in_features, device)
+        self._new = lambda layer: GPTQ(layer.in_features, device)  # an in_features² Hessian: made once per layer
         self._handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers.items()]
 
     def _hook(self, name: str):
@@ -282,7 +282,9 @@ class _HessianCollector:
                 if seen is x:
                     self.gptqs.setdefault(name, gptq)
                     return
-            gptq = self.gptqs.setdefault(name, self._new(module))
+            gptq = self.gptqs.get(name)
+            if gptq is None:
+                gptq = self.gptqs[name] = self._new(module)
             gptq.add_batch(x)
             self._seen.append((x, gptq))
 
