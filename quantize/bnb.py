@@ -21,11 +21,12 @@ if __package__ in (None, ""):  # `python quantize/bnb.py`: make the repo importa
 from litquant.checkpoint import (
     DEFAULT_CHECKPOINT_DIR,
     WEIGHTS_FILE,
+    build_model,
     check_checkpoint_dir,
-    load_model,
-    open_safetensors,
+    load_weights,
     save_safetensors,
 )
+from litquant.config import Config
 from litquant.errors import UserError, run_job
 from litquant.precision import PRECISIONS, parse_precision, resolve
 from litquant.utils import memory_used_line, reset_peak_memory
@@ -72,20 +73,12 @@ def main(
     plugin.use_prequantized, plugin.hints = False, False
     reset_peak_memory(device)
     t0 = time.perf_counter()
-    model = load_model(checkpoint_dir, plugin, device)
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, (Linear4bit, Linear8bit))}
-
-    tensors: dict[str, torch.Tensor] = {}
-    with open_safetensors(source) as f:
-        for key in f.keys():
-            module, _, attr = key.rpartition(".")
-            if module in quantized and attr == "weight":
-                continue
-            t = f.get_tensor(key)
-            tensors[key] = t.to(keep_dtype) if keep_dtype is not None and t.is_floating_point() else t
-    for name, module in quantized.items():
-        for attr, t in module.quantized_state().items():
-            tensors[f"{name}.{attr}"] = t
+    # One pass over the source: Linears are quantized as they stream in, every other tensor keeps its stored
+    # dtype (or --precision's); the model's state_dict is then exactly the file to write.
+    model = plugin.convert_module(build_model(Config.from_checkpoint(checkpoint_dir), "meta"))
+    load_weights(model, source, device, keep_dtype)
+    quantized = [m for m in model.modules() if isinstance(m, (Linear4bit, Linear8bit))]
+    tensors = model.state_dict()
     del model
     out = checkpoint_dir / prequantized_file(mode)
     save_safetensors(tensors, out, metadata=metadata)

@@ -212,8 +212,8 @@ class _QuantLinear(nn.Module):
         if attr == "bias":
             if self.bias is None or tuple(tensor.shape) != (self.out_features,):
                 raise UserError(f"{self._where()}: unexpected bias of shape {tuple(tensor.shape)} (config mismatch?)")
-            self.bias = nn.Parameter(
-                tensor.to(device=device, dtype=dtype or self.compute_dtype), requires_grad=self.bias.requires_grad
+            self.bias = nn.Parameter(  # dtype None: as stored (a pre-quantized file keeps the source's dtypes)
+                tensor.to(device=device, dtype=dtype), requires_grad=self.bias.requires_grad
             )
         elif attr == "weight" and tensor.is_floating_point():
             if tuple(tensor.shape) != (self.out_features, self.in_features):
