@@ -10,10 +10,11 @@ from typing import Optional
 if __package__ in (None, ""):  # `python generate/base.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, load_model
+from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, check_checkpoint_dir, load_model
+from litquant.config import Config
 from litquant.errors import UserError, run_job
-from litquant.generation import compiled_decode_step, generate
-from litquant.precision import setup_fabric
+from litquant.generation import check_sampling, compiled_decode_step, generate
+from litquant.precision import pick_accelerator, setup_fabric
 from litquant.tokenizer import Tokenizer
 from litquant.utils import configure_cpu_threads, memory_used_line, reset_peak_memory, weights_line
 
@@ -31,6 +32,10 @@ def setup_model(
     options = {"quantize_lm_head": True} if quantize_lm_head else {}
     fabric, plugin = setup_fabric(precision, quantize, accelerator=accelerator, **options)
     reset_peak_memory(fabric.device)
+    if lora_path is not None:  # a bad adapter path or file fails before the base model loads
+        from litquant.lora import read_lora_metadata
+
+        read_lora_metadata(lora_path)
     model = load_model(checkpoint_dir, plugin, fabric.device)
     if lora_path is not None:
         from litquant.lora import load_lora
@@ -78,33 +83,34 @@ def main(
             the base model in any --precision/--quantize.
         seed: random seed.
     """
-    if max_new_tokens < 1:
-        raise UserError("--max_new_tokens must be at least 1")
+    check_sampling(max_new_tokens, temperature, top_p)
     if num_samples < 1:
         raise UserError("--num_samples must be at least 1")
-    if not 0.0 < top_p <= 1.0:
-        raise UserError("--top_p must be in (0, 1]")
-    fabric, plugin, model = setup_model(checkpoint_dir, precision, quantize, accelerator, quantize_lm_head, lora_path)
-    weights = weights_line(model)  # as loaded (kernels may add a repacked layout on first use)
+    if compile and pick_accelerator(accelerator) != "cuda":
+        raise UserError("--compile is for CUDA; on CPU run without it")
+    # everything the prompt needs is checked before the (possibly long, quantizing) model load
+    check_checkpoint_dir(checkpoint_dir, None)
+    block_size = Config.from_checkpoint(checkpoint_dir).block_size
     tokenizer = Tokenizer(checkpoint_dir)
-    encoded = tokenizer.encode(prompt, device=fabric.device)
+    encoded = tokenizer.encode(prompt)
     if encoded.numel() == 0:
         raise UserError("the prompt is empty after tokenization")
     max_seq = encoded.numel() + max_new_tokens
-    if max_seq > model.config.block_size:
+    if max_seq > block_size:
         raise UserError(
             f"prompt ({encoded.numel()} tokens) + --max_new_tokens {max_new_tokens} exceeds the model's context "
-            f"of {model.config.block_size} tokens"
+            f"of {block_size} tokens"
         )
-    if compile and fabric.device.type != "cuda":
-        raise UserError("--compile is for CUDA; on CPU run without it")
+    fabric, plugin, model = setup_model(checkpoint_dir, precision, quantize, accelerator, quantize_lm_head, lora_path)
+    weights = weights_line(model)  # as loaded (kernels may add a repacked layout on first use)
+    encoded = encoded.to(fabric.device)
     model.set_kv_cache(batch_size=1, max_seq_length=max_seq, device=fabric.device)
     step = compiled_decode_step(model) if compile else None
     fabric.seed_everything(seed, verbose=False)
 
     samples = []
     for i in range(1, num_samples + 1):
-        with fabric._precision.forward_context():
+        with plugin.forward_context():
             result = generate(
                 model, encoded, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                 stop_ids=tokenizer.stop_ids, decode_step=step,

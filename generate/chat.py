@@ -15,9 +15,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from generate.base import setup_model
-from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR
+from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, check_checkpoint_dir
 from litquant.errors import UserError, run_job
-from litquant.generation import GenerationResult, stream
+from litquant.generation import GenerationResult, check_sampling, stream
 from litquant.prompts import PromptStyle, model_name_to_prompt_style
 from litquant.tokenizer import Tokenizer
 from litquant.utils import memory_used_line
@@ -54,8 +54,12 @@ def main(
         multiturn: keep the conversation history in the prompt.
         seed: random seed.
     """
-    fabric, plugin, model = setup_model(checkpoint_dir, precision, quantize, accelerator)
+    check_sampling(max_new_tokens, temperature, top_p)
+    if prompt_style:
+        PromptStyle.from_name(prompt_style)  # an unknown style fails before the model loads
+    check_checkpoint_dir(checkpoint_dir, None)
     tokenizer = Tokenizer(checkpoint_dir)
+    fabric, plugin, model = setup_model(checkpoint_dir, precision, quantize, accelerator)
     style = PromptStyle.from_name(prompt_style) if prompt_style else model_name_to_prompt_style(model.config.name)
     stop_sequences = [[i] for i in tokenizer.stop_ids] + style.stop_tokens(tokenizer)
     model.set_kv_cache(batch_size=1, device=fabric.device)
@@ -79,7 +83,7 @@ def main(
                         top_p=top_p, stop_sequences=stop_sequences)
         print(">> Reply: ", end="", flush=True)
         pieces = []
-        with fabric._precision.forward_context():
+        with plugin.forward_context():
             for piece in tokenizer.decode_stream(tokens, context=encoded[-1:].tolist()):
                 pieces.append(piece)
                 print(piece, end="", flush=True)

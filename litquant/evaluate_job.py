@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR
+from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, check_checkpoint_dir
+from litquant.config import Config
 from litquant.errors import UserError
 
 DEFAULT_WINDOW = 512  # capped by the model's block_size
@@ -103,21 +104,6 @@ def check_window(window: Optional[int], stride: Optional[int], block_size: int) 
     return window, stride
 
 
-def _lora_kwargs(lora_path: Optional[Path]) -> dict:
-    """setup_model applies the adapter (as generate does); fail in one line where this install has no LoRA."""
-    if lora_path is None:
-        return {}
-    import inspect
-
-    from generate.base import setup_model
-
-    if "lora_path" not in inspect.signature(setup_model).parameters:
-        raise UserError("--lora_path needs LoRA support (litquant.lora), which this install lacks")
-    if not Path(lora_path).exists():
-        raise UserError(f"LoRA adapter not found: {lora_path}")
-    return {"lora_path": Path(lora_path)}
-
-
 def main(
     checkpoint_dir: Path = DEFAULT_CHECKPOINT_DIR,
     *,
@@ -140,7 +126,8 @@ def main(
         checkpoint_dir: a litquant checkpoint directory (default: the bundled model).
         data_path: a plain text file, or a .json/.jsonl file of records (default: the bundled held-out split).
         text_key: the field of each JSON record that holds its text.
-        precision: 32-true, 16-true or bf16-true (default: bf16-true on CUDA, 32-true on CPU).
+        precision: 32-true, 16-true or bf16-true (default: bf16-true where bf16 is native, i.e. most GPUs and
+            recent CPUs, else 16-true on GPUs and 32-true on CPUs).
         quantize: a quantization mode, e.g. bnb.nf4, bnb.int8, gptq.int4.
         quantize_lm_head: quantize the output layer too (bnb modes).
         lora_path: LoRA adapter weights to apply on top (a finetune run's output).
@@ -161,15 +148,16 @@ def main(
         raise UserError("--batch_size must be at least 1")
     if max_tokens is not None and max_tokens < 2:
         raise UserError("--max_tokens must be at least 2")
-    text, source = load_text(data_path, text_key)  # bad data fails before the model loads
-    lora = _lora_kwargs(lora_path)
-    fabric, plugin, model = setup_model(Path(checkpoint_dir), precision, quantize, accelerator, quantize_lm_head, **lora)
-    window, stride = check_window(window, stride, model.config.block_size)
-    tokenizer = Tokenizer(checkpoint_dir)
-    tokens = text_tokens(tokenizer, text, max_tokens)
+    # bad data, windows or tokenizer fail before the (possibly long, quantizing) model load
+    text, source = load_text(data_path, text_key)
+    check_checkpoint_dir(checkpoint_dir, None)
+    window, stride = check_window(window, stride, Config.from_checkpoint(checkpoint_dir).block_size)
+    tokens = text_tokens(Tokenizer(checkpoint_dir), text, max_tokens)
+    fabric, plugin, model = setup_model(Path(checkpoint_dir), precision, quantize, accelerator, quantize_lm_head,
+                                        lora_path)
     n_weight_bytes = weight_bytes(model)  # before a forward: CPU kernels may add layouts of their own
     t0 = time.perf_counter()
-    with fabric._precision.forward_context():
+    with plugin.forward_context():
         res = perplexity(model, tokens, window, stride, batch_size=batch_size, progress=True)
     seconds = time.perf_counter() - t0
     result = {

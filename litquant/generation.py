@@ -13,7 +13,19 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from litquant.errors import UserError
+
 from litquant.model import GPT
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The sampling flags every generating job takes, checked before any model loads."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0.0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top_p must be in (0, 1], got {top_p}")
 
 
 def sample(

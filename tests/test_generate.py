@@ -52,6 +52,8 @@ def test_chat_reads_stdin_and_streams_replies(tiny_checkpoint):
     (["--quantize", "int3"], "unknown --quantize 'int3'; choose one of:"),
     (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
     (["--max_new_tokens", "100000"], "exceeds the model's context"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--lora_path", "/no/such/adapter"], "LoRA adapter '/no/such/adapter' does not exist"),
 ])
 def test_bad_input_is_one_line_and_nonzero_exit(tiny_checkpoint, args, message):
     if "--checkpoint_dir" not in args:
@@ -59,6 +61,18 @@ def test_bad_input_is_one_line_and_nonzero_exit(tiny_checkpoint, args, message):
     out = run_cli("generate", *args)
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+    (["--top_p", "2"], "--top_p must be in (0, 1]"),
+    (["--prompt_style", "nope"], "nope"),
+])
+def test_chat_bad_input_is_one_line_and_nonzero_exit(tiny_checkpoint, args, message):
+    out = run_cli("chat", "--checkpoint_dir", str(tiny_checkpoint), *args)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], out.stderr
 
