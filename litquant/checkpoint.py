@@ -19,7 +19,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -143,13 +143,21 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             self._fail("header is not a JSON object")
         self._metadata = header.pop("__metadata__", None)
+        if self._metadata is not None and not (
+            isinstance(self._metadata, dict) and all(isinstance(v, str) for v in self._metadata.values())
+        ):
+            self._fail("__metadata__ is not a map of strings")
         self._data_start = 8 + n
         self._entries: dict = header
         for name, e in header.items():
             try:
                 begin, end = e["data_offsets"]
                 dtype, shape = _DTYPES[e["dtype"]], e["shape"]
+                ok = (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                      and type(begin) is int and type(end) is int and 0 <= begin <= end)
             except (KeyError, TypeError, ValueError):
+                ok = False
+            if not ok:
                 self._fail(f"bad header entry for {name!r}")
             if self._data_start + end > size:
                 self._fail(f"tensor {name!r} ends past the end of the file")
@@ -218,7 +226,6 @@ def load_weights(
     device: torch.device | str,
     dtype: Optional[torch.dtype] = None,
     progress: bool = True,
-    key_filter: Optional[Callable[[str], bool]] = None,
 ) -> None:
     """Stream every tensor of `path` into `model` (built on meta), converting floats to `dtype`.
 
@@ -226,7 +233,7 @@ def load_weights(
     naming it, so a checkpoint that does not match its config never loads silently."""
     device = torch.device(device)
     with open_safetensors(path) as f:
-        keys = [k for k in f.keys() if key_filter is None or key_filter(k)]
+        keys = f.keys()
         for key in tqdm(keys, desc=f"Loading {Path(path).name}", disable=not progress, leave=False, unit="tensor"):
             module_name, _, attr = key.rpartition(".")
             try:
@@ -240,8 +247,8 @@ def load_weights(
                     loader(attr, tensor, device, dtype)
                 except UserError as e:
                     raise UserError(f"{path}: {key}: {e}") from None
-                del tensor
-                if device.type == "cpu":  # the full-precision source and its temporaries are gone: return them
+                if device.type == "cpu" and attr == "weight" and tensor.is_floating_point():
+                    del tensor  # a full-precision weight was quantized: hand it and the temporaries back
                     release_freed_memory()
                 continue
             current = getattr(module, attr, None)
@@ -280,7 +287,7 @@ def load_model(checkpoint_dir: str | Path, plugin=None, device: torch.device | s
     t0 = time.perf_counter()
     model = build_model(config, "meta")
     model = plugin.convert_module(model)
-    load_weights(model, weights, device, plugin.dtype, progress=progress, key_filter=plugin.key_filter)
+    load_weights(model, weights, device, plugin.dtype, progress=progress)
     model = plugin.after_load(model)
     model.eval()
     if progress:

@@ -47,8 +47,6 @@ class LitquantPrecision(Precision):
     def weights_file(self, checkpoint_dir: Path) -> str:
         return WEIGHTS_FILE
 
-    key_filter: Optional[Callable[[str], bool]] = None
-
     def after_load(self, model: Module) -> Module:
         return model
 

@@ -144,3 +144,23 @@ def test_cpu_peak_memory_resets_and_is_not_inherited_by_children():
     assert big - after_reset > 500e6  # the 600 MB peak is forgotten after the reset
     assert 180e6 < again - after_reset < 260e6  # a new 200 MB allocation is the new peak
     assert child < big - 500e6  # the child counts from its own start
+
+
+@pytest.mark.parametrize("header,why", [
+    ({"__metadata__": "x", "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, "__metadata__"),
+    ({"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}, "bad header entry for 'a'"),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]}}, "bad header entry for 'a'"),
+    ({"a": {"dtype": "F99", "shape": [4], "data_offsets": [0, 16]}}, "bad header entry for 'a'"),
+])
+def test_malformed_safetensors_headers_are_user_errors(tmp_path, header, why):
+    import json
+    import struct
+
+    from litquant.checkpoint import SafetensorsFile
+
+    raw = json.dumps(header).encode()
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
+    with pytest.raises(UserError, match="not a valid safetensors file") as e:
+        SafetensorsFile(path)
+    assert why in str(e.value)

@@ -430,14 +430,11 @@ class Linear4bit(_QuantLinear):
             return torch.nn.functional.linear(x, self.dequantize(x.dtype))
         if self.training:
             self._portable_layout_()
-        qs = self.quant_state(x.dtype)
-        weight = self._portable_weight()
+        weight, shape = self._portable_weight(), [self.out_features, self.in_features]
         if not self.double_quant:
-            return torch.ops.bitsandbytes.gemm_4bit.default(
-                x, weight, list(qs.shape), self.absmax, self.blocksize, self.quant_type
-            )
+            return torch.ops.bitsandbytes.gemm_4bit.default(x, weight, shape, self.absmax, self.blocksize, self.quant_type)
         return torch.ops.bitsandbytes.gemm_4bit.default(
-            x, weight, list(qs.shape), self.nested_absmax, self.blocksize, self.quant_type,
+            x, weight, shape, self.nested_absmax, self.blocksize, self.quant_type,
             absmax_8bit=self.absmax, absmax_code=self.nested_code, absmax_offset=self.offset,
         )
 
