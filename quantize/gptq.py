@@ -17,6 +17,7 @@ How it walks the model (what keeps device memory at ~ one block plus the activat
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -134,6 +135,12 @@ def main(
         raise UserError(f"--seq_len must be in [2, {config.block_size}] (the model's context), got {seq_len}")
     _check_shapes(config, bits)
     output_dir = checkpoint_dir if output_dir is None else Path(output_dir)
+    try:  # before the work, not after it
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--output_dir {output_dir}: cannot create it ({e.strerror or e})") from None
+    if not os.access(output_dir, os.W_OK):
+        raise UserError(f"--output_dir {output_dir} is not writable")
     device = torch.device("cuda" if pick_accelerator(accelerator) == "cuda" else "cpu")
     dtype = PRECISIONS[parse_precision(precision, device)]
 
@@ -211,7 +218,7 @@ def quantize_blocks(
         bar = tqdm(model.transformer.h, desc="Quantizing", unit="block", disable=not progress)
         for i, block in enumerate(bar):
             prefix = f"transformer.h.{i}."
-            _load_block(f, block, prefix, [k for k in keys if k.startswith(prefix)], device, dtype, source)
+            stored = _load_block(f, block, prefix, [k for k in keys if k.startswith(prefix)], device, dtype, source)
             tails = [_TailCache(block.attn, "attn.")]
             if n_tokens * block.mlp.proj.in_features * dtype.itemsize <= MLP_CACHE_BYTES:
                 tails.append(_TailCache(block.mlp, "mlp."))
@@ -236,7 +243,8 @@ def quantize_blocks(
                     hessians.remove()
                     handle.remove()
                 for name, layer in layers.items():
-                    result = hessians.gptqs[name].quantize(layer.weight, **settings)
+                    # GPTQ sees the weight as saved, not its calibration-dtype copy (fp32 file, bf16 calibration)
+                    result = hessians.gptqs[name].quantize(stored.pop(name + ".weight", layer.weight), **settings)
                     out[prefix + name] = {k: v.cpu() for k, v in result.pack().items()}
                     layer.weight.data = result.weight.to(dtype)  # later steps and blocks see the quantized layer
                     bar.set_postfix_str(f"{name} loss {result.loss:.3g}")
@@ -343,17 +351,23 @@ class _TailCache:
 
 
 def _load_block(f, block: nn.Module, prefix: str, keys: list[str], device: torch.device, dtype: torch.dtype,
-                source: Path) -> None:
-    """Stream one block's tensors from the open safetensors file onto the device (replacing the meta ones)."""
-    state = {}
+                source: Path) -> dict[str, torch.Tensor]:
+    """Stream one block's tensors from the open safetensors file onto the device (replacing the meta ones), in
+    the calibration dtype. Returns, on the device, the float tensors whose stored dtype differs from it, as
+    stored, so that GPTQ quantizes the real weights (keyed by name within the block)."""
+    state, stored = {}, {}
     for k in keys:
         t = f.get_tensor(k)
-        state[k[len(prefix):]] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        name = k[len(prefix):]
+        if t.is_floating_point() and t.dtype != dtype and name.endswith(".weight"):
+            stored[name] = t.to(device)
+        state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     try:
         block.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         raise UserError(f"{source}: block {prefix[:-1]} does not match model_config.yaml ({detail})") from None
+    return stored
 
 
 def _check_shapes(config: Config, bits: int) -> None:

@@ -187,10 +187,11 @@ def test_job_matches_true_sequential_reference_and_streams_one_block(tiny, tmp_p
         return built[-1]
 
     def load_block(f, block, *args):
-        real_load(f, block, *args)
+        stored = real_load(f, block, *args)
         model = built[-1]
         on_device.append(sum(any(not p.is_meta for p in b.parameters()) for b in model.transformer.h))
         assert model.transformer.wte.weight.is_meta and model.lm_head.weight.is_meta
+        return stored
 
     monkeypatch.setattr(job, "build_model", build)
     monkeypatch.setattr(job, "_load_block", load_block)
@@ -216,6 +217,24 @@ def test_job_matches_true_sequential_reference_and_streams_one_block(tiny, tmp_p
     assert qc == dict(bits=4, group_size=64, desc_act=act_order, sym=False, damp_percent=0.01, true_sequential=True,
                       static_groups=False, quant_method="gptq", checkpoint_format="gptq")
     assert (tmp_path / "model_config.yaml").is_file() and (tmp_path / "tokenizer.json").is_file()
+
+
+def test_gptq_quantizes_the_stored_weights_not_the_calibration_dtype_copy(tiny, tmp_path, monkeypatch):
+    """An fp32 checkpoint calibrated in bf16: the forward passes run in bf16, GPTQ gets the fp32 weights."""
+    from litquant.quantization.gptq import GPTQ
+
+    src = load_file(tiny / WEIGHTS_FILE)
+    assert src["transformer.h.0.attn.qkv.weight"].dtype == torch.float32
+    seen, real_quantize = [], GPTQ.quantize
+
+    def quantize(self, weight, **kw):
+        seen.append(weight)
+        return real_quantize(self, weight, **kw)
+
+    monkeypatch.setattr(GPTQ, "quantize", quantize)
+    job.main(tiny, n_samples=4, seq_len=32, group_size=64, precision="bf16-true", output_dir=tmp_path, **QUIET)
+    assert len(seen) == 10 and all(w.dtype == torch.float32 for w in seen)
+    assert torch.equal(seen[0], src["transformer.h.0.attn.qkv.weight"])
 
 
 def test_not_true_sequential_uses_one_forward_per_block(tiny, tmp_path):
@@ -273,6 +292,7 @@ def test_bad_flags_are_one_line_errors(tiny):
     (dict(seq_len=100000), r"--seq_len must be in \[2, 64\]"),
     (dict(calibration_data="/no/such/file.txt"), "--calibration_data '/no/such/file.txt' does not exist"),
     (dict(checkpoint_dir="/no/such/dir"), "checkpoint directory '/no/such/dir' does not exist"),
+    (dict(output_dir=__file__), r"--output_dir .*: cannot create it"),  # a file, found before any work
 ])
 def test_bad_values_raise_user_errors(tiny, kwargs, message):
     kwargs = {"checkpoint_dir": tiny, **kwargs}
