@@ -32,6 +32,7 @@ _ALIASES = {"32": "32-true", "16": "16-true", "bf16": "bf16-true", "fp32": "32-t
 # name -> factory(precision: str, device: torch.device, **options) -> LitquantPrecision
 QUANTIZE_MODES: dict[str, Callable[..., "LitquantPrecision"]] = {}
 QUANTIZE_HELP: dict[str, str] = {}
+QUANTIZE_OPTIONS: dict[str, tuple[str, ...]] = {}
 
 
 class LitquantPrecision(Precision):
@@ -108,10 +109,13 @@ class MixedPrecisionPlugin(LitquantPrecision):
         return data
 
 
-def register(name: str, help: str = "") -> Callable:
+def register(name: str, help: str = "", options: tuple[str, ...] = ()) -> Callable:
+    """Register a `--quantize` mode: factory(precision, device, **options) -> plugin; `options` are the keyword
+    options it takes (resolve rejects any other, and devices other than CPU and CUDA, before calling it)."""
     def deco(factory: Callable) -> Callable:
         QUANTIZE_MODES[name] = factory
         QUANTIZE_HELP[name] = help
+        QUANTIZE_OPTIONS[name] = options
         return factory
 
     return deco
@@ -177,7 +181,14 @@ def resolve(
     modes = quantize_modes()
     if quantize not in QUANTIZE_MODES:
         raise UserError(f"unknown --quantize {quantize!r}; choose one of: {', '.join(modes)}")
-    return QUANTIZE_MODES[quantize](p, torch.device(device), **options)
+    unknown = sorted(set(options) - set(QUANTIZE_OPTIONS[quantize]))
+    if unknown:
+        valid = ", ".join(QUANTIZE_OPTIONS[quantize]) or "none"
+        raise UserError(f"unknown option(s) {', '.join(unknown)} for --quantize {quantize}; valid: {valid}")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--quantize {quantize} runs on CUDA or CPU, not {device.type}: use --accelerator cpu")
+    return QUANTIZE_MODES[quantize](p, device, **options)
 
 
 def setup_fabric(

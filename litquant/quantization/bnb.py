@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from litquant.checkpoint import WEIGHTS_FILE, safetensors_metadata
 from litquant.errors import UserError
-from litquant.precision import PRECISIONS, LitquantPrecision, register
+from litquant.precision import LitquantPrecision, register
 
 BLOCKSIZE = 64  # bnb's default 4-bit block
 NESTED_BLOCKSIZE = 256  # double quantization: blocks of absmax values (the only size bnb's fused kernels take)
@@ -636,14 +636,6 @@ def prequantized_mismatch(path: Path, plugin: BitsandbytesPrecision) -> Optional
 
 
 def _make_plugin(mode: str, precision: str, device: torch.device, **options: Any) -> BitsandbytesPrecision:
-    unknown = sorted(set(options) - {"quantize_lm_head"})
-    if unknown:
-        raise UserError(f"unknown option(s) {', '.join(unknown)} for --quantize bnb.{mode}; valid: quantize_lm_head")
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--quantize bnb.{mode} runs on CUDA or CPU, not {device.type}: use --accelerator cpu")
-    if precision not in PRECISIONS:
-        raise UserError(f"--quantize bnb.{mode} needs --precision one of {', '.join(PRECISIONS)}, got {precision!r}")
     try:
         _bnb()
     except ImportError:
@@ -658,4 +650,4 @@ def _make_plugin(mode: str, precision: str, device: torch.device, **options: Any
 
 
 for _mode in MODES:
-    register(f"bnb.{_mode}", help=_HELP[_mode])(functools.partial(_make_plugin, _mode))
+    register(f"bnb.{_mode}", help=_HELP[_mode], options=("quantize_lm_head",))(functools.partial(_make_plugin, _mode))

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from litquant.checkpoint import file_keys, safetensors_metadata
 from litquant.errors import UserError, read_json
-from litquant.precision import PRECISIONS, LitquantPrecision, register
+from litquant.precision import LitquantPrecision, register
 from litquant.quantization.gptq_format import SUPPORTED_BITS
 from litquant.quantization.gptq_linear import GPTQLinear
 
@@ -168,15 +168,6 @@ class GPTQPrecision(LitquantPrecision):
 
 
 def _make_plugin(bits: int, precision: str, device: torch.device, **options: Any) -> GPTQPrecision:
-    unknown = sorted(set(options) - {"keep_source", "quantize_lm_head"})
-    if unknown:
-        raise UserError(
-            f"unknown option(s) {', '.join(unknown)} for --quantize gptq.int{bits}; valid: keep_source, quantize_lm_head"
-        )
-    if precision not in PRECISIONS:
-        raise UserError(f"--quantize gptq.int{bits} needs --precision one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if torch.device(device).type not in ("cpu", "cuda"):
-        raise UserError(f"--quantize gptq.int{bits} runs on CUDA or CPU, not {torch.device(device).type}")
     return GPTQPrecision(
         bits, precision, keep_source=bool(options.get("keep_source", False)),
         quantize_lm_head=bool(options.get("quantize_lm_head", False)),
@@ -184,4 +175,6 @@ def _make_plugin(bits: int, precision: str, device: torch.device, **options: Any
 
 
 for _bits in SUPPORTED_BITS:
-    register(f"gptq.int{_bits}", help=_HELP[_bits])(functools.partial(_make_plugin, _bits))
+    register(f"gptq.int{_bits}", help=_HELP[_bits], options=("keep_source", "quantize_lm_head"))(
+        functools.partial(_make_plugin, _bits)
+    )
