@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -87,15 +86,9 @@ def ensure_venv(
 
 
 def machine() -> dict:
-    """CPU model, cores, torch version/threads, commit (+dirty) and load average: the context of a measurement."""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        model = platform.processor() or platform.machine()
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=REPO).stdout.strip()
-    return dict(cpu=model, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                commit=(git.stdout.strip() + ("+dirty" if dirty else "")) if git.returncode == 0 else "uncommitted",
-                loadavg_1m_at_start=round(os.getloadavg()[0], 2))
+    """CPU model, cores, torch version/threads, commit (+dirty) and load average: the context of a measurement
+    (the CPU name and commit as `litquant benchmark` reports them)."""
+    from litquant.benchmark import _cpu_name, git_commit
+
+    return dict(cpu=_cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                commit=git_commit() or "uncommitted", loadavg_1m_at_start=round(os.getloadavg()[0], 2))

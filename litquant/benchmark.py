@@ -41,11 +41,12 @@ import torch
 
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR
 from litquant.errors import UserError
+from litquant.quantization.gptq_plugin import gptq_file
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODES = ("32-true", "bf16-true", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "gptq.int4")
 PRECISION_MODES = ("32-true", "16-true", "bf16-true")
-GPTQ_FILE = "lit_model_gptq.4bit.safetensors"
+GPTQ_FILE = gptq_file(4)  # what the default gptq.int4 mode reads
 # CPU workers: glibc serves allocations from 1 MiB up with mmap and returns them to the OS when freed. Its default
 # threshold grows with the sizes freed, after which freed per-layer temporaries (loading, quantizing) stay in the
 # heap and the peak resident set of the same run varies by hundreds of MB: this keeps "peak memory" what a mode
@@ -165,6 +166,7 @@ def measure_mode(
 ) -> dict:
     """Load one mode and measure it (meant to run in a process of its own, see `main`)."""
     from litquant.config import Config
+    from litquant.estimate import kv_cache_bytes
     from litquant.evaluate_job import DEFAULT_BATCH_SIZE, check_window, heldout_tokens
     from litquant.evaluation import perplexity
     from litquant.generation import compiled_decode_step, generate
@@ -235,8 +237,7 @@ def measure_mode(
         ppl.update(window=w, stride=s)
 
     wbytes = sum(by_dtype.values())
-    kv_bytes = 2 * config.n_layer * config.n_query_groups * config.head_size * (prompt.numel() + max_new_tokens) * \
-        torch.finfo(plugin.dtype).bits // 8
+    kv_bytes = kv_cache_bytes(config, prompt.numel() + max_new_tokens, 1, torch.finfo(plugin.dtype).bits // 8)
     wte_bytes = config.padded_vocab_size * config.n_embd * torch.finfo(plugin.dtype).bits // 8
     return {
         "mode": mode,

@@ -15,6 +15,7 @@ group: [all q, k, v]) and Falcon-40B (grouped).
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 import shutil
@@ -23,11 +24,10 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
-from safetensors import SafetensorError
 from tqdm import tqdm
 
 from litquant.checkpoint import (
-    WEIGHTS_FILE, atomic_path, atomic_write_text, open_safetensors, save_checkpoint, save_safetensors,
+    _DTYPES, WEIGHTS_FILE, atomic_path, atomic_write_text, open_safetensors, save_checkpoint, save_safetensors,
 )
 from litquant.config import CONFIG_FILE, Config
 from litquant.errors import UserError, read_json
@@ -507,11 +507,7 @@ def _iter_hf_files(files: list[Path], progress: bool = True) -> Iterator[tuple[s
             if path.suffix == ".safetensors":
                 with open_safetensors(path) as st:
                     for name in st.keys():
-                        try:
-                            t = st.get_tensor(name)
-                        except SafetensorError as e:
-                            raise UserError(f"{path}: cannot read {name!r} (truncated or corrupt? {e})") from None
-                        yield name, t
+                        yield name, st.get_tensor(name)
                         bar.update()
             else:
                 state = _load_bin(path)
@@ -726,7 +722,7 @@ def _import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_nam
     quantized = {k.removesuffix(".qweight") for k in state if k.endswith(".qweight")}
     rest = {k: v for k, v in shapes.items() if k.rpartition(".")[0] not in quantized}
     tie = hf.get("tie_word_embeddings") if "tie_word_embeddings" in hf else None
-    state.update(_iter_hf_to_lit(((k, items[k]) for k in plain), config, torch_dtype, tie, shapes=rest))
+    state.update(_iter_hf_to_lit(((k, items.pop(k)) for k in plain), config, torch_dtype, tie, shapes=rest))
 
     out = checkpoint_dir / gptq_file(bits)
     save_safetensors(state, out, metadata={"format": "pt", "litquant": "1", "quantize_config": json.dumps(qc)})
@@ -760,36 +756,27 @@ def _export_gptq(checkpoint_dir: Path, output_dir: Path, config: Config, bits: i
                 raise UserError(f"{weights}: quantized layer {m!r} does not match the config")
         _check_lit_state({n: slices[n].get_shape() for n in plain}, config, str(weights), skip=set(modules))
 
-        def read(name: str) -> torch.Tensor:
-            try:
-                return f.get_tensor(name)
-            except SafetensorError as e:
-                raise UserError(f"{weights}: cannot read {name!r} (truncated or corrupt? {e})") from None
-
         def module_tensors(m: str) -> dict[str, torch.Tensor]:
-            t = {a: read(f"{m}.{a}") for a in _GPTQ_ATTRS if f"{m}.{a}" in slices}
+            t = {a: f.get_tensor(f"{m}.{a}") for a in _GPTQ_ATTRS if f"{m}.{a}" in slices}
             check_shapes(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits)
             return t
 
-        wte = read("transformer.wte.weight")
-        tie = "lm_head" not in modules and _can_tie(wte, read("lm_head.weight"), config)
-        dtype = wte.dtype
-        del wte
-        d = hf_config(config, tie, dtype)
+        tie = "lm_head" not in modules and _file_can_tie(f, slices, config)
+        d = hf_config(config, tie, _DTYPES[slices["transformer.wte.weight"].get_dtype()])
         d["quantization_config"] = qc
         if tie:
             plain.remove("lm_head.weight")
 
         def nbytes(unit: str) -> int:
             ts = [unit] if unit in slices else [f"{unit}.{a}" for a in _GPTQ_ATTRS if f"{unit}.{a}" in slices]
-            return sum(_numel(slices[t].get_shape()) * _dtype_size(slices[t].get_dtype()) for t in ts)
+            return sum(_nbytes(slices[t]) for t in ts)
 
         units = sorted([*modules, *plain], key=_layer_order)
         unit_set = set(modules)
 
         def make_state(shard: list[str]) -> dict[str, torch.Tensor]:
             q = [(u, module_tensors(u)) for u in shard if u in unit_set]
-            state = dict(_iter_lit_to_hf(((n, read(n)) for n in shard if n not in unit_set), config, tie))
+            state = dict(_iter_lit_to_hf(((n, f.get_tensor(n)) for n in shard if n not in unit_set), config, tie))
             state.update(_iter_gptq_lit_to_hf(q, config, bits))
             return state
 
@@ -798,11 +785,18 @@ def _export_gptq(checkpoint_dir: Path, output_dir: Path, config: Config, bits: i
     atomic_write_text(output_dir / QUANTIZE_CONFIG_FILE, json.dumps(qc, indent=2) + "\n")
 
 
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+def _nbytes(s) -> int:
+    """Bytes of a stored tensor, from its safetensors slice (shape and dtype; no data read)."""
+    return math.prod(s.get_shape()) * _DTYPES[s.get_dtype()].itemsize
 
 
-def _dtype_size(safetensors_dtype: str) -> int:
-    return _DTYPE_SIZES.get(safetensors_dtype, 4)
+def _file_can_tie(f, slices: Mapping, config: Config) -> bool:
+    """`_can_tie` for the tensors of an open safetensors file: wte and lm_head are read (and compared) only
+    when their stored shapes allow tying."""
+    wte, lm_head = slices.get("transformer.wte.weight"), slices.get("lm_head.weight")
+    if wte is None or lm_head is None or config.lm_head_bias or wte.get_shape() != lm_head.get_shape():
+        return False
+    return _can_tie(f.get_tensor("transformer.wte.weight"), f.get_tensor("lm_head.weight"), config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -885,25 +879,16 @@ def convert_lit_checkpoint(
         slices = {n: f.get_slice(n) for n in names}
         _check_lit_state({n: s.get_shape() for n, s in slices.items()}, config, str(weights))
 
-        def read(name: str) -> torch.Tensor:
-            try:
-                return f.get_tensor(name)
-            except SafetensorError as e:
-                raise UserError(f"{weights}: cannot read {name!r} (truncated or corrupt? {e})") from None
-
-        wte = read("transformer.wte.weight")
-        tie = _can_tie(wte, read("lm_head.weight"), config)
-        dtype = wte.dtype
-        del wte
-        d = hf_config(config, tie, dtype)  # checked before any weights are written
+        tie = _file_can_tie(f, slices, config)
+        d = hf_config(config, tie, _DTYPES[slices["transformer.wte.weight"].get_dtype()])  # checked before any writes
 
         # plan shards from the stored sizes; each shard's tensors are read, mapped and written together
         names.sort(key=_layer_order)
         if tie:
             names.remove("lm_head.weight")
-        shards = _plan_shards([(n, _numel(slices[n].get_shape()) * dtype.itemsize) for n in names], max_shard_size)
+        shards = _plan_shards([(n, _nbytes(slices[n])) for n in names], max_shard_size)
         _write_hf_dir(checkpoint_dir, output_dir, shards,
-                      lambda shard: dict(_iter_lit_to_hf(((n, read(n)) for n in shard), config, tie)), d)
+                      lambda shard: dict(_iter_lit_to_hf(((n, f.get_tensor(n)) for n in shard), config, tie)), d)
 
 
 def _layer_order(name: str) -> tuple[int, str]:
@@ -959,10 +944,3 @@ def _write_hf_dir(
             with atomic_path(output_dir / name) as tmp:
                 shutil.copyfile(src, tmp)
     print(f"Wrote a Hugging Face {d['model_type']} model to {output_dir}", flush=True)
-
-
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -98,10 +98,13 @@ def _mode_kind(mode: str) -> tuple[str, Optional[int]]:
         kind = "int8" if kind == "int8-training" else kind
         if kind in ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8"):
             return kind, None
-    if mode.startswith("gptq.int") and mode[8:].isdigit() and int(mode[8:]) in (2, 3, 4, 8):
+    from litquant.quantization.gptq_format import SUPPORTED_BITS
+
+    if mode.startswith("gptq.int") and mode[8:].isdigit() and int(mode[8:]) in SUPPORTED_BITS:
         return "gptq", int(mode[8:])
+    others = "/".join(str(b) for b in SUPPORTED_BITS if f"gptq.int{b}" not in DEFAULT_MODES)
     raise UserError(
-        f"cannot estimate mode {mode!r}; choose from: {', '.join(DEFAULT_MODES)}, bnb.int8-training, gptq.int2/3/8"
+        f"cannot estimate mode {mode!r}; choose from: {', '.join(DEFAULT_MODES)}, bnb.int8-training, gptq.int{others}"
     )
 
 
@@ -122,10 +125,12 @@ def quantized_linear_bytes(
     if kind == "int8":
         return n + 4 * out_features
     if kind == "gptq":
-        groups = 1 if gptq_group_size == -1 else math.ceil(in_features / gptq_group_size)
-        qweight = in_features * gptq_bits // 32 * 4 * out_features
-        qzeros = groups * (out_features * gptq_bits // 32) * 4
-        rest = qzeros + 2 * groups * out_features + 4 * in_features  # + fp16 scales + int32 g_idx
+        from litquant.quantization.gptq_format import packed_shapes
+
+        # the AutoGPTQ tensors: int32 qweight, qzeros and g_idx, fp16 scales
+        shapes = packed_shapes(in_features, out_features, gptq_bits, gptq_group_size)
+        qweight = 4 * math.prod(shapes["qweight"])
+        rest = 4 * math.prod(shapes["qzeros"]) + 2 * math.prod(shapes["scales"]) + 4 * math.prod(shapes["g_idx"])
         kernel_group = gptq_kernel_group(in_features, out_features, gptq_bits, gptq_group_size) if runtime else None
         if kernel_group is None:
             return qweight + rest
@@ -170,11 +175,7 @@ def weight_bytes(
     q_params = q_bytes = other = 0
     for s in linears:
         other += (s.out_features if s.bias else 0) * b
-        if _is_quantized(s.name, quantize_lm_head):
-            if kind == "gptq":
-                from litquant.quantization.gptq_format import check_packable
-
-                check_packable(s.in_features, s.out_features, bits)
+        if _is_quantized(s.name, quantize_lm_head):  # GPTQ: a width that cannot be packed is a UserError there
             q_params += s.in_features * s.out_features
             q_bytes += quantized_linear_bytes(kind, s.in_features, s.out_features, bits or 4, gptq_group_size)
         else:
@@ -257,6 +258,7 @@ def estimate(
         raise UserError("--context_length and --batch_size must be at least 1")
     if finetune not in (None, "lora", "qlora"):
         raise UserError(f"unknown --finetune {finetune!r}; choose lora or qlora")
+    check_group_size(gptq_group_size)
     shapes = model_shapes(config)
     linears, _ = shapes
     total_params = n_params(config)
@@ -355,14 +357,19 @@ def _fits_text(names: list[str]) -> str:
 
 
 def _gptq_settings(checkpoint_dir: Path) -> tuple[Optional[int], Optional[int]]:
-    cfg = checkpoint_dir / "quantize_config.json"
+    from litquant.quantization.gptq_plugin import QUANTIZE_CONFIG_FILE, check_quantize_config
+
+    cfg = checkpoint_dir / QUANTIZE_CONFIG_FILE
     if not cfg.is_file():
         return None, None
-    d = read_json(cfg)
-    try:
-        return int(d["bits"]), int(d["group_size"])
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{cfg}: expected JSON with integer 'bits' and 'group_size'") from None
+    qc = read_json(cfg)
+    check_quantize_config(qc, str(cfg))
+    return qc["bits"], qc["group_size"]
+
+
+def check_group_size(group_size: int) -> None:
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size < 1):
+        raise UserError(f"--gptq_group_size must be a positive integer or -1 (one group per row), got {group_size!r}")
 
 
 def main(
@@ -418,7 +425,7 @@ def main(
         _mode_kind(m)  # unknown names fail before any work
     result = estimate(
         config, mode_list, precision, context_length, batch_size, quantize_lm_head,
-        gptq_group_size or file_group or 128, finetune, lora_r, lora_targets,
+        next(g for g in (gptq_group_size, file_group, 128) if g is not None), finetune, lora_r, lora_targets,
     )
     if checkpoint_dir is not None:
         result["files_on_disk"] = {p.name: p.stat().st_size for p in sorted(checkpoint_dir.glob("lit_model*.safetensors"))}

@@ -176,3 +176,21 @@ def test_cuda_compiled_static_cache_and_roofline(tmp_path):
         assert r["compiled"] and r["decode_tokens_per_sec"] > 0
         if report["bandwidth"]:
             assert 0 < r["roofline_fraction"] < 1.0
+
+
+def test_gptq_file_and_peer_machine_info_come_from_litquant():
+    """The benchmark's GPTQ file name is the plugin's; the peer scripts' machine() reports the CPU and commit
+    as `litquant benchmark` does, under the keys their JSON has always had."""
+    import importlib.util
+
+    from litquant.benchmark import _cpu_name, git_commit
+    from litquant.quantization.gptq_plugin import gptq_file
+
+    assert GPTQ_FILE == gptq_file(4)
+    spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    m = common.machine()
+    assert set(m) == {"cpu", "cores", "torch_threads", "torch", "commit", "loadavg_1m_at_start"}
+    # (the +dirty mark may change meanwhile: other work goes on in this checkout)
+    assert m["cpu"] == _cpu_name() and m["commit"].split("+")[0] == (git_commit() or "uncommitted").split("+")[0]

@@ -381,3 +381,41 @@ def test_export_errors(tmp_path):
     save_file(sd, d / "lit_model.safetensors")
     with pytest.raises(UserError, match=r"transformer\.h\.0\.attn\.proj\.weight has shape \(64, 32\)"):
         convert_lit_checkpoint(d, tmp_path / "out")
+
+
+def test_export_reads_dtype_and_tie_from_the_file(tmp_path):
+    """torch_dtype comes from the stored embedding's dtype; tying is decided by comparing the stored tensors;
+    the shard plan counts each tensor's own stored bytes."""
+    d = _tiny_llama_dir(tmp_path / "m")
+    convert_hf_checkpoint(d, dtype="bfloat16")
+    out = tmp_path / "out"
+    convert_lit_checkpoint(d, out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16" and not cfg.get("tie_word_embeddings")
+    assert "lm_head.weight" in load_file(out / "model.safetensors")
+
+    sd = load_file(d / "lit_model.safetensors")
+    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
+    save_file(sd, d / "lit_model.safetensors")
+    convert_lit_checkpoint(d, out)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+
+    # each shard holds at most max_shard_size stored bytes (bf16: 2 bytes per value)
+    biggest = max(t.numel() * 2 for t in sd.values())
+    convert_lit_checkpoint(d, tmp_path / "sharded", max_shard_size=biggest)
+    shards = sorted((tmp_path / "sharded").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    for s in shards:
+        assert sum(t.numel() * t.element_size() for t in load_file(s).values()) <= biggest
+
+
+def test_export_error_truncated_file(tmp_path):
+    d = _tiny_llama_dir(tmp_path / "m")
+    convert_hf_checkpoint(d)
+    f = d / "lit_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(UserError, match="lit_model.safetensors.*truncated or corrupt"):
+        convert_lit_checkpoint(d, tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()

@@ -207,6 +207,9 @@ def test_checkpoint_dir_reads_config_and_gptq_settings(tiny_model_dir, tmp_path,
     (dict(model_name="Llama-2-7b-hf", precision="fp8"), "unknown --precision 'fp8'"),
     (dict(model_name="Llama-2-7b-hf", batch_size=0), "must be at least 1"),
     (dict(checkpoint_dir=Path("/no/such/dir")), "does not exist"),
+    (dict(model_name="Llama-2-7b-hf", gptq_group_size=0), "--gptq_group_size must be a positive integer or -1"),
+    (dict(model_name="Llama-2-7b-hf", gptq_group_size=-64), "--gptq_group_size must be a positive integer or -1"),
+    (dict(model_name="Llama-2-7b-hf", modes="bnb.nf4", gptq_group_size=0), "--gptq_group_size must be"),
 ])
 def test_bad_input_is_a_user_error(kwargs, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
@@ -229,3 +232,49 @@ def test_estimate_matches_cuda_allocated_memory(tiny_model_dir, mode, precision)
     # the caching allocator rounds each tensor up to 512 bytes: allow that per tensor
     n_tensors = sum(1 for _ in model.parameters()) + sum(1 for _ in model.buffers())
     assert est <= allocated <= est * 1.02 + 512 * n_tensors
+
+
+@pytest.mark.parametrize("qc,message", [
+    ({"bits": 5, "group_size": 128}, r"GPTQ bits must be one of \(2, 3, 4, 8\), got 5"),
+    ({"bits": "4", "group_size": 128}, "GPTQ bits must be one of"),
+    ({"bits": 4, "group_size": 0}, "group_size must be a positive integer or -1, got 0"),
+    ({"bits": 4}, "group_size must be a positive integer or -1, got None"),
+    ([4, 128], "expected a JSON object"),
+])
+def test_bad_quantize_config_is_a_user_error(tiny_model_dir, tmp_path, qc, message):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, ckpt, ignore=shutil.ignore_patterns("lit_model*"))
+    (ckpt / "quantize_config.json").write_text(json.dumps(qc))
+    with pytest.raises(UserError, match=message) as e:
+        main(checkpoint_dir=ckpt)
+    assert "quantize_config.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gptq_group_size_given_is_used_as_is(tiny_model_dir, tmp_path):
+    """--gptq_group_size -1 (one group per row) is not replaced by the checkpoint's or the default 128."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, ckpt, ignore=shutil.ignore_patterns("lit_model*"))
+    (ckpt / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32}))
+    config = Config.from_checkpoint(ckpt)
+    res = main(checkpoint_dir=ckpt, modes="gptq.int4", gptq_group_size=-1)
+    assert res["rows"][0]["weight_bytes"] == weight_bytes(config, "gptq.int4", gptq_group_size=-1)["bytes"]
+    assert res["rows"][0]["weight_bytes"] != weight_bytes(config, "gptq.int4", gptq_group_size=32)["bytes"]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 100, -1])
+def test_gptq_file_bytes_match_packed_tensors(bits, group_size):
+    from litquant.estimate import quantized_linear_bytes
+    from litquant.quantization.gptq_format import default_g_idx, num_groups, pack
+
+    in_f, out_f = 256, 96
+    groups = num_groups(in_f, group_size)
+    t = pack(torch.randint(0, 2**bits, (out_f, in_f), dtype=torch.int32),
+             torch.randint(1, 2**bits + 1, (groups, out_f), dtype=torch.int32),
+             torch.rand(groups, out_f, dtype=torch.float16), default_g_idx(in_f, group_size), bits)
+    stored = sum(v.numel() * v.element_size() for k, v in t.items() if k in ("qweight", "qzeros", "scales", "g_idx"))
+    assert quantized_linear_bytes("gptq", in_f, out_f, bits, group_size, runtime=False) == stored

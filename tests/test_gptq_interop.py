@@ -253,6 +253,26 @@ def test_import_errors(tmp_path):
         convert_hf_checkpoint(d)
 
 
+def test_export_dtype_from_the_file_and_truncated_file(tmp_path):
+    """config.json's torch_dtype is the stored embedding's dtype (read from the header, not the data); a
+    truncated GPTQ file is a one-line UserError before anything is written."""
+    d = tmp_path / "m"
+    make_hf_gptq(d, _llama_cfg(), act_order=False)
+    convert_hf_checkpoint(d, dtype="bfloat16")
+    convert_lit_checkpoint(d, tmp_path / "out", quantize="gptq.int4")
+    c = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert c["torch_dtype"] == "bfloat16" and c["quantization_config"]["bits"] == 4
+    assert load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+    f = d / "lit_model_gptq.4bit.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 100])
+    with pytest.raises(UserError, match=r"lit_model_gptq\.4bit\.safetensors .*truncated or corrupt") as e:
+        convert_lit_checkpoint(d, tmp_path / "out2", quantize="gptq.int4")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out2").exists()
+
+
 # ------------------------------------------------------------------------------------ gptqmodel as an oracle
 
 VENV_PY = REPO / "benchmarks" / ".venvs" / "gptqmodel" / "bin" / "python"
