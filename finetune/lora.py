@@ -38,15 +38,24 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # `python finetune/lora.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, atomic_write_text, check_checkpoint_dir, load_model
+from litquant.checkpoint import (
+    DEFAULT_CHECKPOINT_DIR,
+    WEIGHTS_FILE,
+    atomic_write_text,
+    check_checkpoint_dir,
+    load_model,
+)
 from litquant.errors import UserError, run_job
-from litquant.lora import LORA_FILE, LoRAConfig, add_lora, lora_metadata, mark_only_lora_as_trainable
+from litquant.lora import LORA_FILE, LoRAConfig, add_lora, base_options, mark_only_lora_as_trainable, save_lora
 from litquant.utils import num_parameters, peak_memory_bytes, reset_peak_memory
 
 TRAIN_STATE_FILE = "train_state.safetensors"
 HPARAMS_FILE = "hyperparameters.yaml"
 METRICS_FILE = "metrics.json"
 OPTIMIZERS = ("AdamW", "AdamW8bit", "PagedAdamW", "PagedAdamW8bit")
+# the weights file a step checkpoint of each kind of run (RunSpec.kind) holds, and how errors name that kind
+RUN_WEIGHTS = {"lora": LORA_FILE, "full": WEIGHTS_FILE}
+_RUN_NAMES = {"lora": "a LoRA run (`finetune lora`)", "full": "a full finetuning run (`finetune full`)"}
 
 
 @dataclass
@@ -183,11 +192,8 @@ class LoRAWeights:
         return True
 
     def save(self, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-        from litquant.checkpoint import save_safetensors
-
-        meta = lora_metadata(self.run.lora, base_checkpoint_dir=self.run.checkpoint_dir.resolve(),
-                             base_quantize=self.run.quantize, base_precision=self.run.plugin.precision)
-        save_safetensors(tensors, directory / self.file, metadata=meta)
+        save_lora(tensors, directory / self.file, self.run.lora, base_checkpoint_dir=self.run.checkpoint_dir.resolve(),
+                  base_quantize=self.run.quantize, base_precision=self.run.plugin.precision)
 
     def finalize(self, tensors: dict[str, torch.Tensor], out_dir: Path) -> Path:
         self.save(tensors, out_dir)
@@ -273,10 +279,22 @@ def validate_args(run: RunSpec) -> None:
         raise UserError("--train.epochs must be at least 1")
     if t.learning_rate <= 0 or t.min_lr < 0 or t.min_lr > t.learning_rate:
         raise UserError("need 0 <= --train.min_lr <= --train.learning_rate and a positive learning rate")
+    if t.lr_warmup_steps < 0:
+        raise UserError(f"--train.lr_warmup_steps must be at least 0, got {t.lr_warmup_steps}")
+    if not (0.0 <= t.beta1 < 1.0 and 0.0 <= t.beta2 < 1.0):
+        raise UserError(f"--train.beta1 and --train.beta2 must be in [0, 1), got {t.beta1} and {t.beta2}")
+    if t.weight_decay < 0:
+        raise UserError(f"--train.weight_decay must be at least 0, got {t.weight_decay}")
+    if t.max_norm is not None and not t.max_norm > 0:
+        raise UserError(f"--train.max_norm must be positive (or null for no gradient clipping), got {t.max_norm}")
     if t.save_interval is not None and t.save_interval < 1:
         raise UserError("--train.save_interval must be at least 1 (or null for no intermediate checkpoints)")
     if t.log_interval < 1 or e.interval < 1:
         raise UserError("--train.log_interval and --eval.interval must be at least 1")
+    if e.max_iters is not None and e.max_iters < 1:
+        raise UserError(f"--eval.max_iters must be at least 1 (or null: the whole validation set), got {e.max_iters}")
+    if e.exact_match_examples < 0 or e.sample_max_new_tokens < 0:
+        raise UserError("--eval.exact_match_examples and --eval.sample_max_new_tokens must be at least 0")
     if d.max_seq_length is not None and d.max_seq_length < 2:
         raise UserError("--data.max_seq_length must be at least 2")
     if run.optimizer not in OPTIMIZERS:
@@ -306,17 +324,13 @@ def launch(run: RunSpec, fn: Callable) -> dict:
     device = torch.device("cuda" if accelerator == "cuda" else "cpu")
     run.plugin = resolve(run.precision, run.quantize, device, **base_options(run.quantize))
     run.resume_dir = find_resume_dir(run)
+    if run.resume_dir is not None:
+        check_resume_dir(run, run.resume_dir)
     strategy = build_strategy(run.strategy, run.world_size, accelerator)
     loggers = make_loggers(run.out_dir, run.logger)
     fabric = L.Fabric(accelerator=accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=strategy,
                       plugins=run.plugin, loggers=loggers)
     return fabric.launch(fn, run)
-
-
-def base_options(quantize: Optional[str]) -> dict:
-    """Plugin options a trainable base needs: a GPTQ base keeps its AutoGPTQ weights (dequantized again in the
-    backward pass) instead of releasing them after repacking for the int4 kernel."""
-    return {"keep_source": True} if quantize and quantize.startswith("gptq.") else {}
 
 
 def build_strategy(name: str, world_size: int, accelerator: str) -> Any:
@@ -545,19 +559,28 @@ def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     return tensors, skeleton
 
 
-def load_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, skeleton: dict) -> None:
+def load_optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, skeleton: dict, source: str = "checkpoint"
+) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     def fill(obj: Any) -> Any:
         if isinstance(obj, dict):
             if set(obj) == {"__tensor__"}:
+                if obj["__tensor__"] not in tensors:
+                    raise UserError(f"{source} lacks the optimizer tensor {obj['__tensor__']!r} (corrupt file?)")
                 return tensors[obj["__tensor__"]]
             return {k: fill(v) for k, v in obj.items()}
         if isinstance(obj, list):
             return [fill(v) for v in obj]
         return obj
 
-    set_optimizer_state_dict(module, optimizer, fill(skeleton), options=_dcp_options())
+    state = fill(skeleton)
+    try:
+        set_optimizer_state_dict(module, optimizer, state, options=_dcp_options())
+    except (KeyError, ValueError) as e:
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{source}: its optimizer state does not fit this run's optimizer and model ({why})") from None
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
@@ -589,6 +612,55 @@ def find_resume_dir(run: RunSpec) -> Optional[Path]:
     return path
 
 
+def check_resume_dir(run: RunSpec, directory: Path) -> None:
+    """Before any process starts: the checkpoint `directory` is one this run can continue."""
+    from litquant.checkpoint import open_safetensors
+
+    with open_safetensors(resume_weights_path(directory, RUN_WEIGHTS[run.kind])):
+        pass  # its header is valid and its tensors lie within the file
+    read_train_state(directory, run)
+
+
+def resume_weights_path(directory: Path, weights_file: str) -> Path:
+    """directory/weights_file, or a one-line error saying what kind of run the directory belongs to instead."""
+    path = directory / weights_file
+    if path.is_file():
+        return path
+    mine = next((k for k, f in RUN_WEIGHTS.items() if f == weights_file), None)
+    other = next((k for k, f in RUN_WEIGHTS.items() if f != weights_file and (directory / f).is_file()), None)
+    if other is not None and mine is not None:
+        raise UserError(f"{directory} is a checkpoint of {_RUN_NAMES[other]}, not of {_RUN_NAMES[mine]} "
+                        f"(it holds {RUN_WEIGHTS[other]}, not {weights_file})")
+    raise UserError(f"{directory} is not a complete checkpoint: {weights_file} is missing")
+
+
+def read_train_state(directory: Path, run: RunSpec) -> tuple[dict, dict]:
+    """(counters, optimizer skeleton) of a checkpoint's train_state.safetensors, checked against this run."""
+    from litquant.checkpoint import safetensors_metadata
+
+    state_path = directory / TRAIN_STATE_FILE
+    meta = safetensors_metadata(state_path)  # a missing, truncated or corrupt file is a UserError here
+    if meta.get("litquant_train_state") != "1":
+        raise UserError(f"{state_path} is not a litquant training state file")
+    try:
+        counters, skeleton = json.loads(meta["counters"]), json.loads(meta["optimizer"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise UserError(f"{state_path}: its metadata lacks valid 'counters' and 'optimizer' entries "
+                        "(not written by `litquant finetune`, or corrupt)") from None
+    if (not isinstance(counters, dict) or not isinstance(skeleton, dict)
+            or not all(isinstance(counters.get(k), int) and counters[k] >= 0 for k in ("step", "tokens"))):
+        raise UserError(f"{state_path}: its 'counters' / 'optimizer' metadata is malformed (corrupt file?)")
+    if counters.get("global_batch_size") != run.train.global_batch_size:
+        raise UserError(f"{directory} was trained with --train.global_batch_size {counters.get('global_batch_size')}: "
+                        "resume with the same global batch size (the data position depends on it)")
+    return counters, skeleton
+
+
+def optimizer_class(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer actually in use (--optimizer may fall back to another one), e.g. torch.optim.adamw.AdamW."""
+    return f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+
+
 def save_checkpoint_dir(fabric, run: RunSpec, weights, model, optimizer, counters: dict) -> Path:
     """out_dir/step-XXXXXX/{weights, train_state.safetensors}, written to a temp dir then renamed (atomic)."""
     from litquant.checkpoint import save_safetensors
@@ -612,22 +684,26 @@ def save_checkpoint_dir(fabric, run: RunSpec, weights, model, optimizer, counter
 
 
 def load_checkpoint_dir(fabric, run: RunSpec, weights, model, optimizer, directory: Path) -> dict:
-    from safetensors.torch import load_file
+    from litquant.checkpoint import open_safetensors
 
-    from litquant.checkpoint import safetensors_metadata
-
+    weights_path = resume_weights_path(directory, weights.file)
+    counters, skeleton = read_train_state(directory, run)
+    saved_class, this_class = counters.get("optimizer_class"), optimizer_class(optimizer.optimizer)
+    if saved_class is not None and saved_class != this_class:  # (older checkpoints do not record it)
+        raise UserError(f"{directory} holds the state of a {saved_class} optimizer, this run uses {this_class}: "
+                        f"resume with the same --optimizer ({counters.get('optimizer')})")
+    with open_safetensors(weights_path) as f:
+        params = {k: f.get_tensor(k) for k in f.keys()}
+    saved = {n for n, p in model.module.named_parameters() if p.requires_grad or not weights.trainable_only()}
+    missing = sorted(saved - set(params))
+    if missing:
+        raise UserError(f"{weights_path} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                        "(checkpoint of another model or LoRA config?)")
+    load_params(model.module, params, weights_path)
     state_path = directory / TRAIN_STATE_FILE
-    meta = safetensors_metadata(state_path)
-    if meta.get("litquant_train_state") != "1":
-        raise UserError(f"{state_path} is not a litquant training state file")
-    counters = json.loads(meta["counters"])
-    if counters.get("global_batch_size") != run.train.global_batch_size:
-        raise UserError(f"{directory} was trained with --train.global_batch_size {counters.get('global_batch_size')}: "
-                        "resume with the same global batch size (the data position depends on it)")
-    params = load_file(str(directory / weights.file))
-    load_params(model.module, params, directory / weights.file)
-    tensors = {k: v for k, v in load_file(str(state_path)).items() if k.startswith("optimizer/")}
-    load_optimizer_state(model.module, optimizer.optimizer, tensors, json.loads(meta["optimizer"]))
+    with open_safetensors(state_path) as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith("optimizer/")}
+    load_optimizer_state(model.module, optimizer.optimizer, tensors, skeleton, str(state_path))
     return counters
 
 
@@ -806,7 +882,8 @@ def fit(fabric, run: RunSpec, model: nn.Module, tokenizer, weights) -> dict:
         if t.save_interval is not None and step % t.save_interval == 0 and step < total:
             c = {"step": step, "tokens": tokens_seen, "num_train_examples": len(data.train),
                  "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
-                 "world_size": world, "seed": run.seed}
+                 "world_size": world, "seed": run.seed, "optimizer": run.optimizer,
+                 "optimizer_class": optimizer_class(optimizer.optimizer)}
             path = save_checkpoint_dir(fabric, run, weights, model, optimizer, c)
             fabric.print(f"Saved checkpoint {path}")
         paused = time.perf_counter() - t_pause  # validation and saving are not training throughput

@@ -68,9 +68,24 @@ class LoRAConfig:
             raise UserError("LoRA is enabled on no layer: set at least one of query/key/value/projection/mlp/head")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LoRAConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def from_dict(cls, d: dict, source: str = "LoRA config") -> "LoRAConfig":
+        """From a JSON object (an adapter file's metadata): unknown keys are ignored, wrongly typed values are a
+        UserError naming `source`."""
+        if not isinstance(d, dict):
+            raise UserError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        kinds = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false")}
+        kwargs = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            v, (types, what) = d[f.name], kinds[f.type]  # f.type: the annotation's text (postponed annotations)
+            if not isinstance(v, types) or (isinstance(v, bool) and f.type != "bool"):
+                raise UserError(f"{source}: {f.name} must be {what}, got {v!r}")
+            kwargs[f.name] = v
+        try:
+            return cls(**kwargs)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
 
 
 class LoRALinear(nn.Module):
@@ -225,7 +240,18 @@ def read_lora_metadata(path: str | Path) -> tuple[LoRAConfig, dict[str, str]]:
     meta = safetensors_metadata(path)
     if meta.get("litquant_lora") != "1" or "lora_config" not in meta:
         raise UserError(f"{path} is not a litquant LoRA adapter file (no lora_config in its metadata)")
-    return LoRAConfig.from_dict(json.loads(meta["lora_config"])), meta
+    try:
+        config = json.loads(meta["lora_config"])
+    except (TypeError, json.JSONDecodeError):
+        raise UserError(f"{path}: the lora_config in its metadata is not valid JSON (corrupt adapter file?)") from None
+    return LoRAConfig.from_dict(config, source=f"{path}: lora_config"), meta
+
+
+def base_options(quantize: Optional[str]) -> dict:
+    """Plugin options a base needs to be trained through or merged into: a GPTQ base keeps its AutoGPTQ weights
+    (dequantized again in the backward pass, and by `merge_lora`) instead of releasing them after repacking for
+    the int4 kernel."""
+    return {"keep_source": True} if quantize and quantize.startswith("gptq.") else {}
 
 
 def load_lora(model: nn.Module, path: str | Path, dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -279,13 +305,16 @@ def _is_linear_like(module: nn.Module) -> bool:
 @torch.no_grad()
 def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace (in place) every LoRALinear by an nn.Linear holding dequantized base + B @ A * alpha/r, and every
-    remaining quantized Linear by its dequantized nn.Linear; returns the model (now plain full precision)."""
-    todo = [(n, m) for n, m in model.named_modules()
-            if isinstance(m, LoRALinear) or (_is_linear_like(m) and not isinstance(m, nn.Linear))]
-    inside_lora = {f"{n}.base" for n, m in todo if isinstance(m, LoRALinear)}
-    for name, module in todo:
-        if name in inside_lora:
-            continue
+    remaining quantized Linear by its dequantized nn.Linear; returns the model (now plain full precision).
+
+    One layer at a time: its weight is computed in fp32 and stored in `dtype`, and the layer it replaces is
+    released before the next one, so the model never holds two copies of its Linears (nor an fp32 one)."""
+    lora_names = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    todo = [n for n, m in model.named_modules()  # names only: a replaced layer is freed as soon as it is swapped out
+            if n in lora_names or (_is_linear_like(m) and not isinstance(m, nn.Linear)
+                                   and n.rpartition(".")[0] not in lora_names)]
+    for name in todo:
+        module = model.get_submodule(name)
         base = module.base if isinstance(module, LoRALinear) else module
         w = dequantized_weight(base)
         if isinstance(module, LoRALinear):
@@ -297,6 +326,7 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
             linear.bias = nn.Parameter(bias.to(device=w.device, dtype=dtype), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+        del module, base, w, bias
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
@@ -309,16 +339,42 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# floating quantization state that the loader takes as stored, whatever the load precision (GPTQ scales stay fp16,
+# bnb's absmax statistics fp32)
+_QUANT_STATE = (".scales", ".absmax", ".nested_absmax", ".nested_code", ".offset")
+
+
+def _file_float_dtypes(path: Path) -> dict[str, torch.dtype]:
+    """key -> dtype of the floating tensors of a safetensors file, in file order (read from its header only)."""
+    with open_safetensors(path) as f:
+        names = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+    return {k: _FLOAT_DTYPES[n] for k, n in names.items() if n in _FLOAT_DTYPES}
+
+
 def _file_float_dtype(path: Path) -> torch.dtype:
     """dtype of the first floating tensor of a safetensors file (what the checkpoint is stored in)."""
-    with open_safetensors(path) as f:
-        for key in f.keys():
-            t = f.get_slice(key)
-            name = t.get_dtype()
-            dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(name)
-            if dtype is not None:
-                return dtype
-    return torch.float32
+    dtypes = [d for d in _file_float_dtypes(path).values() if d != torch.float64]
+    return dtypes[0] if dtypes else torch.float32
+
+
+def _merge_load_precision(checkpoint_dir: Path, quantize: Optional[str], save_dtype: torch.dtype,
+                          device: torch.device) -> str:
+    """The precision to load the base in for merging: the save dtype when every floating tensor of the base's
+    weight files converts to it exactly, so loading in it rounds nothing the fp32 route would not round later
+    anyway (the merge itself adds in fp32, layer by layer); else 32-true."""
+    from litquant.precision import PRECISIONS
+
+    name = next(p for p, d in PRECISIONS.items() if d == save_dtype)
+    if save_dtype == torch.float32:
+        return name
+    if save_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "32-true"  # only storage is needed, but the plugin refuses bf16 on such a GPU
+    no_quant = quantize is None or quantize in ("", "none", "None")
+    files = [checkpoint_dir / WEIGHTS_FILE] if no_quant else sorted(checkpoint_dir.glob("lit_model*.safetensors"))
+    exact = all(d == save_dtype for f in files if f.is_file() for k, d in _file_float_dtypes(f).items()
+                if no_quant or not k.endswith(_QUANT_STATE))
+    return name if exact else "32-true"
 
 
 def merge_lora_job(
@@ -358,21 +414,24 @@ def merge_lora_job(
     if out_dir.resolve() == checkpoint_dir.resolve():
         raise UserError("--out_dir must differ from the base --checkpoint_dir (it would overwrite the base weights)")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # Dequantizing does not depend on the compute dtype: load in fp32 so nothing is rounded before the merge.
-    options = {"keep_source": True} if quantize and quantize.startswith("gptq.") else {}  # dequantizing needs qweight
-    plugin = resolve("32-true", quantize, device, **options)
-    model = load_model(checkpoint_dir, plugin, device)
-    load_lora(model, lora_path, dtype=torch.float32)
-    merge_lora(model, torch.float32)
     if precision is not None:
         save_dtype = PRECISIONS[parse_precision(precision, "cpu")]
     elif (checkpoint_dir / WEIGHTS_FILE).is_file():
         save_dtype = _file_float_dtype(checkpoint_dir / WEIGHTS_FILE)
     else:
         save_dtype = torch.float16
-    state = {k: v.to(save_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    save_checkpoint(state, model.config, out_dir)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Dequantizing does not depend on the compute dtype (bnb quantizes the weights as stored, GPTQ scales stay
+    # fp16, `merge_lora` dequantizes and adds in fp32), so the base loads in the save dtype unless that would round
+    # a tensor before the merge; the merged Linears are then stored in it one by one: no full fp32 copy, no second one.
+    load_precision = _merge_load_precision(checkpoint_dir, quantize, save_dtype, device)
+    plugin = resolve(load_precision, quantize, device, **base_options(quantize))  # GPTQ: dequantizing needs qweight
+    model = load_model(checkpoint_dir, plugin, device)
+    load_lora(model, lora_path, dtype=torch.float32)
+    merge_lora(model, save_dtype)
+    model.to(save_dtype)  # what merging did not replace (embeddings, norms, plain Linears), in place, tensor by tensor
+    save_checkpoint(model.state_dict(), model.config, out_dir)
     copy_tokenizer_files(checkpoint_dir, out_dir)
     print(f"Merged {lora_path} into {checkpoint_dir} ({quantize or 'full precision'} base, dequantized); "
           f"saved {out_dir / WEIGHTS_FILE} ({str(save_dtype).replace('torch.', '')})", file=sys.stderr)

@@ -294,6 +294,18 @@ def test_bad_run_settings_are_user_errors(small, tmp_path):
         setup(**{**kw, "train": TrainArgs(global_batch_size=64, micro_batch_size=4)})
     with pytest.raises(UserError, match="unknown --optimizer"):
         setup(**kw, optimizer="SGD")
+    # optimizer and evaluation values outside their range: caught before anything loads
+    for train, message in [(dict(beta2=1.0), r"--train.beta1 and --train.beta2 must be in \[0, 1\)"),
+                           (dict(beta1=-0.1), r"--train.beta1 and --train.beta2 must be in \[0, 1\)"),
+                           (dict(weight_decay=-0.01), "--train.weight_decay must be at least 0"),
+                           (dict(max_norm=0.0), "--train.max_norm must be positive"),
+                           (dict(lr_warmup_steps=-1), "--train.lr_warmup_steps must be at least 0")]:
+        with pytest.raises(UserError, match=message):
+            setup(**{**kw, "train": TrainArgs(global_batch_size=8, micro_batch_size=4, **train)})
+    with pytest.raises(UserError, match="--eval.max_iters must be at least 1"):
+        setup(**{**kw, "eval": EvalArgs(max_iters=0)})
+    with pytest.raises(UserError, match="--eval.exact_match_examples and --eval.sample_max_new_tokens must be at"):
+        setup(**{**kw, "eval": EvalArgs(exact_match_examples=-1)})
 
 
 # ---- logs, checkpoints, resume ---------------------------------------------------------------------------------
@@ -390,6 +402,60 @@ def test_bnb_optimizer_state_is_checkpointed_and_paged_falls_back_on_cpu(small, 
                     resume=tmp_path / "opt" / "step-000002")
     assert [s for s, _ in resumed["train_losses"]] == [3, 4]
     assert resumed["train_losses"][-1][1] == pytest.approx(m["train_losses"][-1][1], rel=1e-5)
+
+
+def test_resume_from_a_mismatched_or_damaged_checkpoint_is_one_clear_line(small, tmp_path):
+    """A step dir of the other kind of run, a truncated or incomplete one, another LoRA config or optimizer: each is
+    a UserError naming the problem (the CLI prints it as one `error:` line), never a raw KeyError/SafetensorError."""
+    import shutil
+
+    from finetune.full import setup as full_setup
+    from litquant.checkpoint import save_safetensors
+
+    root, ckpt, data = small
+    kw = {**_small_kwargs(ckpt, data, tmp_path / "lora", steps=4, save_interval=2),
+          "eval": EvalArgs(interval=1000, max_iters=1, sample_max_new_tokens=0)}
+    setup(**kw)
+    step = tmp_path / "lora" / "step-000002"
+    assert (step / LORA_FILE).is_file() and (step / "train_state.safetensors").is_file()
+
+    def resume(directory: Path, **over):
+        return setup(**{**kw, "out_dir": tmp_path / "resumed", **over}, resume=directory)
+
+    full_kw = {k: v for k, v in kw.items() if not k.startswith("lora_")}
+    with pytest.raises(UserError, match=r"is a checkpoint of a LoRA run .*, not of a full finetuning run"):
+        full_setup(**{**full_kw, "out_dir": tmp_path / "full"}, resume=step)
+
+    def damaged(name: str, damage) -> Path:
+        d = tmp_path / name
+        shutil.copytree(step, d)
+        damage(d)
+        return d
+
+    def truncate(path: Path) -> None:
+        os.truncate(path, path.stat().st_size // 2)
+
+    with pytest.raises(UserError, match="lit_model.lora.safetensors is not a valid safetensors file"):
+        resume(damaged("trunc-weights", lambda d: truncate(d / LORA_FILE)))
+    with pytest.raises(UserError, match="train_state.safetensors is not a valid safetensors file"):
+        resume(damaged("trunc-state", lambda d: truncate(d / "train_state.safetensors")))
+    with pytest.raises(UserError, match="is not a complete checkpoint: lit_model.lora.safetensors is missing"):
+        resume(damaged("no-weights", lambda d: (d / LORA_FILE).unlink()))
+    no_counters = {"format": "pt", "litquant_train_state": "1"}
+    with pytest.raises(UserError, match="its metadata lacks valid 'counters' and 'optimizer' entries"):
+        resume(damaged("no-counters", lambda d: save_safetensors({"_empty": torch.zeros(0)},
+                                                                 d / "train_state.safetensors", metadata=no_counters)))
+    # these two fail after loading the model: the files are fine, they do not fit this run
+    with pytest.raises(UserError, match=r"lacks transformer\.h\.0\.attn\.proj\.lora_A.*another model or LoRA config"):
+        resume(step, lora_projection=True)
+    with pytest.raises(UserError, match="holds the state of a torch.optim.adamw.AdamW optimizer.*--optimizer"):
+        resume(step, optimizer="AdamW8bit")
+
+    out = run_cli("finetune", "full", "--checkpoint_dir", str(ckpt), "--out_dir", str(tmp_path / "cli"),
+                  "--accelerator", "cpu", "--data.path", str(data), "--resume", str(step))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: ") and "is a checkpoint of a LoRA run" in lines[0]
 
 
 # ---- full finetuning -------------------------------------------------------------------------------------------

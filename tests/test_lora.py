@@ -250,6 +250,83 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
         load_lora(_tiny_gpt(), tmp_path / "nope.safetensors")
 
 
+def test_bad_lora_config_metadata_is_a_user_error(tmp_path):
+    from litquant.checkpoint import save_safetensors
+    from litquant.lora import lora_metadata, read_lora_metadata
+
+    tensors = {"x": torch.zeros(1)}
+    good = lora_metadata(LoRAConfig())
+    for i, (value, message) in enumerate([("{not json", "lora_config in its metadata is not valid JSON"),
+                                          ("[8, 16]", "lora_config: expected a JSON object, got list"),
+                                          ('{"r": "8"}', "lora_config: r must be an integer, got '8'"),
+                                          ('{"query": 1}', "lora_config: query must be true or false, got 1"),
+                                          ('{"r": 0}', "lora_config: LoRA rank must be at least 1")]):
+        path = tmp_path / f"bad{i}.safetensors"
+        save_safetensors(tensors, path, metadata={**good, "lora_config": value})
+        with pytest.raises(UserError, match=message):
+            read_lora_metadata(path)
+    path = tmp_path / "other.safetensors"
+    save_safetensors(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(UserError, match="not a litquant LoRA adapter file"):
+        read_lora_metadata(path)
+
+
+def test_merge_lora_releases_each_replaced_layer_before_the_next(monkeypatch):
+    """No second copy of the Linears: when a layer is merged, the layers merged before it are gone."""
+    import weakref
+
+    import litquant.lora as lora_mod
+
+    model = _tiny_gpt()
+    add_lora(model, LoRAConfig(r=2, projection=True, mlp=True))
+    alive = [weakref.ref(m) for m in model.modules() if isinstance(m, LoRALinear)]
+    seen = []
+    real = lora_mod.dequantized_weight
+
+    def spy(module):
+        seen.append(sum(r() is not None for r in alive))
+        return real(module)
+
+    monkeypatch.setattr(lora_mod, "dequantized_weight", spy)
+    merge_lora(model, torch.bfloat16)
+    assert seen == list(range(len(alive), 0, -1))
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if "mlp" in n or "attn" in n)
+
+
+@pytest.mark.parametrize("quantize", ["bnb.nf4", "none"])
+def test_merge_lora_job_in_the_checkpoint_dtype_equals_the_fp32_route(tmp_path, quantize):
+    """A bf16 base merges without an fp32 copy of the model (it loads in bf16) and gives the very tensors that
+    loading in fp32, merging in fp32 and rounding the result to bf16 gives."""
+    from safetensors.torch import load_file, save_file
+
+    from litquant.lora import _merge_load_precision
+
+    ckpt = make_checkpoint(tmp_path / "base", seed=6)
+    assert _merge_load_precision(ckpt, None, torch.bfloat16, torch.device("cpu")) == "32-true"  # fp32 file
+    weights = ckpt / WEIGHTS_FILE
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights),
+              metadata={"format": "pt", "litquant": "1"})
+    q = None if quantize == "none" else quantize
+    assert _merge_load_precision(ckpt, q, torch.bfloat16, torch.device("cpu")) == "bf16-true"
+    assert _merge_load_precision(ckpt, q, torch.float16, torch.device("cpu")) == "32-true"  # bf16 -> fp16 rounds
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the job merges
+    model = load_model(ckpt, resolve("32-true", q, device), device, progress=False)
+    cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, key=True, mlp=True, head=True)
+    add_lora(model, cfg)
+    _randomize_b(model, seed=7)
+    save_lora(lora_state_dict(model), tmp_path / "run" / LORA_FILE, cfg, base_checkpoint_dir=ckpt.resolve(),
+              base_quantize=quantize, base_precision="32-true")
+    merge_lora(model)  # the reference: fp32 throughout, rounded to the checkpoint's bf16 at the end
+    ref = {k: v.to(torch.bfloat16).cpu() for k, v in model.state_dict().items()}
+
+    out = merge_lora_job(tmp_path / "run", out_dir=tmp_path / "merged")  # --precision: the checkpoint's (bf16)
+    got = load_file(str(out / WEIGHTS_FILE))
+    assert set(got) == set(ref)
+    for k, v in got.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, ref[k]), k
+
+
 @pytest.mark.parametrize("mode", ["nf4", "int8-training"])
 def test_merge_into_dequantized_base_reproduces_the_adapted_model(tiny_checkpoint, mode):
     model = load_model(tiny_checkpoint, resolve("32-true", f"bnb.{mode}", "cpu"), progress=False)
