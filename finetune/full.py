@@ -18,10 +18,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune.lora import DataArgs, EvalArgs, RunSpec, TrainArgs, _as, _hparams, fit, launch, load_base
-from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, WEIGHTS_FILE, save_checkpoint, save_safetensors
+from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, WEIGHTS_FILE, copy_side_files, save_checkpoint, save_safetensors
 from litquant.config import Config
 from litquant.errors import UserError, run_job
-from litquant.lora import copy_tokenizer_files
 from litquant.utils import num_parameters
 
 
@@ -105,7 +104,7 @@ class FullWeights:
     def finalize(self, tensors: dict[str, torch.Tensor], out_dir: Path) -> Path:
         final = out_dir / "final"
         save_checkpoint(tensors, self.config, final)
-        copy_tokenizer_files(self.run.checkpoint_dir, final)
+        copy_side_files(self.run.checkpoint_dir, final)
         return final
 
 

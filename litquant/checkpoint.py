@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 import tempfile
@@ -60,6 +61,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+# Files of a checkpoint directory besides its weights that a derived checkpoint (GPTQ into another directory,
+# merged adapters, full finetuning) copies as they are.
+SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
+              "special_tokens_map.json", "config.json")
+
+
+def copy_side_files(src: str | Path, dst: str | Path, names: tuple[str, ...] = SIDE_FILES) -> None:
+    """Copy each of `names` that `src` has into `dst` (created if needed), each file atomically."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (src / name).is_file():
+            with atomic_path(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict] = None) -> None:

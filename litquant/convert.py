@@ -18,7 +18,6 @@ import json
 import math
 import pickle
 import re
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
@@ -27,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from litquant.checkpoint import (
-    _DTYPES, WEIGHTS_FILE, atomic_path, atomic_write_text, open_safetensors, save_checkpoint, save_safetensors,
+    _DTYPES, WEIGHTS_FILE, atomic_write_text, copy_side_files, open_safetensors, save_checkpoint, save_safetensors,
 )
 from litquant.config import CONFIG_FILE, Config
 from litquant.errors import UserError, read_json
@@ -938,9 +937,5 @@ def _write_hf_dir(
     for p in stale:
         p.unlink(missing_ok=True)
     atomic_write_text(output_dir / "config.json", json.dumps(d, indent=2) + "\n")
-    for name in HF_SIDE_FILES:
-        src = checkpoint_dir / name
-        if src.is_file():
-            with atomic_path(output_dir / name) as tmp:
-                shutil.copyfile(src, tmp)
+    copy_side_files(checkpoint_dir, output_dir, HF_SIDE_FILES)
     print(f"Wrote a Hugging Face {d['model_type']} model to {output_dir}", flush=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch.nn as nn
 from litquant.checkpoint import (
     WEIGHTS_FILE,
     check_checkpoint_dir,
+    copy_side_files,
     load_model,
     open_safetensors,
     safetensors_metadata,
@@ -42,10 +42,6 @@ from litquant.checkpoint import (
 from litquant.errors import UserError
 
 LORA_FILE = "lit_model.lora.safetensors"
-# files of a checkpoint directory that a derived checkpoint (merged, fully finetuned) copies as they are
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
-                   "special_tokens_map.json", "config.json")
-
 
 @dataclass
 class LoRAConfig:
@@ -332,13 +328,6 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     return model
 
 
-def copy_tokenizer_files(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # floating quantization state that the loader takes as stored, whatever the load precision (GPTQ scales stay fp16,
 # bnb's absmax statistics fp32)
@@ -432,7 +421,7 @@ def merge_lora_job(
     merge_lora(model, save_dtype)
     model.to(save_dtype)  # what merging did not replace (embeddings, norms, plain Linears), in place, tensor by tensor
     save_checkpoint(model.state_dict(), model.config, out_dir)
-    copy_tokenizer_files(checkpoint_dir, out_dir)
+    copy_side_files(checkpoint_dir, out_dir)
     print(f"Merged {lora_path} into {checkpoint_dir} ({quantize or 'full precision'} base, dequantized); "
           f"saved {out_dir / WEIGHTS_FILE} ({str(save_dtype).replace('torch.', '')})", file=sys.stderr)
     return out_dir

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,11 +33,12 @@ if __package__ in (None, ""):  # `python quantize/gptq.py`: make the repo import
 
 from litquant.checkpoint import (
     DEFAULT_CHECKPOINT_DIR,
+    SIDE_FILES,
     WEIGHTS_FILE,
-    atomic_path,
     atomic_write_text,
     build_model,
     check_checkpoint_dir,
+    copy_side_files,
     open_safetensors,
     save_safetensors,
 )
@@ -56,10 +56,6 @@ SEQUENTIAL_GROUPS = {
 # The MLP's down-projection inputs are kept for the block's output pass only up to this size (n_tokens x
 # intermediate_size activations: 50 MB for the bundled model, 5.8 GB for Llama-2-7B's default calibration)
 MLP_CACHE_BYTES = 1 << 30
-# Files a checkpoint directory needs besides the weights, copied when --output_dir is another directory.
-SIDE_FILES = (CONFIG_FILE, "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
-              "special_tokens_map.json")
-
 
 class _StopForward(Exception):
     """Raised by a hook once the layers being calibrated have seen their input: the rest of the block is skipped."""
@@ -165,10 +161,7 @@ def main(
     save_safetensors(tensors, out, metadata={"format": "pt", "litquant": "1", "quantize_config": json.dumps(qc)})
     atomic_write_text(output_dir / QUANTIZE_CONFIG_FILE, json.dumps(qc, indent=2) + "\n")
     if output_dir.resolve() != checkpoint_dir.resolve():
-        for name in SIDE_FILES:
-            if (checkpoint_dir / name).is_file():
-                with atomic_path(output_dir / name) as tmp:
-                    shutil.copyfile(checkpoint_dir / name, tmp)
+        copy_side_files(checkpoint_dir, output_dir, (CONFIG_FILE, *SIDE_FILES))
     elapsed = time.perf_counter() - t0
 
     print(
