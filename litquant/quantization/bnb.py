@@ -42,14 +42,19 @@ import torch.nn as nn
 from litquant.checkpoint import WEIGHTS_FILE, safetensors_metadata
 from litquant.errors import UserError
 from litquant.precision import LitquantPrecision, register
+from litquant.quantization import cpu_kernels
 
 BLOCKSIZE = 64  # bnb's default 4-bit block
 NESTED_BLOCKSIZE = 256  # double quantization: blocks of absmax values (the only size bnb's fused kernels take)
 QUANTIZE_CHUNK = 1 << 22  # weights are quantized this many elements at a time (bounds the temporaries)
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold on input magnitudes
 MIN_BNB_CPU = (0, 48)  # first bitsandbytes with CPU 4-bit and int8 ops
-CPU_KERNEL_MAX_ROWS = 64  # CPU fused 4-bit kernel vs dequantize+matmul: measured crossover ~110 rows (5632x2048)
-use_cpu_kernel = True  # set False to force dequantize+matmul on CPU (debugging, comparisons)
+CPU_KERNEL_MAX_ROWS = 64  # bnb's bf16 fused 4-bit kernel vs dequantize+matmul: measured crossover ~110 rows (5632x2048)
+use_cpu_kernel = True  # set False to keep bnb's bf16 fused kernel out (debugging, comparisons)
+# litquant's own CPU kernels (cpu_kernels.c): up to this many input rows the fused 4-bit / int8 matmul, beyond it
+# dequantize a tile + BLAS matmul (measured on 2 cores, 2048..5632 wide layers: docs/ARCHITECTURE.md)
+GEMV_MAX_ROWS_4BIT = 8
+GEMV_MAX_ROWS_INT8 = 4
 
 # bnb >= 0.48 tries to fetch a CPU GEMM from the Hugging Face Hub when imported and logs a warning when it cannot
 # (always, offline); its own native CPU kernels are used instead, so the warning is noise.
@@ -147,8 +152,7 @@ class _FrozenQuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        w = ctx.module.dequantize(grad.dtype)  # (N, K)
-        return (grad @ w).reshape(ctx.x_shape), None
+        return ctx.module._input_grad(grad).reshape(ctx.x_shape), None
 
 
 # ---- the quantized Linears ----------------------------------------------------------------------------------
@@ -186,6 +190,26 @@ class _QuantLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _dequant_rows(self, n0: int, n1: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        """Rows [n0, n1) of the dequantized weight into `out` with litquant's CPU kernels."""
+        raise NotImplementedError
+
+    def _cpu_fast(self, x: torch.Tensor) -> bool:
+        """Whether litquant's CPU kernels serve this input (CPU tensor, kernels built, shape they take)."""
+        return False
+
+    def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """grad @ W for the backward pass: tile by tile on CPU, else the whole dequantized weight."""
+        if self._cpu_fast(grad):
+            self._portable_layout_()
+            return cpu_kernels.tiled_linear(grad, self.out_features, self.in_features, self._dequant_rows, True)
+        return grad @ self.dequantize(grad.dtype)
+
+    def _tiled(self, x: torch.Tensor) -> torch.Tensor:
+        y = cpu_kernels.tiled_linear(x.reshape(-1, self.in_features), self.out_features, self.in_features,
+                                     self._dequant_rows)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     # -- shared --------------------------------------------------------------------------------------------------
     def _where(self) -> str:
@@ -377,8 +401,25 @@ class Linear4bit(_QuantLinear):
     @torch.no_grad()
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The (out, in) weight the quantized storage stands for, in `dtype` (default: the compute dtype)."""
+        dtype = dtype or self.compute_dtype
+        if self._cpu_fast(self.absmax):  # the same fp32 products as bnb's dequantize_4bit, several times faster
+            self._portable_layout_()
+            w = self._dequant_rows(0, self.out_features, torch.float32, None)
+            return w if dtype == torch.float32 else w.to(dtype)
         qs = self.quant_state(dtype)
         return _bnb().functional.dequantize_4bit(self._portable_weight(), qs)
+
+    def _dq(self) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
+        return (self.nested_code, self.nested_absmax, float(self.offset)) if self.double_quant else None
+
+    def _dequant_rows(self, n0: int, n1: int, dtype: torch.dtype, out: Optional[torch.Tensor]) -> torch.Tensor:
+        return cpu_kernels.bnb4_dequantize(
+            self.weight, self.out_features, self.in_features, self.absmax, _code(self.quant_type, self.absmax.device),
+            self._dq(), rows=(n0, n1), dtype=dtype, out=out,
+        )
+
+    def _cpu_fast(self, x: torch.Tensor) -> bool:
+        return self.in_features % BLOCKSIZE == 0 and cpu_kernels.usable(x)
 
     # -- layouts -----------------------------------------------------------------------------------------------
     def _on_state_change(self) -> None:
@@ -418,15 +459,24 @@ class Linear4bit(_QuantLinear):
         )
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cpu_kernel_ok(x):
+        rows = x.numel() // self.in_features
+        if self._cpu_kernel_ok(x) and rows <= CPU_KERNEL_MAX_ROWS:  # bnb's fused kernel (bf16, AVX512-BF16 CPUs)
             self._kernel_layout_()
-            rows = x.numel() // self.in_features
-            if rows <= CPU_KERNEL_MAX_ROWS:
-                y = torch.ops.bitsandbytes.gemv_4bit.default(
-                    x.reshape(-1, self.in_features), self.weight, [self.out_features, self.in_features],
-                    self._kernel_absmax, _code(self.quant_type, x.device), self.blocksize,
-                )
-                return y.reshape(*x.shape[:-1], self.out_features)
+            y = torch.ops.bitsandbytes.gemv_4bit.default(
+                x.reshape(-1, self.in_features), self.weight, [self.out_features, self.in_features],
+                self._kernel_absmax, _code(self.quant_type, x.device), self.blocksize,
+            )
+            return y.reshape(*x.shape[:-1], self.out_features)
+        if self._cpu_fast(x):  # litquant's kernels: fused 4-bit matmul for few rows, else tiles + BLAS
+            self._portable_layout_()
+            if rows > GEMV_MAX_ROWS_4BIT:
+                return self._tiled(x)
+            y = cpu_kernels.bnb4_matmul(
+                x.reshape(-1, self.in_features), self.weight, self.out_features, self.in_features, self.absmax,
+                _code(self.quant_type, x.device), self._dq(),
+            )
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self._cpu_kernel_ok(x):
             return torch.nn.functional.linear(x, self.dequantize(x.dtype))
         if self.training:
             self._portable_layout_()
@@ -484,9 +534,20 @@ class Linear8bit(_QuantLinear):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return (self.weight * (self.absmax[:, None] / 127.0)).to(dtype or self.compute_dtype)  # fp32 product
 
+    def _dequant_rows(self, n0: int, n1: int, dtype: torch.dtype, out: Optional[torch.Tensor]) -> torch.Tensor:
+        return cpu_kernels.int8_dequantize(self.weight, self.absmax, rows=(n0, n1), dtype=dtype, out=out)
+
+    def _cpu_fast(self, x: torch.Tensor) -> bool:
+        return cpu_kernels.usable(x)
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8_training:
+            if self._cpu_fast(x):
+                return self._tiled(x)
             return torch.nn.functional.linear(x, self.dequantize(x.dtype))
+        if self._cpu_fast(x) and x.numel() <= GEMV_MAX_ROWS_INT8 * self.in_features:  # fused LLM.int8, same arithmetic
+            y = cpu_kernels.int8_matmul(x.reshape(-1, self.in_features), self.weight, self.absmax, self.threshold)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = x.shape
         x = x.reshape(-1, self.in_features)
         outliers = (x.abs() >= self.threshold).any(dim=0).nonzero().squeeze(1) if self.threshold > 0 else None

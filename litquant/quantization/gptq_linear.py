@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from litquant.errors import UserError
-from litquant.quantization import gptq_format
+from litquant.quantization import cpu_kernels, gptq_format
 
 _KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # the inner group sizes tinygemm supports, largest first
 # Input rows up to which the CPU kernel beats dequantize + matmul (2 cores, 256x768 and 4096x4096 layers): with
@@ -45,6 +45,9 @@ _KERNEL_GROUP_SIZES = (256, 128, 64, 32)  # the inner group sizes tinygemm suppo
 # (256x768) / 26 ms (4096x4096) per row, a win only below ~3 rows.
 CPU_KERNEL_MAX_ROWS_BF16 = 512
 CPU_KERNEL_MAX_ROWS = 2
+# litquant's own CPU kernel (cpu_kernels.c) reads the AutoGPTQ layout as it is (bits 2/4/8, fp32 math): up to this
+# many input rows it multiplies directly, beyond it a tile of W is dequantized at a time and BLAS multiplies.
+GEMV_MAX_ROWS = 8
 _RELEASED = (
     "GPTQLinear released its AutoGPTQ qweight in prepare(keep_source=False) and can only run the int4 kernel"
     " forward without gradients; call prepare(keep_source=True) to train through it"
@@ -100,6 +103,7 @@ class GPTQLinear(nn.Module):
         self._prepared = False
         self._kernel: _Int4Kernel | None = None
         self._w_cache: torch.Tensor | None = None
+        self._ordered: bool | None = None  # g_idx[k] == k // group_size (litquant CPU kernel's fast path)
 
     @classmethod
     def from_linear(
@@ -156,15 +160,19 @@ class GPTQLinear(nn.Module):
             return self._w_cache
         if self.qweight is None:
             raise RuntimeError(_RELEASED)
-        w = gptq_format.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
+        if self._c_kernel_ok(self.qzeros):  # the same fp32 products as gptq_format.dequantize, in C
+            w = self._dequant_t(0, self.out_features, torch.float32, None).t()
+            w = w if dtype == torch.float32 else w.to(dtype)
+        else:
+            w = gptq_format.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, dtype)
         if self.cache_dequantized:
             self._w_cache = w
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._prepared:
-            self.prepare(keep_source=not torch.is_inference_mode_enabled())
         x2d = x.reshape(-1, self.in_features)
+        if not self._prepared and not self._c_kernel_ok(x2d):  # litquant's CPU kernel needs no repacking
+            self.prepare(keep_source=not torch.is_inference_mode_enabled())
         if torch.is_grad_enabled() and x.requires_grad:
             if self.qweight is None:  # fail now, not in the middle of backward
                 raise RuntimeError(_RELEASED)
@@ -185,8 +193,33 @@ class GPTQLinear(nn.Module):
             return dtype == torch.bfloat16
         return _cpu_kernel_supports(dtype)
 
+    def _c_kernel_ok(self, x: torch.Tensor) -> bool:
+        """Whether litquant's CPU kernel serves this input: CPU, bits 2/4/8, qweight present, and not bf16
+        activations unless torch's int4 kernel (faster with bf16) turned out unable to serve the layer."""
+        if self.bits not in (2, 4, 8) or self.qweight is None or not cpu_kernels.usable(x):
+            return False
+        if x.dtype == torch.bfloat16 and not (self._prepared and self._kernel is None):
+            return False
+        return self.out_features % cpu_kernels.lanes() == 0
+
+    def _dequant_t(self, n0: int, n1: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+        return cpu_kernels.gptq_dequantize_t(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                             cols=(n0, n1), dtype=dtype, out=out)
+
+    def _tiled(self, x2d: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        return cpu_kernels.tiled_linear(x2d, self.out_features, self.in_features, self._dequant_t, transpose,
+                                        step=cpu_kernels.lanes(), kn=True)
+
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         k = self._kernel
+        if self._c_kernel_ok(x2d):
+            if x2d.shape[0] > GEMV_MAX_ROWS:
+                return self._tiled(x2d)
+            if self._ordered is None:
+                self._ordered = cpu_kernels.gptq_ordered(self.g_idx, self.group_size)
+            y = cpu_kernels.gptq_matmul(x2d, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
+                                        self.group_size, self._ordered)
+            return y.to(x2d.dtype)
         if k is None or not self.uses_kernel(x2d.dtype) or x2d.device != k.device or not self._kernel_wins(x2d):
             return x2d @ self.dequantized_weight(x2d.dtype).t()
         if k.perm is not None:
@@ -286,7 +319,7 @@ class GPTQLinear(nn.Module):
         if self.qweight is None:  # give the released buffer a slot again so the new qweight can land
             shape = gptq_format.packed_shapes(self.in_features, self.out_features, self.bits, self.group_size)
             self.qweight = torch.empty(shape["qweight"], dtype=torch.int32, device=self.qzeros.device)
-        self._prepared, self._kernel, self._w_cache = False, None, None  # new weights: repack on next use
+        self._prepared, self._kernel, self._w_cache, self._ordered = False, None, None, None  # new weights
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def load_litquant_tensor(
@@ -315,7 +348,7 @@ class GPTQLinear(nn.Module):
         elif dtype is not None:
             tensor = tensor.to(dtype)
         self._buffers[attr] = tensor.to(device)
-        self._prepared, self._kernel, self._w_cache = False, None, None  # new weights: repack on next use
+        self._prepared, self._kernel, self._w_cache, self._ordered = False, None, None, None  # new weights
 
     def litquant_storage(self) -> Any:
         """The int4 kernel's tensors (not buffers), for weight accounting (litquant.utils.weights_line)."""
@@ -340,8 +373,10 @@ class _GPTQMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
-        w = ctx.layer.dequantized_weight(grad_out.dtype)  # [out, in]
-        return grad_out @ w, None
+        layer = ctx.layer
+        if layer._c_kernel_ok(grad_out.float()):
+            return layer._tiled(grad_out, transpose=True), None
+        return grad_out @ layer.dequantized_weight(grad_out.dtype), None
 
 
 @functools.cache

@@ -157,12 +157,17 @@ class GPTQPrecision(LitquantPrecision):
         return super().convert_module(module)
 
     def after_load(self, model: nn.Module) -> nn.Module:
-        """Repack 4-bit layers for the int4 kernel now that they sit on their device. The AutoGPTQ qweight is
-        released (4-bit memory) unless asked to keep it, or unless the CPU kernel would serve only decoding:
-        with fp32/fp16 activations it is slower than dequantize + matmul beyond 2 input rows."""
+        """Make each layer ready for its kernel now that it sits on its device. On CPU with fp32/fp16 activations
+        litquant's kernel reads the AutoGPTQ layout as it is: nothing to repack. Otherwise 4-bit layers are
+        repacked for torch's int4 kernel and the AutoGPTQ qweight released (4-bit memory) unless asked to keep it,
+        or unless that kernel would serve only decoding (fp32/fp16 on CPU without litquant's kernels)."""
+        probe = torch.empty(0, dtype=self.dtype)
         for m in model.modules():
             if isinstance(m, GPTQLinear):
-                cpu_decode_only = m.qzeros.device.type == "cpu" and self.dtype != torch.bfloat16
+                on_cpu = m.qzeros.device.type == "cpu"
+                if on_cpu and m._c_kernel_ok(probe):
+                    continue
+                cpu_decode_only = on_cpu and self.dtype != torch.bfloat16
                 m.prepare(keep_source=self.keep_source or cpu_decode_only)
         return model
 

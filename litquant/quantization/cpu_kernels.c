@@ -1,0 +1,554 @@
+// litquant's CPU kernels for quantized Linears: small-M matmul straight from the stored layouts, and row-range
+// dequantization for everything wider. Plain C (no torch headers), built on first use by cpu_kernels.py with
+// `cc -O3 -march=native -fopenmp` and called through ctypes; OpenMP resolves to the libgomp torch has loaded, so
+// the kernels share torch's thread pool. Activations and outputs are fp32; the weights are read as stored.
+//
+// Layouts (see bnb.py and gptq_format.py):
+//   bnb 4-bit  codes of the (N, K) weight row-major, two per byte, first in the high nibble; one absmax per 64
+//              elements (fp32, or uint8 codes into `ncode` times `nabsmax` per 256 blocks, plus `offset`).
+//   int8       (N, K) int8 row-major (LLM.int8 storage).
+//   GPTQ       qweight int32 (K*bits/32, N) packed along K, lowest bits first; qzeros int32 (G, N*bits/32) packed
+//              along N, stored as zero-1; scales fp16 (G, N); g_idx int32 (K,). W[n,k] = s[g,n]*(q - z[g,n]).
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define BNB_BLOCK 64
+#define BNB_NESTED 256
+
+// ---- a few vector operations, so that one kernel body serves AVX-512, AVX2 and plain C ----------------------
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define V 16
+typedef __m512 vf;
+typedef __m512i vi;
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vset1(float a) { return _mm512_set1_ps(a); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline vi vloadi(const int32_t *p) { return _mm512_loadu_si512((const void *)p); }
+static inline vf vbits(vi w, int sh, int mask) {  // ((w >> sh) & mask) as floats
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(w, sh), _mm512_set1_epi32(mask)));
+}
+static inline vf vhalf(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vi vbytes(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+static inline vf vzeros(const int32_t *qz, int64_t n, int bits, int lp) {  // GPTQ zero points of columns n..n+V-1
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i words = _mm512_maskz_loadu_epi32((__mmask16)((1u << (V >> lp)) - 1), qz + (n >> lp));
+    const __m512i sh = _mm512_mullo_epi32(_mm512_and_si512(lane, _mm512_set1_epi32((1 << lp) - 1)), _mm512_set1_epi32(bits));
+    const __m512i z = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_srli_epi32(lane, lp), words), sh);
+    return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_and_si512(z, _mm512_set1_epi32((1 << bits) - 1)), _mm512_set1_epi32(1)));
+}
+typedef __m512 vlut;
+static inline vlut lut_load(const float *t) { return _mm512_loadu_ps(t); }
+static inline vf lut_get(vlut t, vi idx) { return _mm512_permutexvar_ps(idx, t); }  // low 4 bits of idx
+#elif defined(__AVX2__) && defined(__FMA__)
+#define V 8
+typedef __m256 vf;
+typedef __m256i vi;
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vset1(float a) { return _mm256_set1_ps(a); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline float vsum(vf a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+static inline vi vloadi(const int32_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vf vbits(vi w, int sh, int mask) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, sh), _mm256_set1_epi32(mask)));
+}
+static inline vf vhalf(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline vi vbytes(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+static inline vf vzeros(const int32_t *qz, int64_t n, int bits, int lp) {
+    const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+    const int nw = (V >> lp) > 0 ? (V >> lp) : 1;
+    const __m256i words = _mm256_maskload_epi32(qz + (n >> lp), _mm256_cmpgt_epi32(_mm256_set1_epi32(nw), lane));
+    const __m256i sh = _mm256_mullo_epi32(_mm256_and_si256(lane, _mm256_set1_epi32((1 << lp) - 1)), _mm256_set1_epi32(bits));
+    const __m256i z = _mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, _mm256_srli_epi32(lane, lp)), sh);
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_and_si256(z, _mm256_set1_epi32((1 << bits) - 1)), _mm256_set1_epi32(1)));
+}
+typedef struct { __m256 lo, hi; } vlut;
+static inline vlut lut_load(const float *t) { vlut r = {_mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)}; return r; }
+static inline vf lut_get(vlut t, vi idx) {  // 16-entry table: bit 3 of idx picks the half
+    __m256 a = _mm256_permutevar8x32_ps(t.lo, idx), b = _mm256_permutevar8x32_ps(t.hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+#else
+#define V 1
+typedef float vf;
+typedef int32_t vi;
+static inline vf vzero(void) { return 0.0f; }
+static inline vf vset1(float a) { return a; }
+static inline vf vload(const float *p) { return *p; }
+static inline void vstore(float *p, vf a) { *p = a; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline vf vmul(vf a, vf b) { return a * b; }
+static inline vf vsub(vf a, vf b) { return a - b; }
+static inline vf vadd(vf a, vf b) { return a + b; }
+static inline float vsum(vf a) { return a; }
+static inline vi vloadi(const int32_t *p) { return *p; }
+static inline vf vbits(vi w, int sh, int mask) { return (float)(((uint32_t)w >> sh) & (uint32_t)mask); }
+static float f16_to_f32(uint16_t h);
+static inline vf vhalf(const uint16_t *p) { return f16_to_f32(*p); }
+static inline vi vbytes(const uint8_t *p) { return *p; }
+static inline vf vzeros(const int32_t *qz, int64_t n, int bits, int lp) {
+    return (float)((((uint32_t)qz[n >> lp]) >> (bits * (n & ((1 << lp) - 1)))) & ((1u << bits) - 1)) + 1.0f;
+}
+typedef const float *vlut;
+static inline vlut lut_load(const float *t) { return t; }
+static inline vf lut_get(vlut t, vi idx) { return t[idx & 15]; }
+#endif
+
+int lq_version(void) { return 4; }
+int lq_lanes(void) { return V; }
+
+static inline uint16_t f32_to_bf16(float f) {  // round to nearest even (weights are finite)
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, u;
+    if (exp == 0 && man == 0) {
+        u = sign;
+    } else if (exp == 0) {  // subnormal
+        exp = 127 - 15 + 1;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        u = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    } else if (exp == 31) {
+        u = sign | 0x7F800000 | (man << 13);
+    } else {
+        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline void store_row(void *out, int64_t i, int64_t K, const float *v, int bf16) {
+    if (bf16) {
+        uint16_t *o = (uint16_t *)out + i * K;
+        for (int64_t k = 0; k < K; k++) o[k] = f32_to_bf16(v[k]);
+    } else {
+        memcpy((float *)out + i * K, v, K * sizeof(float));
+    }
+}
+
+static inline int nthreads_for(int64_t work, int nthreads) {  // small problems: one thread (no fork/join)
+    return work < (1 << 16) ? 1 : nthreads;
+}
+
+// ---- bitsandbytes 4-bit ----------------------------------------------------------------------------------------
+// y[M, N] = x[M, K] @ W^T: output n is a dot product along K/2 contiguous bytes. K % (2V) == 0 and K % 64 == 0
+// (the caller checks). x is first reordered per chunk of 2V elements: the V even ones, then the V odd ones, so the
+// high nibbles of V consecutive bytes meet the even elements and the low nibbles the odd ones, without shuffles.
+
+static inline void bnb_absmax(float *out, int64_t b0, int64_t nb, const float *absmax, const uint8_t *qabsmax,
+                              const float *ncode, const float *nabsmax, float offset) {
+    if (qabsmax == NULL) {
+        memcpy(out, absmax + b0, nb * sizeof(float));
+        return;
+    }
+    for (int64_t i = 0; i < nb; i++) {  // double quantization undone as bnb does it
+        int64_t b = b0 + i;
+        out[i] = ncode[qabsmax[b]] * nabsmax[b / BNB_NESTED] + offset;
+    }
+}
+
+static inline __attribute__((always_inline)) void bnb4_row(const uint8_t *row, const float *am, int64_t K, const float *xr, int mb, vlut lut,
+                            float *out) {
+    vf acc[4][2];
+    for (int m = 0; m < 4; m++) acc[m][0] = acc[m][1] = vzero();
+    for (int64_t k = 0; k < K; k += 2 * V) {
+        const vf a = vset1(am[k / BNB_BLOCK]);
+        vi codes = vbytes(row + k / 2);
+#if V == 1
+        vi hi = codes >> 4;
+#elif V == 8
+        vi hi = _mm256_srli_epi32(codes, 4);
+        codes = _mm256_and_si256(codes, _mm256_set1_epi32(15));
+#else
+        vi hi = _mm512_srli_epi32(codes, 4);
+#endif
+        const vf we = vmul(lut_get(lut, hi), a), wo = vmul(lut_get(lut, codes), a);
+        for (int m = 0; m < mb; m++) {
+            const float *xm = xr + m * K + k;
+            acc[m][0] = vfma(we, vload(xm), acc[m][0]);
+            acc[m][1] = vfma(wo, vload(xm + V), acc[m][1]);
+        }
+    }
+    for (int m = 0; m < mb; m++) out[m] = vsum(acc[m][0]) + vsum(acc[m][1]);
+}
+
+void lq_bnb4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *absmax,
+                  const uint8_t *qabsmax, const float *ncode, const float *nabsmax, float offset, const float *lut,
+                  float *y, float *xr /* M * K scratch */, int nthreads) {
+    const int64_t bpr = K / BNB_BLOCK;  // blocks per row
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < K; c += 2 * V)
+            for (int i = 0; i < V; i++) {
+                xr[m * K + c + i] = x[m * K + c + 2 * i];
+                xr[m * K + c + V + i] = x[m * K + c + 2 * i + 1];
+            }
+#pragma omp parallel num_threads(nthreads_for(N * K * M, nthreads))
+    {
+        float *am = malloc(bpr * sizeof(float));
+        const vlut t = lut_load(lut);
+        float out[4];
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            bnb_absmax(am, n * bpr, bpr, absmax, qabsmax, ncode, nabsmax, offset);
+            for (int64_t m0 = 0; m0 < M; m0 += 4) {
+                int mb = (int)(M - m0 < 4 ? M - m0 : 4);
+                const uint8_t *row = w + n * (K / 2);
+                switch (mb) {  // constant mb: the accumulators stay in registers
+                    case 1: bnb4_row(row, am, K, xr + m0 * K, 1, t, out); break;
+                    case 2: bnb4_row(row, am, K, xr + m0 * K, 2, t, out); break;
+                    case 3: bnb4_row(row, am, K, xr + m0 * K, 3, t, out); break;
+                    default: bnb4_row(row, am, K, xr + m0 * K, 4, t, out);
+                }
+                for (int m = 0; m < mb; m++) y[(m0 + m) * N + n] = out[m];
+            }
+        }
+        free(am);
+    }
+}
+
+// one row of W in fp32, in order (lut value * absmax, the product bnb's dequantize computes)
+static inline void bnb4_decode_row(const uint8_t *row, const float *am, int64_t K, vlut t, float *v) {
+    for (int64_t k = 0; k < K; k += 2 * V) {
+        const vf a = vset1(am[k / BNB_BLOCK]);
+        vi codes = vbytes(row + k / 2);
+#if V == 16
+        const vf we = vmul(lut_get(t, _mm512_srli_epi32(codes, 4)), a), wo = vmul(lut_get(t, codes), a);
+        const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+        _mm512_storeu_ps(v + k, _mm512_permutex2var_ps(we, lo, wo));
+        _mm512_storeu_ps(v + k + 16, _mm512_permutex2var_ps(we, hi, wo));
+#elif V == 8
+        const vf we = vmul(lut_get(t, _mm256_srli_epi32(codes, 4)), a);
+        const vf wo = vmul(lut_get(t, _mm256_and_si256(codes, _mm256_set1_epi32(15))), a);
+        const __m256 l = _mm256_unpacklo_ps(we, wo), h = _mm256_unpackhi_ps(we, wo);  // per 128-bit lane
+        _mm256_storeu_ps(v + k, _mm256_permute2f128_ps(l, h, 0x20));
+        _mm256_storeu_ps(v + k + 8, _mm256_permute2f128_ps(l, h, 0x31));
+#else
+        v[k] = lut_get(t, codes >> 4) * am[k / BNB_BLOCK];
+        v[k + 1] = lut_get(t, codes) * am[k / BNB_BLOCK];
+#endif
+    }
+}
+
+// rows [n0, n1) of the dequantized weight into out (fp32, or bf16 if out_bf16): code value * absmax in fp32, as bnb
+void lq_bnb4_dequant(const uint8_t *w, int64_t N, int64_t K, const float *absmax, const uint8_t *qabsmax,
+                     const float *ncode, const float *nabsmax, float offset, const float *lut, int64_t n0, int64_t n1,
+                     void *out, int out_bf16, int nthreads) {
+    const int64_t bpr = K / BNB_BLOCK;
+    (void)N;
+#pragma omp parallel num_threads(nthreads_for((n1 - n0) * K, nthreads))
+    {
+        float *am = malloc(bpr * sizeof(float)), *v = malloc(K * sizeof(float));
+        const vlut t = lut_load(lut);
+#pragma omp for schedule(static)
+        for (int64_t n = n0; n < n1; n++) {
+            bnb_absmax(am, n * bpr, bpr, absmax, qabsmax, ncode, nabsmax, offset);
+            bnb4_decode_row(w + n * (K / 2), am, K, t, v);
+            store_row(out, n - n0, K, v, out_bf16);
+        }
+        free(am);
+        free(v);
+    }
+}
+
+// ---- int8: LLM.int8 ---------------------------------------------------------------------------------------------
+// y[M, N] = LLM.int8(x[M, K], W): input columns holding any |x| >= threshold multiply in fp32 with the dequantized
+// weight; every other column is quantized per row of x to int8 (absmax of the row's remaining values) and multiplied
+// exactly in int32 with the int8 weight, then rescaled by both absmaxes / 127^2 (the arithmetic of bnb.py's torch
+// path, step for step). work: M * K int8 + K int32 + M floats.
+
+static inline int32_t dot_i8(const int8_t *a, const int8_t *b, int64_t K) {
+    int32_t s = 0;
+    int64_t k = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    __m512i acc = _mm512_setzero_si512();
+    for (; k + 32 <= K; k += 32) {
+        __m512i av = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(a + k)));
+        __m512i bv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(b + k)));
+        acc = _mm512_add_epi32(acc, _mm512_madd_epi16(av, bv));
+    }
+    s = _mm512_reduce_add_epi32(acc);
+#elif defined(__AVX2__)
+    __m256i acc = _mm256_setzero_si256();
+    for (; k + 16 <= K; k += 16) {
+        __m256i av = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(a + k)));
+        __m256i bv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + k)));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(av, bv));
+    }
+    int32_t part[8];
+    _mm256_storeu_si256((__m256i *)part, acc);
+    for (int i = 0; i < 8; i++) s += part[i];
+#endif
+    for (; k < K; k++) s += (int32_t)a[k] * b[k];
+    return s;
+}
+
+void lq_int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const float *absmax, int64_t N,
+                  float threshold, float *y, void *work, int nthreads) {
+    int8_t *xq = (int8_t *)work;
+    int32_t *outl = (int32_t *)(xq + ((M * K + 63) / 64) * 64);
+    float *xabs = (float *)(outl + K);
+    int64_t n_out = 0;
+    for (int64_t k = 0; k < K; k++) {
+        int is_out = 0;
+        for (int64_t m = 0; m < M && threshold > 0; m++) is_out |= __builtin_fabsf(x[m * K + k]) >= threshold;
+        if (is_out) outl[n_out++] = (int32_t)k;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        int8_t *qm = xq + m * K;
+        float a = 0.0f;
+        int64_t o = 0;
+        for (int64_t k = 0; k < K; k++) {
+            if (o < n_out && outl[o] == k) { o++; continue; }
+            const float v = __builtin_fabsf(xm[k]);
+            a = v > a ? v : a;
+        }
+        xabs[m] = a;
+        const float scale = a > 0 ? 127.0f / a : 0.0f;
+        o = 0;
+        for (int64_t k = 0; k < K; k++) {
+            if (o < n_out && outl[o] == k) { qm[k] = 0; o++; continue; }
+            qm[k] = (int8_t)__builtin_nearbyintf(xm[k] * scale);  // round half to even, as torch.round
+        }
+    }
+#pragma omp parallel for schedule(static) num_threads(nthreads_for(N * K * M, nthreads))
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *row = w + n * K;
+        const float wd = absmax[n] / 127.0f;
+        for (int64_t m = 0; m < M; m++) {
+            float v = (float)dot_i8(xq + m * K, row, K) * (xabs[m] * absmax[n] / 16129.0f);
+            if (n_out) {
+                float extra = 0.0f;
+                for (int64_t o = 0; o < n_out; o++) extra += x[m * K + outl[o]] * ((float)row[outl[o]] * wd);
+                v += extra;
+            }
+            y[m * N + n] = v;
+        }
+    }
+}
+
+// rows [n0, n1) of W = w * (absmax / 127), the product in fp32 as bnb.py's dequantize does it
+void lq_int8_dequant(const int8_t *w, int64_t N, int64_t K, const float *absmax, int64_t n0, int64_t n1, void *out,
+                     int out_bf16, int nthreads) {
+    (void)N;
+#pragma omp parallel num_threads(nthreads_for((n1 - n0) * K, nthreads))
+    {
+        float *v = malloc(K * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t n = n0; n < n1; n++) {
+            const float s = absmax[n] / 127.0f;
+            for (int64_t k = 0; k < K; k++) v[k] = (float)w[n * K + k] * s;
+            store_row(out, n - n0, K, v, out_bf16);
+        }
+        free(v);
+    }
+}
+
+// ---- GPTQ (AutoGPTQ layout, bits 2, 4 or 8) -------------------------------------------------------------------
+// Vectorised across output columns; each thread owns a contiguous range of columns and streams qweight row by row
+// (a row of its range is contiguous, so the reads are sequential). Groups are visited one at a time:
+// acc[n] = sum over k in group g of q[k, n] * x[k], then y[n] += s[g, n] * (acc[n] - z[g, n] * sum_{k in g} x[k]).
+// `order` lists the input channels group by group (act-order checkpoints); NULL means g_idx[k] = k / group_size,
+// so each packed word lies within one group and is loaded once.
+
+#define GPTQ_MB 4
+
+static inline int gptq_lp(int bits) { return bits == 2 ? 4 : bits == 4 ? 3 : 2; }  // log2 of values per int32
+
+static inline int gptq_zero(const int32_t *qzeros, int64_t g, int64_t n, int64_t zcols, int bits) {
+    const int lp = gptq_lp(bits);
+    return (int)(((uint32_t)qzeros[g * zcols + (n >> lp)] >> (bits * (n & ((1 << lp) - 1)))) & ((1u << bits) - 1)) + 1;
+}
+
+// g_idx[k] = k / group_size: each group is a run of whole rows of qweight; acc holds one group at a time
+static inline __attribute__((always_inline)) void gptq_ordered(
+    const float *x, int mb, int64_t K, const int32_t *qw, int64_t N, int64_t g0, int64_t g1, const int32_t *qzeros,
+    const uint16_t *scales, int64_t group_size, int64_t G, int bits, const float *xsum, float *acc /* mb * N */,
+    float *y /* mb * N, accumulated into */) {
+    const int lp = gptq_lp(bits), per = 1 << lp, mask = (1 << bits) - 1;
+    const int64_t zcols = (N * bits + 31) / 32;
+    for (int64_t g = g0; g < g1; g++) {
+        memset(acc, 0, mb * N * sizeof(float));
+        const int64_t r1 = ((g + 1) * group_size < K ? (g + 1) * group_size : K) >> lp;
+        for (int64_t r = (g * group_size) >> lp; r < r1; r++) {
+            const int32_t *wrow = qw + r * N;
+            const float *xr = x + (r << lp);
+            for (int64_t c = 0; c < N; c += V) {
+                const vi w = vloadi(wrow + c);
+                vf a[GPTQ_MB];
+                for (int m = 0; m < mb; m++) a[m] = vload(acc + m * N + c);
+                for (int j = 0; j < per; j++) {
+                    const vf q = vbits(w, bits * j, mask);
+                    for (int m = 0; m < mb; m++) a[m] = vfma(q, vset1(xr[m * K + j]), a[m]);
+                }
+                for (int m = 0; m < mb; m++) vstore(acc + m * N + c, a[m]);
+            }
+        }
+        for (int64_t c = 0; c < N; c += V) {
+            const vf s = vhalf(scales + g * N + c), z = vzeros(qzeros + g * zcols, c, bits, lp);
+            for (int m = 0; m < mb; m++) {
+                const vf d = vsub(vload(acc + m * N + c), vmul(z, vset1(xsum[m * G + g])));
+                vstore(y + m * N + c, vfma(s, d, vload(y + m * N + c)));
+            }
+        }
+    }
+}
+
+// any g_idx (act-order): rows [r0, r1) of qweight, each input channel into its group's accumulator
+static inline __attribute__((always_inline)) void gptq_any_order(
+    const float *x, int mb, int64_t K, const int32_t *qw, int64_t N, int64_t r0, int64_t r1, const int32_t *g_idx,
+    int64_t G, int bits, float *acc /* mb * G * N, accumulated into */) {
+    const int lp = gptq_lp(bits), per = 1 << lp, mask = (1 << bits) - 1;
+    for (int64_t r = r0; r < r1; r++) {
+        const int32_t *wrow = qw + r * N;
+        for (int j = 0; j < per; j++) {
+            const int64_t k = (r << lp) + j;
+            float *ag = acc + g_idx[k] * N;
+            vf xb[GPTQ_MB];
+            for (int m = 0; m < mb; m++) xb[m] = vset1(x[m * K + k]);
+            for (int64_t c = 0; c < N; c += V) {
+                const vf q = vbits(vloadi(wrow + c), bits * j, mask);
+                for (int m = 0; m < mb; m++) vstore(ag + m * G * N + c, vfma(q, xb[m], vload(ag + m * G * N + c)));
+            }
+        }
+    }
+}
+
+int64_t lq_gptq_work(int64_t M, int64_t N, int64_t G, int ordered, int nthreads) {  // floats of scratch
+    const int64_t mb = M < GPTQ_MB ? M : GPTQ_MB;
+    return M * G + (int64_t)nthreads * (ordered ? 2 * mb * N : mb * G * N);
+}
+
+// N % lq_gptq_tile() == 0 (the caller checks); work: lq_gptq_work(...) floats. Threads split qweight by rows (each
+// streams its own part of the matrix, whole rows at a time) and add their partial results at the end.
+void lq_gptq_gemm(const float *x, int64_t M, int64_t K, const int32_t *qweight, int64_t N, const int32_t *qzeros,
+                  const uint16_t *scales, const int32_t *g_idx, int ordered, int64_t group_size, int64_t G, int bits,
+                  float *y, float *work, int nthreads) {
+    const int lp = gptq_lp(bits);
+    const int64_t zcols = (N * bits + 31) / 32, rows = K >> lp;
+    float *xsum = work, *part = work + M * G;
+    memset(xsum, 0, M * G * sizeof(float));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xsum[m * G + g_idx[k]] += x[m * K + k];
+    int nt = nthreads_for(N * K * M, nthreads);
+    if (ordered && nt > G) nt = (int)G;
+    const int64_t mbmax = M < GPTQ_MB ? M : GPTQ_MB, stride = ordered ? 2 * mbmax * N : mbmax * G * N;
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+        const int64_t tid = 0, nth = 1;
+#endif
+        float *mine = part + tid * stride;
+        const int64_t c0 = N * tid / nth / V * V, c1 = N * (tid + 1) / nth / V * V;  // this thread's columns to sum
+        for (int64_t m0 = 0; m0 < M; m0 += GPTQ_MB) {
+            const int mb = (int)(M - m0 < GPTQ_MB ? M - m0 : GPTQ_MB);
+            if (ordered) {
+                float *yp = mine + mbmax * N;
+                const int64_t g0 = G * tid / nth, g1 = G * (tid + 1) / nth;
+                memset(yp, 0, mb * N * sizeof(float));
+#define RUN(MB) gptq_ordered(x + m0 * K, MB, K, qweight, N, g0, g1, qzeros, scales, group_size, G, bits, xsum + m0 * G, \
+                             mine, yp)
+                switch (mb) {  // constant mb: the loops over rows of x unroll
+                    case 1: RUN(1); break;
+                    case 2: RUN(2); break;
+                    case 3: RUN(3); break;
+                    default: RUN(4);
+                }
+#undef RUN
+#pragma omp barrier
+                const int64_t e1 = tid == nth - 1 ? N : c1;
+                for (int64_t m = 0; m < mb; m++)
+                    for (int64_t c = c0; c < e1; c++) {
+                        float sum = 0.0f;
+                        for (int64_t t = 0; t < nth; t++) sum += part[t * stride + mbmax * N + m * N + c];
+                        y[(m0 + m) * N + c] = sum;
+                    }
+            } else {
+                const int64_t r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth;
+                memset(mine, 0, mb * G * N * sizeof(float));
+#define RUN(MB) gptq_any_order(x + m0 * K, MB, K, qweight, N, r0, r1, g_idx, G, bits, mine)
+                switch (mb) {
+                    case 1: RUN(1); break;
+                    case 2: RUN(2); break;
+                    case 3: RUN(3); break;
+                    default: RUN(4);
+                }
+#undef RUN
+#pragma omp barrier
+                const int64_t e1 = tid == nth - 1 ? N : c1;
+                for (int64_t m = 0; m < mb; m++) {
+                    float *ym = y + (m0 + m) * N;
+                    for (int64_t c = c0; c < e1; c++) ym[c] = 0.0f;
+                    for (int64_t g = 0; g < G; g++) {
+                        const float xs = xsum[(m0 + m) * G + g];
+                        for (int64_t c = c0; c < e1; c += V) {
+                            vf a = vzero();
+                            for (int64_t t = 0; t < nth; t++) a = vadd(a, vload(part + t * stride + (m * G + g) * N + c));
+                            const vf s = vhalf(scales + g * N + c), z = vzeros(qzeros + g * zcols, c, bits, lp);
+                            vstore(ym + c, vfma(s, vsub(a, vmul(z, vset1(xs))), vload(ym + c)));
+                        }
+                    }
+                }
+            }
+#pragma omp barrier
+        }
+    }
+}
+
+int lq_gptq_tile(void) { return V; }
+
+// columns [n0, n1) of W^T (K rows of n1 - n0 values, input channels in their original order) into out: the
+// direction qweight is stored in, so the reads are contiguous and vectorised. s * (q - z) in fp32, as
+// gptq_format.dequantize computes it. n0 and n1 are multiples of V.
+void lq_gptq_dequant_t(const int32_t *qweight, int64_t N, int64_t K, const int32_t *qzeros, const uint16_t *scales,
+                       const int32_t *g_idx, int bits, int64_t n0, int64_t n1, void *out, int out_bf16,
+                       int nthreads) {
+    const int lp = gptq_lp(bits), mask = (1 << bits) - 1;
+    const int64_t zcols = (N * bits + 31) / 32, nc = n1 - n0;
+#pragma omp parallel num_threads(nthreads_for(nc * K, nthreads))
+    {
+        float *v = malloc(nc * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t k = 0; k < K; k++) {
+            const int64_t g = g_idx[k];
+            const int32_t *wrow = qweight + (k >> lp) * N;
+            const int sh = bits * (int)(k & ((1 << lp) - 1));
+            for (int64_t c = n0; c < n1; c += V) {
+                const vf q = vbits(vloadi(wrow + c), sh, mask);
+                const vf z = vzeros(qzeros + g * zcols, c, bits, lp);
+                vstore(v + c - n0, vmul(vhalf(scales + g * N + c), vsub(q, z)));
+            }
+            store_row(out, k, nc, v, out_bf16);
+        }
+        free(v);
+    }
+}

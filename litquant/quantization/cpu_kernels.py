@@ -1,0 +1,268 @@
+"""litquant's CPU kernels (cpu_kernels.c): built on first use with the system C compiler, called through ctypes.
+
+Why a C file and not torch.compile or a torch kernel: docs/ARCHITECTURE.md ("CPU kernels") has the measurements.
+The build is `cc -O3 -march=native -fopenmp -shared`, cached under ~/.cache/litquant/kernels keyed by the source,
+the compiler and the CPU; without a compiler (or with LITQUANT_CPU_KERNELS=0) `lib()` is None and the callers keep
+their torch paths. Every function takes contiguous CPU tensors; activations and outputs are fp32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+TILE_ELEMENTS = 1 << 22  # wide inputs: dequantize this many weights at a time, then matmul (bounded scratch)
+_P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "lq_version": ([], _INT),
+    "lq_lanes": ([], _INT),
+    "lq_gptq_tile": ([], _INT),
+    "lq_bnb4_gemm": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _F32, _P, _P, _P, _INT], None),
+    "lq_bnb4_dequant": ([_P, _I64, _I64, _P, _P, _P, _P, _F32, _P, _I64, _I64, _P, _INT, _INT], None),
+    "lq_int8_gemm": ([_P, _I64, _I64, _P, _P, _I64, _F32, _P, _P, _INT], None),
+    "lq_int8_dequant": ([_P, _I64, _I64, _P, _I64, _I64, _P, _INT, _INT], None),
+    "lq_gptq_gemm": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT, _P, _P, _INT], None),
+    "lq_gptq_work": ([_I64, _I64, _I64, _INT, _INT], _I64),
+    "lq_gptq_dequant_t": ([_P, _I64, _I64, _P, _P, _P, _INT, _I64, _I64, _P, _INT, _INT], None),
+}
+build_error: Optional[str] = None  # why lib() is None, for the one-line notice
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> Optional[str]:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LITQUANT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "litquant")
+    return Path(root).expanduser() / "kernels"
+
+
+def _build(cc: str, so: Path) -> None:
+    so.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=so.stem, suffix=".so", dir=so.parent)
+    os.close(fd)
+    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
+           str(SOURCE), "-o", tmp]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise OSError(f"{' '.join(cmd[:3])} failed: {(r.stderr.strip().splitlines() or ['?'])[0]}")
+        os.replace(tmp, so)  # atomic: a concurrent build of the same key writes the same bytes
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def lib() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, or None (no x86-64/Linux, no compiler, disabled, or the build failed)."""
+    global build_error
+    if os.environ.get("LITQUANT_CPU_KERNELS", "1") == "0":
+        build_error = "disabled by LITQUANT_CPU_KERNELS=0"
+        return None
+    if sys.platform != "linux":
+        build_error = f"not built on {sys.platform}"
+        return None
+    cc = _compiler()
+    if cc is None:
+        build_error = "no C compiler found (install gcc, or set CC)"
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_id().encode()).hexdigest()[:16]
+        so = _cache_dir() / f"litquant_cpu_{key}.so"
+        if not so.is_file():
+            _build(cc, so)
+        torch.get_num_threads()  # torch (and its libgomp) is loaded first, so the kernels share its OpenMP runtime
+        handle = ctypes.CDLL(str(so))
+    except (OSError, subprocess.SubprocessError) as e:
+        build_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return None
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(handle, name)
+        fn.argtypes, fn.restype = args, res
+    return handle
+
+
+def isa() -> str:
+    """What the kernels were compiled for: avx512, avx2 or scalar ('' when unavailable)."""
+    k = lib()
+    return "" if k is None else {16: "avx512", 8: "avx2"}.get(k.lq_lanes(), "scalar")
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the kernels can take this input: a CPU tensor, and the library built."""
+    return x.device.type == "cpu" and lib() is not None
+
+
+def lanes() -> int:
+    """Output columns the GPTQ kernel handles per vector (out_features must be a multiple)."""
+    return lib().lq_gptq_tile()
+
+
+_scratch: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A reused scratch buffer (allocating 16 MB per call would page-fault it in every time)."""
+    buf = _scratch.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+def tiled_linear(x: torch.Tensor, n: int, k: int, dequant, transpose: bool = False, step: int = 1,
+                 kn: bool = False) -> torch.Tensor:
+    """x @ W^T (or x @ W with transpose=True, for the input gradient) in x's dtype, with the (n, k) weight
+    dequantized by `dequant(n0, n1, dtype, out)` at most TILE_ELEMENTS at a time into a reused buffer: memory
+    stays at the quantized size plus one tile, and the matmul is torch's (BLAS). `dequant` fills rows n0..n1 of W
+    as an (n1 - n0, k) tile, or with kn=True columns of W^T as a (k, n1 - n0) tile; tiles are multiples of `step`."""
+    dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+    x2 = x.reshape(-1, n if transpose else k).to(dtype)
+    rows = min(n, max(step, TILE_ELEMENTS // k // step * step))
+    out = torch.zeros(x2.shape[0], k, dtype=dtype) if transpose else None
+    parts = []
+    for n0 in range(0, n, rows):
+        n1 = min(n, n0 + rows)
+        buf = _buffer((n1 - n0) * k, dtype)
+        w = dequant(n0, n1, dtype, buf.view(k, n1 - n0) if kn else buf.view(n1 - n0, k))
+        w = w.t() if kn else w  # (n1 - n0, k) either way
+        if transpose:
+            out.addmm_(x2[:, n0:n1], w)
+        elif rows >= n:
+            return (x2 @ w.t()).to(x.dtype)
+        else:
+            parts.append(x2 @ w.t())
+    return (out if transpose else torch.cat(parts, dim=1)).to(x.dtype)
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).contiguous()
+
+
+# ---- bitsandbytes 4-bit -------------------------------------------------------------------------------------
+
+
+def bnb4_matmul(x: torch.Tensor, w: torch.Tensor, n: int, k: int, absmax: torch.Tensor, lut: torch.Tensor,
+                dq: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None) -> torch.Tensor:
+    """x (M, K) @ W^T -> (M, N) fp32, W the (N, K) bnb 4-bit weight `w` with per-64 `absmax` (fp32, or uint8 codes
+    with dq = (nested_code, nested_absmax, offset))."""
+    x = _f32(x)
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    ncode, nabs, off = dq if dq is not None else (None, None, 0.0)
+    work = torch.empty_like(x)
+    lib().lq_bnb4_gemm(
+        x.data_ptr(), x.shape[0], k, w.data_ptr(), n, None if dq else absmax.data_ptr(),
+        absmax.data_ptr() if dq else None, _ptr(ncode), _ptr(nabs), off, lut.data_ptr(), y.data_ptr(),
+        work.data_ptr(), _threads(),
+    )
+    return y
+
+
+def bnb4_dequantize(w: torch.Tensor, n: int, k: int, absmax: torch.Tensor, lut: torch.Tensor,
+                    dq: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None, rows: tuple[int, int] = None,
+                    dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    n0, n1 = rows or (0, n)
+    out = torch.empty(n1 - n0, k, dtype=dtype) if out is None else out
+    ncode, nabs, off = dq if dq is not None else (None, None, 0.0)
+    lib().lq_bnb4_dequant(
+        w.data_ptr(), n, k, None if dq else absmax.data_ptr(), absmax.data_ptr() if dq else None, _ptr(ncode),
+        _ptr(nabs), off, lut.data_ptr(), n0, n1, out.data_ptr(), int(dtype == torch.bfloat16), _threads(),
+    )
+    return out
+
+
+# ---- int8 ---------------------------------------------------------------------------------------------------
+
+
+def int8_matmul(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, threshold: float) -> torch.Tensor:
+    """LLM.int8: x (M, K) @ W^T -> (M, N) fp32, W = w (N, K) int8 * absmax / 127; outlier columns (any |x| >=
+    threshold) in fp32, the rest quantized per row of x and multiplied exactly in int32."""
+    x = _f32(x)
+    m, k = x.shape
+    n = w.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    work = torch.empty(m * k + 64 + 4 * k + 4 * m, dtype=torch.uint8)
+    lib().lq_int8_gemm(x.data_ptr(), m, k, w.data_ptr(), absmax.data_ptr(), n, threshold, y.data_ptr(),
+                       work.data_ptr(), _threads())
+    return y
+
+
+def int8_dequantize(w: torch.Tensor, absmax: torch.Tensor, rows: tuple[int, int] = None,
+                    dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    n, k = w.shape
+    n0, n1 = rows or (0, n)
+    out = torch.empty(n1 - n0, k, dtype=dtype) if out is None else out
+    lib().lq_int8_dequant(w.data_ptr(), n, k, absmax.data_ptr(), n0, n1, out.data_ptr(),
+                          int(dtype == torch.bfloat16), _threads())
+    return out
+
+
+# ---- GPTQ ---------------------------------------------------------------------------------------------------
+
+
+def gptq_ordered(g_idx: torch.Tensor, group_size: int) -> bool:
+    """Whether g_idx[k] == k // group_size (no act-order): the kernel's faster path."""
+    k = g_idx.numel()
+    gs = group_size if group_size > 0 else k
+    return bool(torch.equal(g_idx, torch.arange(k, dtype=g_idx.dtype) // gs))
+
+
+def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                g_idx: torch.Tensor, bits: int, group_size: int, ordered: bool) -> torch.Tensor:
+    """x (M, K) @ W^T -> (M, N) fp32 for an AutoGPTQ layer (bits 2/4/8, N a multiple of `lib().lq_gptq_tile()`);
+    `ordered` = gptq_ordered(g_idx, group_size)."""
+    x = _f32(x)
+    m, k = x.shape
+    n, groups = scales.shape[1], scales.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    work = torch.empty(lib().lq_gptq_work(m, n, groups, int(ordered), _threads()), dtype=torch.float32)
+    lib().lq_gptq_gemm(
+        x.data_ptr(), m, k, qweight.data_ptr(), n, qzeros.data_ptr(), scales.data_ptr(), g_idx.data_ptr(),
+        int(ordered), group_size if group_size > 0 else k, groups, bits, y.data_ptr(), work.data_ptr(), _threads(),
+    )
+    return y
+
+
+def gptq_dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                      bits: int, cols: tuple[int, int] = None, dtype: torch.dtype = torch.float32,
+                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Columns [n0, n1) of W^T (K, n1 - n0): the dequantized GPTQ weight, transposed (qweight's own direction)."""
+    n, k = scales.shape[1], g_idx.shape[0]
+    n0, n1 = cols or (0, n)
+    out = torch.empty(k, n1 - n0, dtype=dtype) if out is None else out
+    lib().lq_gptq_dequant_t(qweight.data_ptr(), n, k, qzeros.data_ptr(), scales.data_ptr(), g_idx.data_ptr(), bits,
+                            n0, n1, out.data_ptr(), int(dtype == torch.bfloat16), _threads())
+    return out
