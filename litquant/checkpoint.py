@@ -309,4 +309,8 @@ def load_model(checkpoint_dir: str | Path, plugin=None, device: torch.device | s
     model.eval()
     if progress:
         print(f"Time to load the model: {time.perf_counter() - t0:.02f} seconds.", file=sys.stderr, flush=True)
+        device = torch.device(device)
+        print(f"Kernels: {plugin.describe()} on {device.type}: {plugin.kernels(device)}", file=sys.stderr)
+        for hint in plugin.hints(device):
+            print(f"Hint: {hint}", file=sys.stderr, flush=True)
     return model

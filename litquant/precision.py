@@ -10,6 +10,7 @@ Quantization modes register themselves with `@register("bnb.nf4", ...)` from
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,16 +34,36 @@ _ALIASES = {"32": "32-true", "16": "16-true", "bf16": "bf16-true", "fp32": "32-t
 QUANTIZE_MODES: dict[str, Callable[..., "LitquantPrecision"]] = {}
 QUANTIZE_HELP: dict[str, str] = {}
 QUANTIZE_OPTIONS: dict[str, tuple[str, ...]] = {}
+# name -> preferred(device) -> a precision, or None for the device's default (`--precision` not given)
+QUANTIZE_PREFERRED: dict[str, Callable[[torch.device], Optional[str]]] = {}
 
 
 class LitquantPrecision(Precision):
     """Full-precision plugin (`--quantize` not given); quantized modes subclass it."""
 
     quantize: Optional[str] = None
+    precision_given = True  # resolve() sets False when --precision was left to the default
 
     def __init__(self, precision: str = "32-true") -> None:
         self.precision = precision
         self.dtype = PRECISIONS[precision]
+
+    def kernels(self, device: torch.device) -> str:
+        """What computes this mode's Linear layers on `device` (the job's `Kernels:` line)."""
+        return f"torch matmul ({_dtype_name(self.dtype)})"
+
+    def hints(self, device: torch.device) -> list[str]:
+        """One line for each way the chosen flags are slower than they could be on this machine."""
+        if not self.precision_given:
+            return []
+        preferred = QUANTIZE_PREFERRED.get(self.quantize or "", lambda d: None)(device)
+        if preferred is not None and preferred != self.precision:
+            return [f"{self.quantize} runs faster on this {device.type.upper()} with --precision {preferred} (its default "
+                    "here)"]
+        if device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_native_bf16() and preferred is None:
+            return ["this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 is computed in software: "
+                    "--precision 32-true (the default here) is faster"]
+        return []
 
     # -- what the loader asks ------------------------------------------------------------------
     def weights_file(self, checkpoint_dir: Path) -> str:
@@ -109,13 +130,18 @@ class MixedPrecisionPlugin(LitquantPrecision):
         return data
 
 
-def register(name: str, help: str = "", options: tuple[str, ...] = ()) -> Callable:
+def register(
+    name: str, help: str = "", options: tuple[str, ...] = (), preferred: Optional[Callable] = None
+) -> Callable:
     """Register a `--quantize` mode: factory(precision, device, **options) -> plugin; `options` are the keyword
-    options it takes (resolve rejects any other, and devices other than CPU and CUDA, before calling it)."""
+    options it takes (resolve rejects any other, and devices other than CPU and CUDA, before calling it);
+    `preferred(device)` the compute precision it runs fastest in there when `--precision` is not given."""
     def deco(factory: Callable) -> Callable:
         QUANTIZE_MODES[name] = factory
         QUANTIZE_HELP[name] = help
         QUANTIZE_OPTIONS[name] = options
+        if preferred is not None:
+            QUANTIZE_PREFERRED[name] = preferred
         return factory
 
     return deco
@@ -147,7 +173,21 @@ def default_precision(device: torch.device | str) -> str:
     return "bf16-true" if cpu_has_native_bf16() else "32-true"
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def cpu_has_avx512() -> bool:
+    """What torch's CPU kernels were dispatched to (ATEN_CPU_CAPABILITY=avx2 lowers it, as for benchmarks)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX. LITQUANT_NATIVE_BF16=0 makes litquant behave as on a CPU without them (benchmarks
+    measure that way what such CPUs run)."""
+    forced = os.environ.get("LITQUANT_NATIVE_BF16")
+    if forced is not None:
+        return forced not in ("0", "false", "")
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
@@ -173,11 +213,16 @@ def resolve(
 ) -> LitquantPrecision:
     """The one place `--precision` and `--quantize` are interpreted."""
     no_quant = quantize is None or quantize in ("", "none", "None")
-    p = parse_precision(precision, device, allow_mixed=no_quant)
+    if precision is None and not no_quant and quantize in quantize_modes() and quantize in QUANTIZE_PREFERRED:
+        p = QUANTIZE_PREFERRED[quantize](torch.device(device)) or default_precision(device)
+    else:
+        p = parse_precision(precision, device, allow_mixed=no_quant)
     if no_quant:
         if options:
             raise UserError(f"options {sorted(options)} only apply with --quantize")
-        return MixedPrecisionPlugin(p, torch.device(device)) if p in MIXED else LitquantPrecision(p)
+        plugin = MixedPrecisionPlugin(p, torch.device(device)) if p in MIXED else LitquantPrecision(p)
+        plugin.precision_given = precision is not None
+        return plugin
     modes = quantize_modes()
     if quantize not in QUANTIZE_MODES:
         raise UserError(f"unknown --quantize {quantize!r}; choose one of: {', '.join(modes)}")
@@ -188,7 +233,9 @@ def resolve(
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--quantize {quantize} runs on CUDA or CPU, not {device.type}: use --accelerator cpu")
-    return QUANTIZE_MODES[quantize](p, device, **options)
+    plugin = QUANTIZE_MODES[quantize](p, device, **options)
+    plugin.precision_given = precision is not None
+    return plugin
 
 
 def setup_fabric(

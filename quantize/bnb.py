@@ -70,7 +70,7 @@ def main(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The compute dtype does not change the quantized bits (weights are quantized from the source dtype).
     plugin = resolve("32-true", f"bnb.{mode}", device, quantize_lm_head=quantize_lm_head)
-    plugin.use_prequantized, plugin.hints = False, False
+    plugin.use_prequantized = False
     reset_peak_memory(device)
     t0 = time.perf_counter()
     # One pass over the source: Linears are quantized as they stream in, every other tensor keeps its stored

@@ -109,6 +109,14 @@ def _cpu_kernel_available() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::gemv_4bit", "CPU")
 
 
+def _bnb_fused_cpu_kernel() -> bool:
+    """bitsandbytes' fused bf16 4-bit CPU kernel is there, and litquant is not told to act as on a CPU without
+    native bf16 (LITQUANT_NATIVE_BF16=0)."""
+    from litquant.precision import cpu_has_native_bf16
+
+    return _cpu_kernel_available() and cpu_has_native_bf16()
+
+
 @functools.cache
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
     return _bnb().functional.get_4bit_type(quant_type, device=device)
@@ -455,7 +463,7 @@ class Linear4bit(_QuantLinear):
     def _cpu_kernel_ok(self, x: torch.Tensor) -> bool:
         return (
             use_cpu_kernel and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not self.training
-            and not (torch.is_grad_enabled() and x.requires_grad) and self._kernel_fits() and _cpu_kernel_available()
+            and not (torch.is_grad_enabled() and x.requires_grad) and self._kernel_fits() and _bnb_fused_cpu_kernel()
         )
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -545,7 +553,9 @@ class Linear8bit(_QuantLinear):
             if self._cpu_fast(x):
                 return self._tiled(x)
             return torch.nn.functional.linear(x, self.dequantize(x.dtype))
-        if self._cpu_fast(x) and x.numel() <= GEMV_MAX_ROWS_INT8 * self.in_features:  # fused LLM.int8, same arithmetic
+        # litquant's fused LLM.int8 (the same arithmetic) for few rows, and for all rows on CPUs without int8 dot
+        # instructions, where bitsandbytes' int8 matmul (torch._int_mm) is several times slower
+        if self._cpu_fast(x) and (x.numel() <= GEMV_MAX_ROWS_INT8 * self.in_features or not cpu_kernels.vnni()):
             y = cpu_kernels.int8_matmul(x.reshape(-1, self.in_features), self.weight, self.absmax, self.threshold)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = x.shape
@@ -578,7 +588,6 @@ class BitsandbytesPrecision(LitquantPrecision):
         self.quantize = f"bnb.{mode}"
         self.quantize_lm_head = quantize_lm_head
         self.use_prequantized = True  # quantize/bnb.py turns this off to read the full-precision weights
-        self.hints = True  # print the CPU speed hint after loading
 
     # -- which Linears, and as what --------------------------------------------------------------------------
     def _wanted(self, name: str) -> bool:
@@ -608,18 +617,30 @@ class BitsandbytesPrecision(LitquantPrecision):
         self.swap_linears(module, self._wanted, make)
         return super().convert_module(module)  # casts the remaining full-precision parameters
 
-    def after_load(self, model: nn.Module) -> nn.Module:
-        layer = next((m for m in model.modules() if isinstance(m, Linear4bit)), None)
-        if (
-            self.hints and layer is not None and layer.weight.device.type == "cpu" and self.dtype != torch.bfloat16
-            and _cpu_kernel_available()
-        ):
-            print(
-                f"Hint: on this CPU {self.quantize} runs several times faster with --precision bf16-true (fused "
-                f"4-bit kernel); with {self.precision} every weight is dequantized at every step",
-                file=sys.stderr,
-            )
-        return model
+    def kernels(self, device: torch.device) -> str:
+        if device.type == "cuda":
+            return "bitsandbytes CUDA kernels" + (" (LLM.int8)" if self.mode == "int8" else "")
+        fallback = "bitsandbytes dequantize + torch matmul"
+        if cpu_kernels.lib() is None:
+            return f"{fallback} (litquant CPU kernels unavailable: {cpu_kernels.build_error})"
+        ours = f"litquant {cpu_kernels.isa()} kernels"
+        if self.mode in FOUR_BIT:
+            if self.dtype == torch.bfloat16 and _bnb_fused_cpu_kernel():
+                return (f"bitsandbytes fused bf16 4-bit matmul (<= {CPU_KERNEL_MAX_ROWS} rows), {ours}: "
+                        "tiled dequantize + matmul beyond")
+            return f"{ours}: fused 4-bit matmul (<= {GEMV_MAX_ROWS_4BIT} rows), tiled dequantize + matmul beyond"
+        if self.mode == "int8" and cpu_kernels.vnni():
+            return f"{ours}: fused LLM.int8 (<= {GEMV_MAX_ROWS_INT8} rows), bitsandbytes int8 matmul beyond"
+        if self.mode == "int8":
+            return f"{ours}: fused LLM.int8"
+        return f"{ours}: tiled dequantize + matmul"
+
+    def hints(self, device: torch.device) -> list[str]:
+        out = super().hints(device)
+        if device.type == "cpu" and cpu_kernels.lib() is None:
+            out.append(f"litquant's CPU kernels are unavailable ({cpu_kernels.build_error}): {self.quantize} runs a "
+                       "much slower fallback")
+        return out
 
     # -- which file --------------------------------------------------------------------------------------------
     def weights_file(self, checkpoint_dir: Path) -> str:

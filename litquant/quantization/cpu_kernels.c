@@ -117,6 +117,13 @@ static inline vf lut_get(vlut t, vi idx) { return t[idx & 15]; }
 
 int lq_version(void) { return 4; }
 int lq_lanes(void) { return V; }
+int lq_vnni(void) {  // int8 dot-product instructions: torch's int8 matmul is fast for many rows
+#if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 static inline uint16_t f32_to_bf16(float f) {  // round to nearest even (weights are finite)
     uint32_t u;
@@ -283,36 +290,50 @@ void lq_bnb4_dequant(const uint8_t *w, int64_t N, int64_t K, const float *absmax
 // exactly in int32 with the int8 weight, then rescaled by both absmaxes / 127^2 (the arithmetic of bnb.py's torch
 // path, step for step). work: M * K int8 + K int32 + M floats.
 
-static inline int32_t dot_i8(const int8_t *a, const int8_t *b, int64_t K) {
-    int32_t s = 0;
+// acc[m] = dot(xw[m], row) for mb rows of x widened to int16: each widened chunk of the weight row serves all mb
+static inline __attribute__((always_inline)) void dot_i8_rows(const int16_t *xw, const int8_t *row, int64_t K,
+                                                              int mb, int32_t *acc) {
     int64_t k = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    __m512i acc = _mm512_setzero_si512();
+    __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
     for (; k + 32 <= K; k += 32) {
-        __m512i av = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(a + k)));
-        __m512i bv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(b + k)));
-        acc = _mm512_add_epi32(acc, _mm512_madd_epi16(av, bv));
-    }
-    s = _mm512_reduce_add_epi32(acc);
-#elif defined(__AVX2__)
-    __m256i acc = _mm256_setzero_si256();
-    for (; k + 16 <= K; k += 16) {
-        __m256i av = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(a + k)));
-        __m256i bv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + k)));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(av, bv));
-    }
-    int32_t part[8];
-    _mm256_storeu_si256((__m256i *)part, acc);
-    for (int i = 0; i < 8; i++) s += part[i];
+        const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k)));
+        for (int m = 0; m < mb; m++) {
+            const __m512i xv = _mm512_loadu_si512((const void *)(xw + m * K + k));
+#ifdef __AVX512VNNI__
+            a[m] = _mm512_dpwssd_epi32(a[m], wv, xv);
+#else
+            a[m] = _mm512_add_epi32(a[m], _mm512_madd_epi16(wv, xv));
 #endif
-    for (; k < K; k++) s += (int32_t)a[k] * b[k];
-    return s;
+        }
+    }
+    for (int m = 0; m < mb; m++) acc[m] = _mm512_reduce_add_epi32(a[m]);
+#elif defined(__AVX2__)
+    __m256i a[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (; k + 16 <= K; k += 16) {
+        const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + k)));
+        for (int m = 0; m < mb; m++)
+            a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(wv, _mm256_loadu_si256((const __m256i *)(xw + m * K + k))));
+    }
+    for (int m = 0; m < mb; m++) {
+        int32_t part[8];
+        _mm256_storeu_si256((__m256i *)part, a[m]);
+        acc[m] = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7];
+    }
+#else
+    for (int m = 0; m < mb; m++) acc[m] = 0;
+#endif
+    for (; k < K; k++)
+        for (int m = 0; m < mb; m++) acc[m] += (int32_t)row[k] * xw[m * K + k];
 }
+
+// work: lq_int8_work(M, K) bytes
+int64_t lq_int8_work(int64_t M, int64_t K) { return M * K * 2 + 64 + K * 4 + M * 4; }
 
 void lq_int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const float *absmax, int64_t N,
                   float threshold, float *y, void *work, int nthreads) {
-    int8_t *xq = (int8_t *)work;
-    int32_t *outl = (int32_t *)(xq + ((M * K + 63) / 64) * 64);
+    int16_t *xw = (int16_t *)work;
+    int32_t *outl = (int32_t *)((char *)work + ((M * K * 2 + 63) / 64) * 64);
     float *xabs = (float *)(outl + K);
     int64_t n_out = 0;
     for (int64_t k = 0; k < K; k++) {
@@ -322,7 +343,7 @@ void lq_int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const f
     }
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
-        int8_t *qm = xq + m * K;
+        int16_t *qm = xw + m * K;
         float a = 0.0f;
         int64_t o = 0;
         for (int64_t k = 0; k < K; k++) {
@@ -335,21 +356,31 @@ void lq_int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const f
         o = 0;
         for (int64_t k = 0; k < K; k++) {
             if (o < n_out && outl[o] == k) { qm[k] = 0; o++; continue; }
-            qm[k] = (int8_t)__builtin_nearbyintf(xm[k] * scale);  // round half to even, as torch.round
+            qm[k] = (int16_t)(int8_t)__builtin_nearbyintf(xm[k] * scale);  // round half to even, as torch.round
         }
     }
 #pragma omp parallel for schedule(static) num_threads(nthreads_for(N * K * M, nthreads))
     for (int64_t n = 0; n < N; n++) {
         const int8_t *row = w + n * K;
         const float wd = absmax[n] / 127.0f;
-        for (int64_t m = 0; m < M; m++) {
-            float v = (float)dot_i8(xq + m * K, row, K) * (xabs[m] * absmax[n] / 16129.0f);
-            if (n_out) {
-                float extra = 0.0f;
-                for (int64_t o = 0; o < n_out; o++) extra += x[m * K + outl[o]] * ((float)row[outl[o]] * wd);
-                v += extra;
+        int32_t acc[4];
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int mb = (int)(M - m0 < 4 ? M - m0 : 4);
+            switch (mb) {  // constant mb: the accumulators stay in registers
+                case 1: dot_i8_rows(xw + m0 * K, row, K, 1, acc); break;
+                case 2: dot_i8_rows(xw + m0 * K, row, K, 2, acc); break;
+                case 3: dot_i8_rows(xw + m0 * K, row, K, 3, acc); break;
+                default: dot_i8_rows(xw + m0 * K, row, K, 4, acc);
             }
-            y[m * N + n] = v;
+            for (int m = 0; m < mb; m++) {
+                float v = (float)acc[m] * (xabs[m0 + m] * absmax[n] / 16129.0f);
+                if (n_out) {
+                    float extra = 0.0f;
+                    for (int64_t o = 0; o < n_out; o++) extra += x[(m0 + m) * K + outl[o]] * ((float)row[outl[o]] * wd);
+                    v += extra;
+                }
+                y[(m0 + m) * N + n] = v;
+            }
         }
     }
 }

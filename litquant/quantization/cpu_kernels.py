@@ -28,10 +28,12 @@ _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_f
 _SIGNATURES = {
     "lq_version": ([], _INT),
     "lq_lanes": ([], _INT),
+    "lq_vnni": ([], _INT),
     "lq_gptq_tile": ([], _INT),
     "lq_bnb4_gemm": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _F32, _P, _P, _P, _INT], None),
     "lq_bnb4_dequant": ([_P, _I64, _I64, _P, _P, _P, _P, _F32, _P, _I64, _I64, _P, _INT, _INT], None),
     "lq_int8_gemm": ([_P, _I64, _I64, _P, _P, _I64, _F32, _P, _P, _INT], None),
+    "lq_int8_work": ([_I64, _I64], _I64),
     "lq_int8_dequant": ([_P, _I64, _I64, _P, _I64, _I64, _P, _INT, _INT], None),
     "lq_gptq_gemm": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT, _P, _P, _INT], None),
     "lq_gptq_work": ([_I64, _I64, _I64, _INT, _INT], _I64),
@@ -56,6 +58,12 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _extra_flags() -> list[str]:
+    """LITQUANT_KERNEL_CFLAGS, e.g. "-mno-avx512f" to build the AVX2 kernels on an AVX-512 machine (tests, benchmarks
+    of what other CPUs run)."""
+    return os.environ.get("LITQUANT_KERNEL_CFLAGS", "").split()
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("LITQUANT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "litquant")
     return Path(root).expanduser() / "kernels"
@@ -65,8 +73,8 @@ def _build(cc: str, so: Path) -> None:
     so.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=so.stem, suffix=".so", dir=so.parent)
     os.close(fd)
-    cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math",
-           str(SOURCE), "-o", tmp]
+    cmd = [cc, "-O3", "-march=native", *_extra_flags(), "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
+           "-fno-trapping-math", str(SOURCE), "-o", tmp]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
@@ -93,7 +101,8 @@ def lib() -> Optional[ctypes.CDLL]:
         return None
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + _cpu_id().encode()).hexdigest()[:16]
+        key_src = SOURCE.read_bytes() + version.encode() + _cpu_id().encode() + " ".join(_extra_flags()).encode()
+        key = hashlib.sha256(key_src).hexdigest()[:16]
         so = _cache_dir() / f"litquant_cpu_{key}.so"
         if not so.is_file():
             _build(cc, so)
@@ -117,6 +126,11 @@ def isa() -> str:
 def usable(x: torch.Tensor) -> bool:
     """Whether the kernels can take this input: a CPU tensor, and the library built."""
     return x.device.type == "cpu" and lib() is not None
+
+
+def vnni() -> bool:
+    """Whether the CPU has int8 dot-product instructions (AVX512-VNNI / AVX-VNNI) the kernels were built with."""
+    return bool(lib().lq_vnni())
 
 
 def lanes() -> int:
@@ -214,7 +228,7 @@ def int8_matmul(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, threshol
     m, k = x.shape
     n = w.shape[0]
     y = torch.empty(m, n, dtype=torch.float32)
-    work = torch.empty(m * k + 64 + 4 * k + 4 * m, dtype=torch.uint8)
+    work = torch.empty(lib().lq_int8_work(m, k), dtype=torch.uint8)
     lib().lq_int8_gemm(x.data_ptr(), m, k, w.data_ptr(), absmax.data_ptr(), n, threshold, y.data_ptr(),
                        work.data_ptr(), _threads())
     return y
