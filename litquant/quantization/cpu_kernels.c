@@ -43,10 +43,13 @@ static inline vf vbits(vi w, int sh, int mask) {  // ((w >> sh) & mask) as float
 static inline vf vhalf(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static inline vi vbytes(const uint8_t *p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
 static inline vf vzeros(const int32_t *qz, int64_t n, int bits, int lp) {  // GPTQ zero points of columns n..n+V-1
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i words = _mm512_maskz_loadu_epi32((__mmask16)((1u << (V >> lp)) - 1), qz + (n >> lp));
-    const __m512i sh = _mm512_mullo_epi32(_mm512_and_si512(lane, _mm512_set1_epi32((1 << lp) - 1)), _mm512_set1_epi32(bits));
-    const __m512i z = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_srli_epi32(lane, lp), words), sh);
+    // element e = (n mod values-per-word) + lane, counted from the word holding n
+    const __m512i e = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                       _mm512_set1_epi32((int)(n & ((1 << lp) - 1))));
+    const int nw = ((int)(n & ((1 << lp) - 1)) + V + (1 << lp) - 1) >> lp;
+    const __m512i words = _mm512_maskz_loadu_epi32((__mmask16)((1u << nw) - 1), qz + (n >> lp));
+    const __m512i sh = _mm512_mullo_epi32(_mm512_and_si512(e, _mm512_set1_epi32((1 << lp) - 1)), _mm512_set1_epi32(bits));
+    const __m512i z = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_srli_epi32(e, lp), words), sh);
     return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_and_si512(z, _mm512_set1_epi32((1 << bits) - 1)), _mm512_set1_epi32(1)));
 }
 typedef __m512 vlut;
@@ -77,10 +80,11 @@ static inline vf vhalf(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si1
 static inline vi vbytes(const uint8_t *p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
 static inline vf vzeros(const int32_t *qz, int64_t n, int bits, int lp) {
     const __m256i lane = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
-    const int nw = (V >> lp) > 0 ? (V >> lp) : 1;
+    const __m256i e = _mm256_add_epi32(lane, _mm256_set1_epi32((int)(n & ((1 << lp) - 1))));
+    const int nw = ((int)(n & ((1 << lp) - 1)) + V + (1 << lp) - 1) >> lp;
     const __m256i words = _mm256_maskload_epi32(qz + (n >> lp), _mm256_cmpgt_epi32(_mm256_set1_epi32(nw), lane));
-    const __m256i sh = _mm256_mullo_epi32(_mm256_and_si256(lane, _mm256_set1_epi32((1 << lp) - 1)), _mm256_set1_epi32(bits));
-    const __m256i z = _mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, _mm256_srli_epi32(lane, lp)), sh);
+    const __m256i sh = _mm256_mullo_epi32(_mm256_and_si256(e, _mm256_set1_epi32((1 << lp) - 1)), _mm256_set1_epi32(bits));
+    const __m256i z = _mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, _mm256_srli_epi32(e, lp)), sh);
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_and_si256(z, _mm256_set1_epi32((1 << bits) - 1)), _mm256_set1_epi32(1)));
 }
 typedef struct { __m256 lo, hi; } vlut;

@@ -58,10 +58,10 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def _extra_flags() -> list[str]:
-    """LITQUANT_KERNEL_CFLAGS, e.g. "-mno-avx512f" to build the AVX2 kernels on an AVX-512 machine (tests, benchmarks
-    of what other CPUs run)."""
-    return os.environ.get("LITQUANT_KERNEL_CFLAGS", "").split()
+def _extra_flags() -> tuple[str, ...]:
+    """LITQUANT_KERNEL_CFLAGS, e.g. "-mno-avx512f" to build the AVX2 kernels on an AVX-512 machine (benchmarks of
+    what other CPUs run)."""
+    return tuple(os.environ.get("LITQUANT_KERNEL_CFLAGS", "").split())
 
 
 def _cache_dir() -> Path:
@@ -69,17 +69,24 @@ def _cache_dir() -> Path:
     return Path(root).expanduser() / "kernels"
 
 
-def _build(cc: str, so: Path) -> None:
+def _command(cc: str, flags: tuple[str, ...]) -> list[str]:
+    # -ffp-contract=off: a*b+c stays two roundings where bitsandbytes has two (the kernels' FMAs are intrinsics)
+    return [cc, "-O3", "-march=native", *flags, "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off",
+            "-fno-math-errno", "-fno-trapping-math", str(SOURCE)]
+
+
+def _build(cmd: list[str], so: Path) -> None:
     so.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=so.stem, suffix=".so", dir=so.parent)
     os.close(fd)
-    cmd = [cc, "-O3", "-march=native", *_extra_flags(), "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
-           "-fno-trapping-math", str(SOURCE), "-o", tmp]
+    cmd = [*cmd, "-o", tmp]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise OSError(f"{' '.join(cmd[:3])} failed: {(r.stderr.strip().splitlines() or ['?'])[0]}")
         os.replace(tmp, so)  # atomic: a concurrent build of the same key writes the same bytes
+    except subprocess.SubprocessError as e:
+        raise OSError(f"{cmd[0]} failed: {e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -87,30 +94,38 @@ def _build(cc: str, so: Path) -> None:
 
 @functools.cache
 def lib() -> Optional[ctypes.CDLL]:
-    """The compiled kernels, or None (no x86-64/Linux, no compiler, disabled, or the build failed)."""
+    """The compiled kernels, or None (not Linux, no compiler, LITQUANT_CPU_KERNELS=0, or the build failed)."""
     global build_error
     if os.environ.get("LITQUANT_CPU_KERNELS", "1") == "0":
         build_error = "disabled by LITQUANT_CPU_KERNELS=0"
         return None
-    if sys.platform != "linux":
-        build_error = f"not built on {sys.platform}"
-        return None
-    cc = _compiler()
-    if cc is None:
-        build_error = "no C compiler found (install gcc, or set CC)"
-        return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key_src = SOURCE.read_bytes() + version.encode() + _cpu_id().encode() + " ".join(_extra_flags()).encode()
-        key = hashlib.sha256(key_src).hexdigest()[:16]
-        so = _cache_dir() / f"litquant_cpu_{key}.so"
-        if not so.is_file():
-            _build(cc, so)
-        torch.get_num_threads()  # torch (and its libgomp) is loaded first, so the kernels share its OpenMP runtime
-        handle = ctypes.CDLL(str(so))
-    except (OSError, subprocess.SubprocessError) as e:
+        return load(_extra_flags())
+    except OSError as e:
         build_error = str(e).splitlines()[0] if str(e) else type(e).__name__
         return None
+
+
+@functools.cache
+def load(flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build (once per source, compiler, CPU and flags) and load the kernels; OSError when that is not possible.
+    `flags` are extra compiler flags, e.g. ("-mno-avx512f",) for the AVX2 build."""
+    if sys.platform != "linux":
+        raise OSError(f"not built on {sys.platform}")
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (install gcc, or set CC)")
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise OSError(f"{cc} --version failed: {e}") from None
+    cmd = _command(cc, flags)
+    key_src = SOURCE.read_bytes() + version.encode() + _cpu_id().encode() + " ".join(cmd).encode()
+    so = _cache_dir() / f"litquant_cpu_{hashlib.sha256(key_src).hexdigest()[:16]}.so"
+    if not so.is_file():
+        _build(cmd, so)
+    torch.get_num_threads()  # torch (and its libgomp) is loaded first, so the kernels share its OpenMP runtime
+    handle = ctypes.CDLL(str(so))
     for name, (args, res) in _SIGNATURES.items():
         fn = getattr(handle, name)
         fn.argtypes, fn.restype = args, res
