@@ -272,7 +272,9 @@ def table(meta: dict, conv: dict, ppl: dict, spd: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--checkpoint_dir", type=Path, default=REPO / "checkpoints" / "litquant-tiny")
+    ap.add_argument("--model", default="bundled", choices=["bundled", "200m", "1.1b"],
+                    help="the bundled model, or a random Llama of benchmarks/scale.py (built and cached on first use)")
+    ap.add_argument("--checkpoint_dir", type=Path, default=None, help="any other litquant checkpoint (overrides --model)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--sym", type=lambda s: s.lower() == "true", default=True,
@@ -296,7 +298,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     from litquant.data.calibration import calibration_tokens
     from litquant.tokenizer import Tokenizer
 
-    checkpoint_dir = args.checkpoint_dir.resolve()
+    if args.checkpoint_dir is not None:
+        checkpoint_dir = args.checkpoint_dir.resolve()
+    elif args.model == "bundled":
+        checkpoint_dir = REPO / "checkpoints" / "litquant-tiny"
+    else:
+        from benchmarks.scale import build
+
+        checkpoint_dir = build(args.model)
     config = Config.from_checkpoint(checkpoint_dir)
     seq_len = args.seq_len or min(config.block_size, 2048)
     work = OUT / f"gptqmodel-{checkpoint_dir.name}"

@@ -25,9 +25,8 @@ from typing import Iterable, Iterator, Mapping, Optional
 import torch
 from tqdm import tqdm
 
-from litquant.checkpoint import (
-    _DTYPES, WEIGHTS_FILE, atomic_write_text, copy_side_files, open_safetensors, save_checkpoint, save_safetensors,
-)
+from litquant.checkpoint import WEIGHTS_FILE, copy_side_files
+from litquant.io import DTYPES, atomic_write_text, open_safetensors, write_safetensors
 from litquant.config import CONFIG_FILE, Config
 from litquant.errors import UserError, read_json
 
@@ -226,6 +225,7 @@ def _iter_hf_to_lit(
     pending: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # lit qkv name -> {"q": (hf name, t), ...}
     done: set[str] = set()
     wte: Optional[torch.Tensor] = None
+    tie = _default_tie(config) if tie_word_embeddings is None else tie_word_embeddings
 
     def emit(lit_name: str, t: torch.Tensor, source: str) -> tuple[str, torch.Tensor]:
         want = shapes.get(lit_name)
@@ -270,8 +270,8 @@ def _iter_hf_to_lit(
                 raise UserError(f"weight {hf_name!r} has shape {tuple(t.shape)} but the config needs {tuple(want)}")
             t = deinterleave_qkv(t, config)
         lit_name, t = emit(lit_name, t, hf_name)
-        if lit_name == "transformer.wte.weight":
-            wte = t  # kept (a reference, no copy) in case lm_head is tied to it
+        if lit_name == "transformer.wte.weight" and tie:
+            wte = t  # kept (a reference, no copy) for the tied lm_head
         yield lit_name, t
 
     if pending:
@@ -281,7 +281,6 @@ def _iter_hf_to_lit(
         absent = [hf_names[template.replace(".attn.qkv.", f".attn.{p}.")].format(layer)
                   for p in "qkv" if p not in parts]
         raise UserError(f"incomplete attention weights: the checkpoint lacks {', '.join(absent)}")
-    tie = _default_tie(config) if tie_word_embeddings is None else tie_word_embeddings
     if tie and wte is not None and "lm_head.weight" in shapes and "lm_head.weight" not in done:
         yield emit("lm_head.weight", wte.clone(), "lm_head.weight (tied to the embedding)")
     missing = sorted(set(shapes) - done)
@@ -491,8 +490,25 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _iter_hf_files(files: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) from every shard, one tensor at a time (safetensors read lazily, .bin memory-mapped)."""
+def _iter_hf_files(
+    files: list[Path], progress: bool = True, meta: bool = False, only: Optional[set[str]] = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from every shard, one tensor at a time (safetensors read lazily, .bin memory-mapped).
+    meta=True: meta tensors of the stored dtypes and shapes, nothing read (a conversion's plan); `only`: just
+    these names."""
+    if meta:
+        for path in files:
+            if path.suffix == ".safetensors":
+                with open_safetensors(path) as st:
+                    for name in st.keys():
+                        if only is None or name in only:
+                            sl = st.get_slice(name)
+                            yield name, torch.empty(sl.get_shape(), dtype=DTYPES[sl.get_dtype()], device="meta")
+            else:
+                for name, t in _load_bin(path).items():
+                    if only is None or name in only:
+                        yield name, torch.empty(t.shape, dtype=t.dtype, device="meta")
+        return
     total = None
     if all(f.suffix == ".safetensors" for f in files):
         total = 0
@@ -506,12 +522,15 @@ def _iter_hf_files(files: list[Path], progress: bool = True) -> Iterator[tuple[s
             if path.suffix == ".safetensors":
                 with open_safetensors(path) as st:
                     for name in st.keys():
-                        yield name, st.get_tensor(name)
+                        if only is None or name in only:
+                            yield name, st.get_tensor(name)
                         bar.update()
             else:
                 state = _load_bin(path)
                 for name in list(state):
-                    yield name, state.pop(name)
+                    t = state.pop(name)
+                    if only is None or name in only:
+                        yield name, t
                     bar.update()
                 del state
     finally:
@@ -612,6 +631,24 @@ def _iter_gptq_lit_to_hf(
             yield f"{hf_module}.{attr}", v
 
 
+def _gptq_plan_hf(module: str, slices: Mapping, config: Config, bits: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Meta tensors of what `_iter_gptq_lit_to_hf` makes of one stored litquant GPTQ layer."""
+    to_hf = {lit: hf for hf, lit in weight_map(config).items()}
+    template, layer = _template(module + ".weight")
+    in_features = slices[f"{module}.g_idx"].get_shape()[0]
+    groups, out_features = slices[f"{module}.scales"].get_shape()
+    bias = DTYPES[slices[f"{module}.bias"].get_dtype()] if f"{module}.bias" in slices else None
+    if template.endswith(".attn.qkv.weight") and not _fused_hf_qkv(config):
+        pieces = [(template.replace(".attn.qkv.", f".attn.{p}."), n) for p, n in zip("qkv", _qkv_sizes(config))]
+    else:
+        pieces = [(template, out_features)]
+    for lit_template, out in pieces:
+        hf_template = to_hf.get(lit_template)
+        if hf_template is None:
+            raise UserError(f"quantized layer {module!r} has no Hugging Face {hf_model_type(config)} equivalent")
+        yield from _gptq_plan(hf_template.format(layer).removesuffix(".weight"), in_features, out, groups, bits, bias)
+
+
 def _gptq_modules(names: Iterable[str]) -> tuple[list[str], list[str]]:
     """Split tensor names into quantized module names (those with a qweight) and plain tensor names."""
     names = list(names)
@@ -630,10 +667,23 @@ def _hf_import_config(hf: dict, checkpoint_dir: Path, model_name: Optional[str])
     return config
 
 
+def _gptq_plan(module: str, in_features: int, out_features: int, groups: int, bits: int,
+               bias: Optional[torch.dtype]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Meta tensors of one quantized layer's AutoGPTQ tensors (a file's plan: the layout's shapes)."""
+    shapes = {"qweight": ((in_features * bits + 31) // 32, out_features), "qzeros": (groups, out_features * bits // 32),
+              "scales": (groups, out_features), "g_idx": (in_features,)}
+    dtypes = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32}
+    for attr, shape in shapes.items():
+        yield f"{module}.{attr}", torch.empty(shape, dtype=dtypes[attr], device="meta")
+    if bias is not None:
+        yield f"{module}.bias", torch.empty(out_features, dtype=bias, device="meta")
+
+
 def _import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_name: Optional[str]) -> None:
     """An AutoGPTQ-format HF model (config.json quantization_config.quant_method == "gptq") ->
-    `lit_model_gptq.<bits>bit.safetensors` + `quantize_config.json` + `model_config.yaml`, in place."""
-    from litquant.quantization.gptq_format import check_shapes, default_g_idx
+    `lit_model_gptq.<bits>bit.safetensors` + `quantize_config.json` + `model_config.yaml`, in place. Streamed:
+    a layer is converted and written as soon as its tensors (and, for q/k/v, its siblings') have been read."""
+    from litquant.quantization.gptq_format import check_shapes, default_g_idx, num_groups
     from litquant.quantization.gptq_plugin import QUANTIZE_CONFIG_FILE, check_quantize_config, gptq_file, quantize_config
 
     source = str(checkpoint_dir / "config.json")
@@ -654,26 +704,34 @@ def _import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_nam
     to_lit = _import_map(config)
     shapes = expected_shapes(config)
 
-    items = dict(_iter_hf_files(_hf_weight_files(checkpoint_dir)))
-    hf_modules, plain = _gptq_modules(items)
+    files = _hf_weight_files(checkpoint_dir)
+    headers = dict(_iter_hf_files(files, meta=True))  # names, dtypes and shapes: nothing read yet
+    hf_modules, plain = _gptq_modules(headers)
     if not hf_modules:
         raise UserError(f"{source} says GPTQ but the weight files hold no quantized layers (*.qweight)")
+    expected_attrs = {m: {a for a in _GPTQ_ATTRS if f"{m}.{a}" in headers} for m in hf_modules}
 
-    # quantized layers: collect each layer's tensors, fuse q/k/v, check against the config
-    state: dict[str, torch.Tensor] = {}
-    pending: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for hf_module in hf_modules:
+    def lit_module_of(hf_module: str) -> tuple[str, Optional[str]]:
+        """(the litquant layer an HF quantized layer belongs to, its q/k/v piece if it is one)"""
         template, layer = _template(hf_module + ".weight")
         lit_template = to_lit.get(template)
         if lit_template is None:
             raise UserError(f"unexpected quantized layer {hf_module!r} for a {hf_model_type(config)} model")
         lit_module = lit_template.format(layer).removesuffix(".weight")
         piece = re.search(r"\.attn\.([qkv])$", lit_module)
-        fused_name = lit_module[: piece.start()] + ".attn.qkv" if piece else lit_module
+        return (lit_module[: piece.start()] + ".attn.qkv", piece.group(1)) if piece else (lit_module, None)
+
+    quantized = {lit_module_of(m)[0] for m in hf_modules}
+    for m in quantized:
+        if m + ".weight" not in shapes:
+            raise UserError(f"{source}: quantized layer {m!r} is not in this {hf_model_type(config)} config")
+    rest = {k: v for k, v in shapes.items() if k.rpartition(".")[0] not in quantized}
+    tie = hf.get("tie_word_embeddings") if "tie_word_embeddings" in hf else None
+
+    def check_layer(hf_module: str, t: dict[str, torch.Tensor], fused_name: str, piece: Optional[str]):
         want = shapes[fused_name + ".weight"]
         if piece:  # (out, in) of this piece of the fused layer
-            want = (_qkv_sizes(config)["qkv".index(piece.group(1))], want[1])
-        t = {a: items.pop(f"{hf_module}.{a}") for a in _GPTQ_ATTRS if f"{hf_module}.{a}" in items}
+            want = (_qkv_sizes(config)["qkv".index(piece)], want[1])
         for a in ("qzeros", "scales"):
             if a not in t:
                 raise UserError(f"quantized layer {hf_module!r} has no {a}")
@@ -695,36 +753,58 @@ def _import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_nam
         if (t["scales"].shape[1], in_features) != tuple(want):
             raise UserError(f"quantized layer {hf_module!r} is {t['scales'].shape[1]}x{in_features} (out x in) "
                             f"but the config needs {tuple(want)[0]}x{tuple(want)[1]}")
-        if piece:  # separate q/k/v: concatenate their rows once all three are here
-            qkv = fused_name
-            pending.setdefault(qkv, {})[piece.group(1)] = t
-            if len(pending[qkv]) < 3:
-                continue
-            got = pending.pop(qkv)
-            parts = [_gptq_rows(got[p], bits, v2) for p in "qkv"]
-            if not all(torch.equal(p["g_idx"], parts[0]["g_idx"]) for p in parts):
-                raise UserError(f"{hf_module.rsplit('.', 1)[0]}: q/k/v were quantized with different g_idx "
-                                "(act-order permutations), so they cannot be fused into one qkv layer")
-            rows = {k: (parts[0][k] if k == "g_idx" else torch.cat([p[k] for p in parts])) for k in parts[0]}
-            lit_module, t = qkv, _gptq_pack_rows(rows, bits, hf_module)
-        elif lit_module.endswith(".attn.qkv") and _fused_hf_qkv(config):
-            t = _gptq_pack_rows(_gptq_map_rows(_gptq_rows(t, bits, v2), lambda r: deinterleave_qkv(r, config)),
-                                bits, hf_module)
-        elif v2:
-            t = _gptq_pack_rows(_gptq_rows(t, bits, v2), bits, hf_module)
-        state.update({f"{lit_module}.{a}": v for a, v in t.items()})
-    if pending:
-        qkv, parts = next(iter(pending.items()))
-        raise UserError(f"incomplete quantized attention: {qkv} lacks {', '.join(p for p in 'qkv' if p not in parts)}")
+        return t
 
-    # everything else through the usual map; the quantized layers' weights (and biases) are not expected there
-    quantized = {k.removesuffix(".qweight") for k in state if k.endswith(".qweight")}
-    rest = {k: v for k, v in shapes.items() if k.rpartition(".")[0] not in quantized}
-    tie = hf.get("tie_word_embeddings") if "tie_word_embeddings" in hf else None
-    state.update(_iter_hf_to_lit(((k, items.pop(k)) for k in plain), config, torch_dtype, tie, shapes=rest))
+    def quantized_tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        """Each quantized layer once all its tensors have been read: checked, q/k/v fused, renamed."""
+        wanted = {f"{m}.{a}" for m, attrs in expected_attrs.items() for a in attrs}
+        stash: dict[str, dict[str, torch.Tensor]] = {}
+        pending: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        for name, tensor in _iter_hf_files(files, only=wanted):
+            hf_module, _, attr = name.rpartition(".")
+            got = stash.setdefault(hf_module, {})
+            got[attr] = tensor
+            if len(got) < len(expected_attrs[hf_module]):
+                continue
+            t = stash.pop(hf_module)
+            lit_module, piece = lit_module_of(hf_module)
+            t = check_layer(hf_module, t, lit_module, piece)
+            if piece:  # separate q/k/v: concatenate their rows once all three are here
+                pending.setdefault(lit_module, {})[piece] = t
+                if len(pending[lit_module]) < 3:
+                    continue
+                got3 = pending.pop(lit_module)
+                parts = [_gptq_rows(got3[p], bits, v2) for p in "qkv"]
+                if not all(torch.equal(p["g_idx"], parts[0]["g_idx"]) for p in parts):
+                    raise UserError(f"{hf_module.rsplit('.', 1)[0]}: q/k/v were quantized with different g_idx "
+                                    "(act-order permutations), so they cannot be fused into one qkv layer")
+                rows = {k: (parts[0][k] if k == "g_idx" else torch.cat([p[k] for p in parts])) for k in parts[0]}
+                t = _gptq_pack_rows(rows, bits, hf_module)
+            elif lit_module.endswith(".attn.qkv") and _fused_hf_qkv(config):
+                t = _gptq_pack_rows(_gptq_map_rows(_gptq_rows(t, bits, v2), lambda r: deinterleave_qkv(r, config)),
+                                    bits, hf_module)
+            elif v2:
+                t = _gptq_pack_rows(_gptq_rows(t, bits, v2), bits, hf_module)
+            for a, v in t.items():
+                yield f"{lit_module}.{a}", v
+        if pending:
+            qkv, parts = next(iter(pending.items()))
+            raise UserError(f"incomplete quantized attention: {qkv} lacks {', '.join(p for p in 'qkv' if p not in parts)}")
+
+    def plan() -> Iterator[tuple[str, torch.Tensor]]:
+        for m in sorted(quantized, key=_layer_order):
+            out_features, in_features = shapes[m + ".weight"]
+            hf_bias = [headers[f"{h}.bias"].dtype for h in hf_modules if f"{h}.bias" in headers and lit_module_of(h)[0] == m]
+            bias = (torch_dtype or hf_bias[0]) if m + ".bias" in shapes and hf_bias else None
+            yield from _gptq_plan(m, in_features, out_features, num_groups(in_features, group_size), bits, bias)
+        yield from _iter_hf_to_lit(((k, headers[k]) for k in plain), config, torch_dtype, tie, shapes=rest)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from quantized_tensors()
+        yield from _iter_hf_to_lit(_iter_hf_files(files, only=set(plain)), config, torch_dtype, tie, shapes=rest)
 
     out = checkpoint_dir / gptq_file(bits)
-    save_safetensors(state, out, metadata={"format": "pt", "litquant": "1", "quantize_config": json.dumps(qc)})
+    write_safetensors(out, tensors(), plan(), metadata={"format": "pt", "litquant": "1", "quantize_config": json.dumps(qc)})
     atomic_write_text(checkpoint_dir / QUANTIZE_CONFIG_FILE, json.dumps(qc, indent=2) + "\n")
     config.save(checkpoint_dir)
     print(f"Wrote {out} ({len(quantized)} GPTQ layers, {bits} bits, group_size {group_size}) and {CONFIG_FILE}; "
@@ -761,7 +841,7 @@ def _export_gptq(checkpoint_dir: Path, output_dir: Path, config: Config, bits: i
             return t
 
         tie = "lm_head" not in modules and _file_can_tie(f, slices, config)
-        d = hf_config(config, tie, _DTYPES[slices["transformer.wte.weight"].get_dtype()])
+        d = hf_config(config, tie, DTYPES[slices["transformer.wte.weight"].get_dtype()])
         d["quantization_config"] = qc
         if tie:
             plain.remove("lm_head.weight")
@@ -773,20 +853,29 @@ def _export_gptq(checkpoint_dir: Path, output_dir: Path, config: Config, bits: i
         units = sorted([*modules, *plain], key=_layer_order)
         unit_set = set(modules)
 
-        def make_state(shard: list[str]) -> dict[str, torch.Tensor]:
-            q = [(u, module_tensors(u)) for u in shard if u in unit_set]
-            state = dict(_iter_lit_to_hf(((n, f.get_tensor(n)) for n in shard if n not in unit_set), config, tie))
-            state.update(_iter_gptq_lit_to_hf(q, config, bits))
-            return state
+        def tensors(shard: list[str], meta: bool) -> Iterator[tuple[str, torch.Tensor]]:
+            if meta:  # the shard's plan: the layout's shapes (packing reads values, so it cannot run on meta)
+                yield from _iter_lit_to_hf(((n, _meta(slices[n])) for n in shard if n not in unit_set), config, tie)
+                for u in (u for u in shard if u in unit_set):
+                    yield from _gptq_plan_hf(u, slices, config, bits)
+                return
+            yield from _iter_lit_to_hf(((n, f.get_tensor(n)) for n in shard if n not in unit_set), config, tie)
+            for u in (u for u in shard if u in unit_set):  # one quantized layer at a time
+                yield from _iter_gptq_lit_to_hf([(u, module_tensors(u))], config, bits)
 
         _write_hf_dir(checkpoint_dir, output_dir, _plan_shards([(u, nbytes(u)) for u in units], max_shard_size),
-                      make_state, d)
+                      tensors, d)
     atomic_write_text(output_dir / QUANTIZE_CONFIG_FILE, json.dumps(qc, indent=2) + "\n")
+
+
+def _meta(s) -> torch.Tensor:
+    """A meta tensor of a stored tensor's dtype and shape (from its safetensors slice; nothing read)."""
+    return torch.empty(s.get_shape(), dtype=DTYPES[s.get_dtype()], device="meta")
 
 
 def _nbytes(s) -> int:
     """Bytes of a stored tensor, from its safetensors slice (shape and dtype; no data read)."""
-    return math.prod(s.get_shape()) * _DTYPES[s.get_dtype()].itemsize
+    return math.prod(s.get_shape()) * DTYPES[s.get_dtype()].itemsize
 
 
 def _file_can_tie(f, slices: Mapping, config: Config) -> bool:
@@ -833,9 +922,12 @@ def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[str] = None, mod
     config = _hf_import_config(hf, checkpoint_dir, model_name)
     tie = hf.get("tie_word_embeddings") if "tie_word_embeddings" in hf else None
     files = _hf_weight_files(checkpoint_dir)
-    state = dict(_iter_hf_to_lit(_iter_hf_files(files), config, torch_dtype, tie))
-    save_checkpoint(state, config, checkpoint_dir)
-    n = sum(t.numel() for t in state.values())
+    # one pass over the headers plans the output file (meta tensors through the same mapping), the second
+    # streams: each tensor is read, mapped and written before the next is read
+    plan = _iter_hf_to_lit(_iter_hf_files(files, meta=True), config, torch_dtype, tie)
+    n = write_safetensors(checkpoint_dir / WEIGHTS_FILE, _iter_hf_to_lit(_iter_hf_files(files), config, torch_dtype, tie),
+                          plan, metadata={"format": "pt", "litquant": "1"})
+    config.save(checkpoint_dir)
     print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} ({n / 1e6:.1f}M parameters) and {CONFIG_FILE}", flush=True)
 
 
@@ -879,15 +971,19 @@ def convert_lit_checkpoint(
         _check_lit_state({n: s.get_shape() for n, s in slices.items()}, config, str(weights))
 
         tie = _file_can_tie(f, slices, config)
-        d = hf_config(config, tie, _DTYPES[slices["transformer.wte.weight"].get_dtype()])  # checked before any writes
+        d = hf_config(config, tie, DTYPES[slices["transformer.wte.weight"].get_dtype()])  # checked before any writes
 
         # plan shards from the stored sizes; each shard's tensors are read, mapped and written together
         names.sort(key=_layer_order)
         if tie:
             names.remove("lm_head.weight")
         shards = _plan_shards([(n, _nbytes(slices[n])) for n in names], max_shard_size)
-        _write_hf_dir(checkpoint_dir, output_dir, shards,
-                      lambda shard: dict(_iter_lit_to_hf(((n, f.get_tensor(n)) for n in shard), config, tie)), d)
+
+        def tensors(shard: list[str], meta: bool) -> Iterator[tuple[str, torch.Tensor]]:
+            read = (lambda n: _meta(slices[n])) if meta else f.get_tensor
+            return _iter_lit_to_hf(((n, read(n)) for n in shard), config, tie)
+
+        _write_hf_dir(checkpoint_dir, output_dir, shards, tensors, d)
 
 
 def _layer_order(name: str) -> tuple[int, str]:
@@ -910,20 +1006,20 @@ def _plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list
 
 
 def _write_hf_dir(
-    checkpoint_dir: Path, output_dir: Path, shards: list[list[str]], make_state, d: dict
+    checkpoint_dir: Path, output_dir: Path, shards: list[list[str]], tensors, d: dict
 ) -> None:
-    """Write the shards (`make_state(shard)` -> HF tensors), the index or not, config.json and side files."""
+    """Write the shards, the index or not, config.json and side files. `tensors(shard, meta)` yields a shard's HF
+    tensors one at a time (meta=True: meta tensors, the shard file's plan), each written as soon as it is made."""
     output_dir.mkdir(parents=True, exist_ok=True)
     single = len(shards) == 1
     weight_map: dict[str, str] = {}
     total = 0
     for i, shard in enumerate(tqdm(shards, desc="Exporting", unit="shard", disable=single)):
         fname = "model.safetensors" if single else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        hf_state = make_state(shard)
-        save_safetensors(hf_state, output_dir / fname, metadata={"format": "pt"})
-        weight_map.update({k: fname for k in hf_state})
-        total += sum(t.numel() * t.element_size() for t in hf_state.values())
-        del hf_state
+        plan = list(tensors(shard, True))
+        write_safetensors(output_dir / fname, tensors(shard, False), plan, metadata={"format": "pt"})
+        weight_map.update({k: fname for k, _ in plan})
+        total += sum(t.numel() * t.element_size() for _, t in plan)
 
     # a stale single file would shadow a new index in transformers' loader, and the other way round
     if single:

@@ -228,3 +228,31 @@ def test_gradient_through_the_frozen_base_matches_the_dense_one(mode):
         (F.linear(x_ref, W) * g).sum().backward()
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     assert not any(t.requires_grad for t in layer.buffers())
+
+
+def test_kernels_under_a_bf16_default_dtype_and_bad_arguments():
+    """Fabric's forward context makes bf16 the default dtype: bitsandbytes would then build the 4-bit code in bf16,
+    which the C side must never read as floats (found by QLoRA training); and a wrong buffer is an error, not a read
+    past its end."""
+    qb._code.cache_clear()
+    layer = bnb_layer(32, 128, "nf4", False)
+    W = bnb_reference(layer)
+    x = torch.randn(2, 128)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        qb._code.cache_clear()
+        with torch.no_grad():
+            y = layer(x)
+    finally:
+        torch.set_default_dtype(previous)
+    assert qb._code("nf4", torch.device("cpu")).dtype == torch.float32
+    torch.testing.assert_close(y, x @ W.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="4-bit code"):
+        ck.bnb4_matmul(x, layer.weight, 32, 128, layer.absmax, qb._code("nf4", torch.device("cpu")).bfloat16())
+    with pytest.raises(ValueError, match="absmax"):
+        ck.bnb4_matmul(x, layer.weight, 32, 128, layer.absmax[:10], qb._code("nf4", torch.device("cpu")))
+    packed, _ = gptq_codes(128, 48, 4, 32, act_order=False)
+    with pytest.raises(ValueError, match="scales"):
+        ck.gptq_matmul(torch.randn(1, 128), packed["qweight"], packed["qzeros"], packed["scales"].float(),
+                       packed["g_idx"], 4, 32, True)

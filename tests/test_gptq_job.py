@@ -59,7 +59,8 @@ needs_bundled = pytest.mark.skipif(
 # act-order with 128 windows: on the bundled model the perplexity gaps below are small (RTN-4 costs ~0.3%), so the
 # calibration sample matters; measured over seeds 0-3 the GPTQ/RTN gap ratio was 0.12-0.78 at 4 bits and 0.42-0.55
 # at 3 bits, the KL ratio 0.44-0.46 and 0.47-0.49 (n_samples=32 without act-order: 4-bit ratio up to 1.2)
-Q = dict(group_size=128, act_order=True, n_samples=128, seq_len=256, seed=0, precision="32-true")
+# asymmetric, like the RTN baseline below (rtn_quantize): the same grid for both
+Q = dict(group_size=128, act_order=True, sym=False, n_samples=128, seq_len=256, seed=0, precision="32-true")
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +197,7 @@ def test_job_matches_true_sequential_reference_and_streams_one_block(tiny, tmp_p
 
     monkeypatch.setattr(job, "build_model", build)
     monkeypatch.setattr(job, "_load_block", load_block)
-    out = job.main(tiny, bits=4, group_size=64, act_order=act_order, block_size=32, n_samples=12, seq_len=48,
+    out = job.main(tiny, bits=4, group_size=64, act_order=act_order, sym=False, block_size=32, n_samples=12, seq_len=48,
                    batch_size=4, output_dir=tmp_path, seed=7, precision="32-true", **QUIET)
     assert on_device == [1, 1]  # each block is loaded alone, never the whole model
 
@@ -451,3 +452,74 @@ def test_config_hub_files_parse_and_fit_their_model(name, model):
     job._check_shapes(config, cfg.bits)  # every Linear packs at this bit width
     block = build_model(config).transformer.h[0]
     assert all(m.in_features % cfg.group_size == 0 for m in block.modules() if isinstance(m, nn.Linear))
+
+
+# ------------------------------------------------------------------------------------ defaults, gate, memory
+
+
+def test_defaults_sym_calibration_and_the_quality_gate(tiny, tmp_path, capsys):
+    """Without flags: symmetric (AutoGPTQ's default), a calibration size chosen and said, and a quality gate whose
+    two perplexities are those of the base model and of the written GPTQ file, scored independently."""
+    from litquant.evaluate_job import load_text, text_tokens
+    from litquant.evaluation import perplexity
+
+    job.main(tiny, output_dir=tmp_path, precision="32-true", eval_tokens=300, **QUIET)
+    err = capsys.readouterr().err
+    qc = json.loads((tmp_path / "quantize_config.json").read_text())
+    assert qc["sym"] is True and qc["desc_act"] is False and qc["bits"] == 4
+    n, t = map(int, re.search(r"Calibration: (\d+) x (\d+) tokens", err).groups())
+    assert 8 <= n <= 128 and t == min(Config.from_checkpoint(tiny).block_size, 512)
+    m = re.search(r"Quality gate: held-out perplexity ([\d.e+]+) quantized vs ([\d.e+]+) base .*, (\d+) tokens", err)
+    assert m, err
+    quant, base, scored = float(m.group(1)), float(m.group(2)), int(m.group(3))
+    # the same windows scored by the evaluator: non-overlapping windows of the calibration length, tail dropped
+    ids = text_tokens(Tokenizer(tiny), load_text(None)[0], 300)
+    w = min(t, ids.numel())
+    ids = ids[: ids.numel() // w * w]
+    ref_base = perplexity(load_model(tiny, resolve("32-true"), progress=False), ids, w, w)
+    ref_quant = perplexity(load_model(tmp_path, resolve("32-true", "gptq.int4"), progress=False), ids, w, w)
+    assert scored == ref_base["tokens"]
+    assert abs(base / ref_base["perplexity"] - 1) < 1e-3
+    assert abs(quant / ref_quant["perplexity"] - 1) < 2e-3
+    assert quant != base
+
+
+def test_eval_tokens_zero_skips_the_gate_and_bad_values(tiny, tmp_path, capsys):
+    job.main(tiny, n_samples=4, seq_len=32, eval_tokens=0, output_dir=tmp_path, **QUIET)
+    assert "Quality gate" not in capsys.readouterr().err
+    with pytest.raises(UserError, match="--eval_tokens"):
+        job.main(tiny, n_samples=4, seq_len=32, eval_tokens=-3, output_dir=tmp_path, **QUIET)
+    with pytest.raises(UserError, match="not found"):
+        job.main(tiny, n_samples=4, seq_len=32, eval_data=tmp_path / "nope.txt", output_dir=tmp_path, **QUIET)
+
+
+def gptq_memory_bound(config: Config, n_tokens: int, bits: int, group_size: int, calib_bytes: int) -> dict:
+    """The README's formula for the peak of `quantize gptq` over the runtime: the quantized output, plus two blocks'
+    weights in fp32, plus the calibration activations (the block inputs, and the attention's and MLP's cached
+    `proj` inputs)."""
+    block = build_model(config, "meta").transformer.h[0]
+    linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+    one_block = sum(p.numel() for p in block.parameters()) * 4
+    packed = sum(math.prod(s) * 4 for m in linears
+                 for s in gptq_format.packed_shapes(m.in_features, m.out_features, bits, group_size).values())
+    activations = n_tokens * (2 * config.n_embd + config.intermediate_size) * calib_bytes
+    return dict(output=packed * config.n_layer, blocks=2 * one_block, activations=activations)
+
+
+def test_peak_memory_within_the_formula(tmp_path, monkeypatch):
+    """A model whose blocks dominate (8 x 1.6M-parameter blocks, a 320-token vocabulary): the job's resident-set
+    peak over what the process held when quantization started (the job resets the peak there, once its calibration
+    windows are made) stays within output + 2 blocks + activations."""
+    from litquant.utils import current_rss_bytes, peak_memory_bytes
+
+    ckpt = make_checkpoint(tmp_path / "m", n_layer=8, n_embd=384, n_head=6, n_query_groups=2, intermediate_size=1024,
+                           block_size=128)
+    config = Config.from_checkpoint(ckpt)
+    at_reset = []
+    real_reset = job.reset_peak_memory
+    monkeypatch.setattr(job, "reset_peak_memory", lambda d: (at_reset.append(current_rss_bytes()), real_reset(d)))
+    job.main(ckpt, n_samples=32, seq_len=128, group_size=64, eval_tokens=0, precision="32-true",
+             output_dir=tmp_path / "q", **QUIET)
+    used = peak_memory_bytes("cpu") - at_reset[-1]
+    bound = gptq_memory_bound(config, 32 * 128, 4, 64, 4)
+    assert used < sum(bound.values()), (used, bound)

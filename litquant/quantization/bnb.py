@@ -119,7 +119,14 @@ def _bnb_fused_cpu_kernel() -> bool:
 
 @functools.cache
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
-    return _bnb().functional.get_4bit_type(quant_type, device=device)
+    # built in fp32 whatever the default dtype is when first asked: bnb makes it with torch.tensor, which under a
+    # bf16 default (Fabric's forward context) would round the 16 levels to bf16
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        return _bnb().functional.get_4bit_type(quant_type, device=device).to(torch.float32)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 # ---- the CPU kernel's weight layout ---------------------------------------------------------------------

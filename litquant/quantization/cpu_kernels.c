@@ -587,3 +587,109 @@ void lq_gptq_dequant_t(const int32_t *qweight, int64_t N, int64_t K, const int32
         free(v);
     }
 }
+
+// ---- GPTQ, the algorithm: one lazy-update block of columns -------------------------------------------------
+// W1 holds `count` columns of the weight (column c at W1 + c * ld, `rows` values each), in processing order. Each
+// column in turn is put on its group's grid (q = clamp(round(w / scale) + zero, 0, maxq)), its error divided by
+// the inverse Hessian's diagonal goes to Err, and every later column of the block takes the OBS update
+// W1[:, c] -= err * Hinv1[i, c]. Rows never interact, so threads split the rows. A group's grid is computed from
+// its columns as they are when it starts (gs > 0: every gs columns from the first), or given per column
+// (col_group: index into the `table_*` grids, static groups), or stays the one passed in (scale/zero).
+// Arithmetic as gptq.py's quant_params / quantize_to_grid / the OBS step, in fp32.
+
+#define FP16_TINY 5.9604644775390625e-08f
+#define FP16_MAX 65504.0f
+
+static float round_fp16(float x) {  // to the nearest fp16 value (ties to even), back in fp32; x in fp16 range
+#if defined(__F16C__)
+    return _cvtsh_ss(_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT));
+#else
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    int e = (int)((u >> 23) & 0xFF) - 127;
+    if (e < -14) {  // fp16 subnormal: a multiple of 2^-24
+        float r = __builtin_nearbyintf(x * 16777216.0f) / 16777216.0f;
+        return r;
+    }
+    uint32_t drop = 13, half = 1u << (drop - 1), mask = (1u << drop) - 1, rest = u & mask;
+    u &= ~mask;
+    if (rest > half || (rest == half && (u & (1u << drop)))) u += 1u << drop;
+    memcpy(&x, &u, 4);
+    return x;
+#endif
+}
+
+static void gptq_grid_row(const float *W1, int64_t ld, int64_t r, int64_t c0, int64_t n, int maxq, int sym,
+                          float *scale, float *zero) {
+    float xmin = 0.0f, xmax = 0.0f;
+    for (int64_t c = c0; c < c0 + n; c++) {
+        const float v = W1[c * ld + r];
+        xmin = v < xmin ? v : xmin;
+        xmax = v > xmax ? v : xmax;
+    }
+    if (sym) {
+        xmax = -xmin > xmax ? -xmin : xmax;
+        xmin = -xmax;
+    }
+    if (xmin == 0.0f && xmax == 0.0f) {
+        xmin = -1.0f;
+        xmax = 1.0f;
+    }
+    float s = (xmax - xmin) / (float)maxq;
+    s = s < FP16_TINY ? FP16_TINY : (s > FP16_MAX ? FP16_MAX : s);
+    s = round_fp16(s);
+    float z;
+    if (sym) {
+        z = (float)((maxq + 1) / 2);
+    } else {
+        z = __builtin_nearbyintf(-xmin / s);
+        z = z < 1.0f ? 1.0f : (z > (float)maxq ? (float)maxq : z);
+    }
+    *scale = s;
+    *zero = z;
+}
+
+void lq_gptq_columns(float *W1, int64_t ld, int64_t rows, int64_t count, const float *Hinv1, int64_t ldh, float *Q,
+                     float *Err, float *scale, float *zero, float *new_scales, float *new_zeros, int64_t gs,
+                     const int64_t *col_group, const float *table_scale, const float *table_zero, int bits, int sym,
+                     double *loss, int nthreads) {
+    const int maxq = (1 << bits) - 1;
+    double total = 0.0;
+#pragma omp parallel num_threads(nthreads_for(rows * count * 16, nthreads)) reduction(+ : total)
+    {
+#ifdef _OPENMP
+        const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+#else
+        const int64_t tid = 0, nth = 1;
+#endif
+        const int64_t r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth;
+        for (int64_t i = 0; i < count; i++) {
+            const float *s = scale, *z = zero;
+            if (col_group != NULL) {
+                s = table_scale + col_group[i] * rows;
+                z = table_zero + col_group[i] * rows;
+            } else if (gs > 0 && i % gs == 0) {
+                for (int64_t r = r0; r < r1; r++)
+                    gptq_grid_row(W1, ld, r, i, gs < count - i ? gs : count - i, maxq, sym, scale + r, zero + r);
+                memcpy(new_scales + (i / gs) * rows + r0, scale + r0, (r1 - r0) * sizeof(float));
+                memcpy(new_zeros + (i / gs) * rows + r0, zero + r0, (r1 - r0) * sizeof(float));
+            }
+            const float d = Hinv1[i * ldh + i];
+            float *w = W1 + i * ld, *q = Q + i * ld, *e = Err + i * ld;
+            for (int64_t r = r0; r < r1; r++) {
+                float v = __builtin_nearbyintf(w[r] / s[r]) + z[r];
+                v = v < 0.0f ? 0.0f : (v > (float)maxq ? (float)maxq : v);
+                q[r] = v;
+                const float err = (w[r] - s[r] * (v - z[r])) / d;
+                e[r] = err;
+                total += (double)err * err;
+            }
+            for (int64_t c = i + 1; c < count; c++) {  // OBS update of the block's later columns
+                const float h = Hinv1[i * ldh + c];
+                float *wc = W1 + c * ld;
+                for (int64_t r = r0; r < r1; r++) wc[r] -= e[r] * h;
+            }
+        }
+    }
+    *loss = total;
+}

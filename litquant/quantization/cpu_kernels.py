@@ -37,6 +37,8 @@ _SIGNATURES = {
     "lq_int8_dequant": ([_P, _I64, _I64, _P, _I64, _I64, _P, _INT, _INT], None),
     "lq_gptq_gemm": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT, _P, _P, _INT], None),
     "lq_gptq_work": ([_I64, _I64, _I64, _INT, _INT], _I64),
+    "lq_gptq_columns": ([_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _INT, _INT, _P,
+                         _INT], None),
     "lq_gptq_dequant_t": ([_P, _I64, _I64, _P, _P, _P, _INT, _I64, _I64, _P, _INT, _INT], None),
 }
 build_error: Optional[str] = None  # why lib() is None, for the one-line notice
@@ -189,6 +191,37 @@ def tiled_linear(x: torch.Tensor, n: int, k: int, dequant, transpose: bool = Fal
     return (out if transpose else torch.cat(parts, dim=1)).to(x.dtype)
 
 
+def _need(t: torch.Tensor, dtype: torch.dtype, numel: Optional[int] = None, what: str = "tensor") -> None:
+    """The C side trusts pointers: check what it will read (dtype, layout, size) before handing one over."""
+    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or (numel is not None and t.numel() < numel):
+        raise ValueError(f"cpu_kernels: {what} must be a contiguous CPU {dtype} of >= {numel} elements, got "
+                         f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
+
+
+def _bnb4_args(w, n, k, absmax, lut, dq) -> None:
+    if k % 64:
+        raise ValueError(f"cpu_kernels: bnb 4-bit needs in_features % 64 == 0, got {k}")
+    _need(w, torch.uint8, n * k // 2, "the 4-bit weight")
+    _need(lut, torch.float32, 16, "the 4-bit code")
+    _need(absmax, torch.uint8 if dq else torch.float32, n * k // 64, "absmax")
+    if dq:
+        _need(dq[0], torch.float32, 256, "the nested code")
+        _need(dq[1], torch.float32, -(-n * k // 64 // 256), "the nested absmax")
+
+
+def _gptq_args(qweight, qzeros, scales, g_idx, bits) -> None:
+    groups, n = scales.shape
+    k = g_idx.numel()
+    if bits not in (2, 4, 8):
+        raise ValueError(f"cpu_kernels: GPTQ bits must be 2, 4 or 8, got {bits}")
+    _need(qweight, torch.int32, k * bits // 32 * n, "qweight")
+    _need(qzeros, torch.int32, groups * n * bits // 32, "qzeros")
+    _need(scales, torch.float16, groups * n, "scales")
+    _need(g_idx, torch.int32, k, "g_idx")
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+        raise ValueError("cpu_kernels: g_idx out of range")
+
+
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
@@ -209,6 +242,9 @@ def bnb4_matmul(x: torch.Tensor, w: torch.Tensor, n: int, k: int, absmax: torch.
     """x (M, K) @ W^T -> (M, N) fp32, W the (N, K) bnb 4-bit weight `w` with per-64 `absmax` (fp32, or uint8 codes
     with dq = (nested_code, nested_absmax, offset))."""
     x = _f32(x)
+    if x.shape[1] != k:
+        raise ValueError(f"cpu_kernels: x has {x.shape[1]} features, the weight {k}")
+    _bnb4_args(w, n, k, absmax, lut, dq)
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     ncode, nabs, off = dq if dq is not None else (None, None, 0.0)
     work = torch.empty_like(x)
@@ -224,7 +260,11 @@ def bnb4_dequantize(w: torch.Tensor, n: int, k: int, absmax: torch.Tensor, lut: 
                     dq: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None, rows: tuple[int, int] = None,
                     dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     n0, n1 = rows or (0, n)
+    _bnb4_args(w, n, k, absmax, lut, dq)
     out = torch.empty(n1 - n0, k, dtype=dtype) if out is None else out
+    _need(out, dtype, (n1 - n0) * k, "out")
+    if not 0 <= n0 <= n1 <= n or dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"cpu_kernels: rows {n0}..{n1} of {n}, dtype {dtype}")
     ncode, nabs, off = dq if dq is not None else (None, None, 0.0)
     lib().lq_bnb4_dequant(
         w.data_ptr(), n, k, None if dq else absmax.data_ptr(), absmax.data_ptr() if dq else None, _ptr(ncode),
@@ -242,6 +282,10 @@ def int8_matmul(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, threshol
     x = _f32(x)
     m, k = x.shape
     n = w.shape[0]
+    _need(w, torch.int8, n * k, "the int8 weight")
+    _need(absmax, torch.float32, n, "absmax")
+    if w.shape[1] != k:
+        raise ValueError(f"cpu_kernels: x has {k} features, the weight {w.shape[1]}")
     y = torch.empty(m, n, dtype=torch.float32)
     work = torch.empty(lib().lq_int8_work(m, k), dtype=torch.uint8)
     lib().lq_int8_gemm(x.data_ptr(), m, k, w.data_ptr(), absmax.data_ptr(), n, threshold, y.data_ptr(),
@@ -253,7 +297,12 @@ def int8_dequantize(w: torch.Tensor, absmax: torch.Tensor, rows: tuple[int, int]
                     dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     n, k = w.shape
     n0, n1 = rows or (0, n)
+    _need(w, torch.int8, n * k, "the int8 weight")
+    _need(absmax, torch.float32, n, "absmax")
     out = torch.empty(n1 - n0, k, dtype=dtype) if out is None else out
+    _need(out, dtype, (n1 - n0) * k, "out")
+    if not 0 <= n0 <= n1 <= n or dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"cpu_kernels: rows {n0}..{n1} of {n}, dtype {dtype}")
     lib().lq_int8_dequant(w.data_ptr(), n, k, absmax.data_ptr(), n0, n1, out.data_ptr(),
                           int(dtype == torch.bfloat16), _threads())
     return out
@@ -276,6 +325,10 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     x = _f32(x)
     m, k = x.shape
     n, groups = scales.shape[1], scales.shape[0]
+    _gptq_args(qweight, qzeros, scales, g_idx, bits)
+    if g_idx.numel() != k or n % lib().lq_gptq_tile():
+        raise ValueError(f"cpu_kernels: x has {k} features (g_idx {g_idx.numel()}); out_features {n} must be a "
+                         f"multiple of {lib().lq_gptq_tile()}")
     y = torch.empty(m, n, dtype=torch.float32)
     work = torch.empty(lib().lq_gptq_work(m, n, groups, int(ordered), _threads()), dtype=torch.float32)
     lib().lq_gptq_gemm(
@@ -291,7 +344,43 @@ def gptq_dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch
     """Columns [n0, n1) of W^T (K, n1 - n0): the dequantized GPTQ weight, transposed (qweight's own direction)."""
     n, k = scales.shape[1], g_idx.shape[0]
     n0, n1 = cols or (0, n)
+    _gptq_args(qweight, qzeros, scales, g_idx, bits)
+    if not 0 <= n0 <= n1 <= n or n0 % lanes() or (n1 - n0) % lanes() or dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"cpu_kernels: columns {n0}..{n1} of {n} (multiples of {lanes()}), dtype {dtype}")
     out = torch.empty(k, n1 - n0, dtype=dtype) if out is None else out
+    _need(out, dtype, k * (n1 - n0), "out")
     lib().lq_gptq_dequant_t(qweight.data_ptr(), n, k, qzeros.data_ptr(), scales.data_ptr(), g_idx.data_ptr(), bits,
                             n0, n1, out.data_ptr(), int(dtype == torch.bfloat16), _threads())
     return out
+
+
+# ---- GPTQ, the algorithm --------------------------------------------------------------------------------------
+
+
+def gptq_columns(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool,
+                 gs: int = 0, col_group: Optional[torch.Tensor] = None,
+                 table: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+    """One lazy-update block of GPTQ on W1 (count, rows): each row of W1 is a column of the weight, in processing
+    order, updated in place. scale/zero (rows,) hold the current group's grid (updated when a group starts: every
+    `gs` columns, or per column from `table` with static groups). -> (Q, Err, new grids (n, rows) x 2, sum err^2)."""
+    count, rows = W1.shape
+    _need(W1, torch.float32, count * rows, "W1")
+    _need(scale, torch.float32, rows, "scale")
+    _need(zero, torch.float32, rows, "zero")
+    if Hinv1.dtype != torch.float32 or Hinv1.stride(1) != 1 or Hinv1.shape != (count, count):
+        raise ValueError("cpu_kernels: Hinv1 must be a row-major fp32 (count, count) block")
+    if col_group is not None:
+        _need(col_group, torch.int64, count, "col_group")
+        _need(table[0], torch.float32, (int(col_group.max()) + 1) * rows, "the group scales")
+        _need(table[1], torch.float32, (int(col_group.max()) + 1) * rows, "the group zeros")
+    Q, Err = torch.empty_like(W1), torch.empty_like(W1)
+    n_new = (count + gs - 1) // gs if gs > 0 else 0
+    new_s, new_z = torch.empty(n_new, rows, dtype=torch.float32), torch.empty(n_new, rows, dtype=torch.float32)
+    loss = ctypes.c_double(0.0)
+    ts, tz = table if table is not None else (None, None)
+    lib().lq_gptq_columns(
+        W1.data_ptr(), rows, rows, count, Hinv1.data_ptr(), Hinv1.stride(0), Q.data_ptr(), Err.data_ptr(),
+        scale.data_ptr(), zero.data_ptr(), new_s.data_ptr(), new_z.data_ptr(), gs, _ptr(col_group), _ptr(ts),
+        _ptr(tz), bits, int(sym), ctypes.addressof(loss), _threads(),
+    )
+    return Q, Err, new_s, new_z, loss.value
