@@ -176,7 +176,7 @@ def measure_mode(
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if pick_accelerator(accelerator) == "cuda" else "cpu")
-    prec, quantize = split_mode(mode, precision or default_quant_precision(device))
+    prec, quantize = split_mode(mode, precision)  # None: the registry's default for the mode on this device
     if compile and device.type != "cuda":
         raise UserError("--compile is for CUDA; on CPU run without it")
     fabric, plugin = setup_fabric(prec, quantize, accelerator=device.type)
@@ -241,7 +241,7 @@ def measure_mode(
     wte_bytes = config.padded_vocab_size * config.n_embd * torch.finfo(plugin.dtype).bits // 8
     return {
         "mode": mode,
-        "precision": prec,
+        "precision": plugin.precision,
         "quantize": quantize,
         "description": plugin.describe(),
         "load_s": load_s,
@@ -615,8 +615,9 @@ def _check_modes(mode_list: list[str], precision: Optional[str], device: torch.d
 
     known = quantize_modes()
     for m in mode_list:
-        prec, quant = split_mode(m, precision or default_quant_precision(device))
-        parse_precision(prec, device)
+        prec, quant = split_mode(m, precision)
+        if prec is not None:
+            parse_precision(prec, device)
         if quant is not None and quant not in known:
             raise UserError(f"unknown mode {m!r}; choose from {', '.join([*PRECISION_MODES, *known])}")
 
@@ -624,8 +625,11 @@ def _check_modes(mode_list: list[str], precision: Optional[str], device: torch.d
 def _weights_needed(config, mode: str, precision: Optional[str], device: torch.device) -> Optional[int]:
     from litquant.estimate import weight_bytes
 
-    prec, quant = split_mode(mode, precision or default_quant_precision(device))
+    from litquant.precision import resolve
+
+    prec, quant = split_mode(mode, precision)
     try:
+        prec = resolve(prec, quant, device).precision
         return weight_bytes(config, quant or prec, prec)["bytes"]
     except UserError:
         return None

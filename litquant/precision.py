@@ -10,6 +10,7 @@ Quantization modes register themselves with `@register("bnb.nf4", ...)` from
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -188,12 +189,17 @@ def cpu_has_native_bf16() -> bool:
     forced = os.environ.get("LITQUANT_NATIVE_BF16")
     if forced is not None:
         return forced not in ("0", "false", "")
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
 def parse_precision(precision: Optional[str], device: torch.device | str, allow_mixed: bool = False) -> str:

@@ -105,31 +105,31 @@ def test_4bit_codes_are_nearest_levels_and_decode_by_hand(quant_type):
 
 @pytest.mark.parametrize("mode", ["nf4", "fp4-dq"])
 def test_4bit_bf16_on_cpu_fused_kernel_and_fallback_agree(mode, monkeypatch):
-    """bf16 in eval mode on CPU: the fused kernel (when this CPU has it) for few rows, dequantize+matmul for many
-    rows; both against the fp32 dequantize-then-matmul reference at bf16 accuracy. The weight's layout switch
-    must not leak into what is saved."""
+    """bf16 in eval mode on CPU: litquant's fused kernel for few rows, tiles + matmul for many rows, and bitsandbytes'
+    own path (without litquant's kernels); all against the fp32 dequantize-then-matmul reference at bf16 accuracy.
+    Computing must not change what is saved."""
+    from litquant.quantization import cpu_kernels
+
     torch.manual_seed(2)
     w, b = torch.randn(64, 128) * 0.05, torch.randn(64) * 0.1
     layer = quantized_layer(mode, w, b, precision="bf16-true")
     saved = {k: v.clone() for k, v in layer.state_dict().items()}
     reference_w = layer.dequantize(torch.float32)
-    for rows in (3, qb.CPU_KERNEL_MAX_ROWS + 5):
+    for rows in (3, qb.GEMV_MAX_ROWS_4BIT + 5):
         x = torch.randn(rows, 128).to(torch.bfloat16)
         reference = x.float() @ reference_w.t() + b.to(torch.bfloat16).float()
         with torch.no_grad():
             y = layer(x)
         assert y.dtype == torch.bfloat16
         assert rel(y, reference) < 1e-2
-        monkeypatch.setattr(qb, "use_cpu_kernel", False)
+        monkeypatch.setattr(cpu_kernels, "usable", lambda t: False)
         with torch.no_grad():
             y_plain = layer(x)
-        monkeypatch.setattr(qb, "use_cpu_kernel", True)
+        monkeypatch.undo()
         assert rel(y_plain, reference) < 1e-2
     with torch.no_grad():
         layer(torch.randn(1, 128).to(torch.bfloat16))
-    assert (layer._kernel_absmax is not None) == qb._cpu_kernel_available()
     assert all(torch.equal(saved[k], v) for k, v in layer.state_dict().items())
-    assert layer._kernel_absmax is None  # saving switched back to the portable layout
 
 
 def test_nf4_beats_fp4_on_normal_weights():

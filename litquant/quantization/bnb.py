@@ -19,12 +19,9 @@ Loading: the model is built on the meta device, `convert_module` swaps the Linea
 tensor to `load_litquant_tensor`, which quantizes a weight the moment it lands on the device: at most one layer's
 full-precision weight exists at a time. A pre-quantized file (`quantize/bnb.py`) skips that step.
 
-CPU speed: bitsandbytes >= 0.48 ships a fused 4-bit matmul for CPUs with AVX512-BF16 (`gemv_4bit`, bf16 only,
-its own nibble layout). It is the fastest offline path for decoding (the faster `kernels-community` GEMM that
-bnb tries to download from the Hub is not available offline, hence bnb's import warning, which we silence).
-With `--precision bf16-true` a module in eval mode switches its weight to that layout on the first no-grad
-forward; anything that needs the portable layout (saving, moving, training, dequantizing) switches it back.
-Other dtypes/devices use bnb's `gemm_4bit` (CPU: dequantize + matmul; CUDA: bnb's fused kernels).
+CPU speed: litquant's own kernels (cpu_kernels.c) read bitsandbytes' layout as it is: a fused 4-bit / LLM.int8
+matmul for few input rows, tiles of dequantized weight + BLAS beyond, in any compute dtype (docs/ARCHITECTURE.md).
+bitsandbytes' ops serve CUDA, and the CPU when the kernels cannot be built.
 """
 
 from __future__ import annotations
@@ -49,11 +46,10 @@ NESTED_BLOCKSIZE = 256  # double quantization: blocks of absmax values (the only
 QUANTIZE_CHUNK = 1 << 22  # weights are quantized this many elements at a time (bounds the temporaries)
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold on input magnitudes
 MIN_BNB_CPU = (0, 48)  # first bitsandbytes with CPU 4-bit and int8 ops
-CPU_KERNEL_MAX_ROWS = 64  # bnb's bf16 fused 4-bit kernel vs dequantize+matmul: measured crossover ~110 rows (5632x2048)
-use_cpu_kernel = True  # set False to keep bnb's bf16 fused kernel out (debugging, comparisons)
-# litquant's own CPU kernels (cpu_kernels.c): up to this many input rows the fused 4-bit / int8 matmul, beyond it
-# dequantize a tile + BLAS matmul (measured on 2 cores, 2048..5632 wide layers: docs/ARCHITECTURE.md)
-GEMV_MAX_ROWS_4BIT = 8
+# litquant's CPU kernels (cpu_kernels.c): up to this many input rows the fused 4-bit / int8 matmul, beyond it a
+# dequantized tile + BLAS. Every row the fused kernel computes gets the same arithmetic whatever the number of rows,
+# so a batch of up to 16 decoding sequences gets the tokens each would get alone.
+GEMV_MAX_ROWS_4BIT = 16
 GEMV_MAX_ROWS_INT8 = 4
 
 # bnb >= 0.48 tries to fetch a CPU GEMM from the Hugging Face Hub when imported and logs a warning when it cannot
@@ -102,22 +98,6 @@ def _bnb_version() -> tuple[int, ...]:
 
 
 @functools.cache
-def _cpu_kernel_available() -> bool:
-    # The fused kernel is registered for the CPU only on machines with AVX512-BF16; without it `gemv_4bit`
-    # falls back to a version that expects the portable layout, so the check must be this precise.
-    _bnb()
-    return torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::gemv_4bit", "CPU")
-
-
-def _bnb_fused_cpu_kernel() -> bool:
-    """bitsandbytes' fused bf16 4-bit CPU kernel is there, and litquant is not told to act as on a CPU without
-    native bf16 (LITQUANT_NATIVE_BF16=0)."""
-    from litquant.precision import cpu_has_native_bf16
-
-    return _cpu_kernel_available() and cpu_has_native_bf16()
-
-
-@functools.cache
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
     # built in fp32 whatever the default dtype is when first asked: bnb makes it with torch.tensor, which under a
     # bf16 default (Fabric's forward context) would round the 16 levels to bf16
@@ -127,29 +107,6 @@ def _code(quant_type: str, device: torch.device) -> torch.Tensor:
         return _bnb().functional.get_4bit_type(quant_type, device=device).to(torch.float32)
     finally:
         torch.set_default_dtype(previous)
-
-
-# ---- the CPU kernel's weight layout ---------------------------------------------------------------------
-# Portable (bnb) layout: the (N, K) 4-bit codes in row-major order, two per byte, first one in the high nibble,
-# stored as (ceil(N*K/2), 1) uint8. Kernel layout: rows in groups of 32 and columns in pairs; for each
-# (row group, column pair) 32 bytes whose low nibbles hold rows 0-15 and high nibbles rows 16-31, each row's
-# two columns adjacent. It is a permutation of the same nibbles, so converting back and forth is exact.
-
-
-def _unpack_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    b = packed.reshape(-1)
-    return torch.stack((b >> 4, b & 0xF), dim=-1).reshape(-1)[: n * k].reshape(n, k)
-
-
-def _to_kernel_layout(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    g = _unpack_codes(packed, n, k).reshape(n // 32, 2, 16, k // 2, 2).permute(0, 3, 1, 2, 4)  # (nb, kp, half, 16, 2)
-    return ((g[:, :, 1] << 4) | g[:, :, 0]).reshape(n, k // 2)
-
-
-def _from_kernel_layout(kernel: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    b = kernel.reshape(n // 32, k // 2, 16, 2)
-    q = torch.stack((b & 0xF, b >> 4), dim=2).permute(0, 2, 3, 1, 4).reshape(-1)  # back to row-major codes
-    return ((q[0::2] << 4) | q[1::2]).reshape(-1, 1)
 
 
 # ---- autograd: frozen quantized weight, gradient to the input -------------------------------------------
@@ -217,7 +174,6 @@ class _QuantLinear(nn.Module):
     def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """grad @ W for the backward pass: tile by tile on CPU, else the whole dequantized weight."""
         if self._cpu_fast(grad):
-            self._portable_layout_()
             return cpu_kernels.tiled_linear(grad, self.out_features, self.in_features, self._dequant_rows, True)
         return grad @ self.dequantize(grad.dtype)
 
@@ -269,14 +225,12 @@ class _QuantLinear(nn.Module):
                     f"{self.mode_name} layer needs {str(expected.dtype).replace('torch.', '')} {tuple(expected.shape)} "
                     "(was the file quantized with another mode or config?)"
                 )
-            self._on_state_change()
             self._buffers[attr] = tensor.to(device)
         else:
             raise UserError(f"unexpected tensor {self._where()}.{attr} for a {self.mode_name} layer")
 
     def quantized_state(self) -> dict[str, torch.Tensor]:
-        """The quantization buffers in the portable layout (what a pre-quantized file stores)."""
-        self._portable_layout_()
+        """The quantization buffers (what a pre-quantized file stores)."""
         return {name: self._buffers[name] for name in self._quant_names}
 
     def litquant_storage(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -285,19 +239,8 @@ class _QuantLinear(nn.Module):
             if t is not None:
                 yield name, t
 
-    def _on_state_change(self) -> None:
-        pass
-
-    def _portable_layout_(self) -> None:
-        pass
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._portable_layout_()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
     def _apply(self, fn, recurse=True):
         # Moves must reach the quantization state, casts must not: apply `fn` and keep only its device.
-        self._portable_layout_()
         saved = {name: self._buffers.pop(name) for name in self._quant_names if name in self._buffers}
         super()._apply(fn, recurse)
         for name, t in saved.items():
@@ -343,7 +286,6 @@ class Linear4bit(_QuantLinear):
         self.blocksize = BLOCKSIZE
         self.mode_name = quant_type + ("-dq" if double_quant else "")
         self._quant_names = ("weight", "absmax") + (("nested_absmax", "nested_code", "offset") if double_quant else ())
-        self._kernel_absmax: Optional[torch.Tensor] = None  # set while `weight` is in the CPU kernel layout
         self._set_state(self._empty_state(device))
 
     @property
@@ -385,7 +327,6 @@ class Linear4bit(_QuantLinear):
             qabsmax, nested = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
             state.update(absmax=qabsmax, nested_absmax=nested.absmax, nested_code=nested.code,
                          offset=offset.float().reshape(()))
-        self._on_state_change()
         self._set_state(state)
 
     def _absmax(self) -> torch.Tensor:
@@ -408,21 +349,15 @@ class Linear4bit(_QuantLinear):
             dtype=dtype or self.compute_dtype, offset=self.offset if self.double_quant else None, state2=state2,
         )
 
-    def _portable_weight(self) -> torch.Tensor:
-        if self._kernel_absmax is None:
-            return self.weight
-        return _from_kernel_layout(self.weight, self.out_features, self.in_features)
-
     @torch.no_grad()
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The (out, in) weight the quantized storage stands for, in `dtype` (default: the compute dtype)."""
         dtype = dtype or self.compute_dtype
         if self._cpu_fast(self.absmax):  # the same fp32 products as bnb's dequantize_4bit, several times faster
-            self._portable_layout_()
             w = self._dequant_rows(0, self.out_features, torch.float32, None)
             return w if dtype == torch.float32 else w.to(dtype)
         qs = self.quant_state(dtype)
-        return _bnb().functional.dequantize_4bit(self._portable_weight(), qs)
+        return _bnb().functional.dequantize_4bit(self.weight, qs)
 
     def _dq(self) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
         return (self.nested_code, self.nested_absmax, float(self.offset)) if self.double_quant else None
@@ -436,70 +371,22 @@ class Linear4bit(_QuantLinear):
     def _cpu_fast(self, x: torch.Tensor) -> bool:
         return self.in_features % BLOCKSIZE == 0 and cpu_kernels.usable(x)
 
-    # -- layouts -----------------------------------------------------------------------------------------------
-    def _on_state_change(self) -> None:
-        self._kernel_absmax = None
-
-    def _kernel_fits(self) -> bool:
-        return self.out_features % 32 == 0 and self.in_features % self.blocksize == 0
-
-    @torch.no_grad()
-    def _kernel_layout_(self) -> None:
-        if self._kernel_absmax is not None:
-            return
-        with torch.inference_mode(False):  # generate() runs under inference_mode: keep the buffers normal tensors
-            n, k = self.out_features, self.in_features
-            absmax = self._absmax().float().reshape(n, k // self.blocksize).t().contiguous().to(torch.bfloat16)
-            self._buffers["weight"] = _to_kernel_layout(self.weight, n, k)
-            self._kernel_absmax = absmax
-
-    @torch.no_grad()
-    def _portable_layout_(self) -> None:
-        if self._kernel_absmax is None:
-            return
-        with torch.inference_mode(False):
-            self._buffers["weight"] = _from_kernel_layout(self.weight, self.out_features, self.in_features)
-            self._kernel_absmax = None
-
-    def litquant_storage(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from super().litquant_storage()
-        if self._kernel_absmax is not None:
-            yield "kernel_absmax", self._kernel_absmax
-
     # -- compute -----------------------------------------------------------------------------------------------
-    def _cpu_kernel_ok(self, x: torch.Tensor) -> bool:
-        return (
-            use_cpu_kernel and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not self.training
-            and not (torch.is_grad_enabled() and x.requires_grad) and self._kernel_fits() and _bnb_fused_cpu_kernel()
-        )
-
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if self._cpu_kernel_ok(x) and rows <= CPU_KERNEL_MAX_ROWS:  # bnb's fused kernel (bf16, AVX512-BF16 CPUs)
-            self._kernel_layout_()
-            y = torch.ops.bitsandbytes.gemv_4bit.default(
-                x.reshape(-1, self.in_features), self.weight, [self.out_features, self.in_features],
-                self._kernel_absmax, _code(self.quant_type, x.device), self.blocksize,
-            )
-            return y.reshape(*x.shape[:-1], self.out_features)
         if self._cpu_fast(x):  # litquant's kernels: fused 4-bit matmul for few rows, else tiles + BLAS
-            self._portable_layout_()
-            if rows > GEMV_MAX_ROWS_4BIT:
+            if x.numel() > GEMV_MAX_ROWS_4BIT * self.in_features:
                 return self._tiled(x)
             y = cpu_kernels.bnb4_matmul(
                 x.reshape(-1, self.in_features), self.weight, self.out_features, self.in_features, self.absmax,
                 _code(self.quant_type, x.device), self._dq(),
             )
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        if self._cpu_kernel_ok(x):
-            return torch.nn.functional.linear(x, self.dequantize(x.dtype))
-        if self.training:
-            self._portable_layout_()
-        weight, shape = self._portable_weight(), [self.out_features, self.in_features]
+        shape = [self.out_features, self.in_features]
         if not self.double_quant:
-            return torch.ops.bitsandbytes.gemm_4bit.default(x, weight, shape, self.absmax, self.blocksize, self.quant_type)
+            return torch.ops.bitsandbytes.gemm_4bit.default(x, self.weight, shape, self.absmax, self.blocksize,
+                                                            self.quant_type)
         return torch.ops.bitsandbytes.gemm_4bit.default(
-            x, weight, shape, self.nested_absmax, self.blocksize, self.quant_type,
+            x, self.weight, shape, self.nested_absmax, self.blocksize, self.quant_type,
             absmax_8bit=self.absmax, absmax_code=self.nested_code, absmax_offset=self.offset,
         )
 
@@ -632,9 +519,6 @@ class BitsandbytesPrecision(LitquantPrecision):
             return f"{fallback} (litquant CPU kernels unavailable: {cpu_kernels.build_error})"
         ours = f"litquant {cpu_kernels.isa()} kernels"
         if self.mode in FOUR_BIT:
-            if self.dtype == torch.bfloat16 and _bnb_fused_cpu_kernel():
-                return (f"bitsandbytes fused bf16 4-bit matmul (<= {CPU_KERNEL_MAX_ROWS} rows), {ours}: "
-                        "tiled dequantize + matmul beyond")
             return f"{ours}: fused 4-bit matmul (<= {GEMV_MAX_ROWS_4BIT} rows), tiled dequantize + matmul beyond"
         if self.mode == "int8" and cpu_kernels.vnni():
             return f"{ours}: fused LLM.int8 (<= {GEMV_MAX_ROWS_INT8} rows), bitsandbytes int8 matmul beyond"
