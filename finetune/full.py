@@ -18,7 +18,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from finetune.lora import DataArgs, EvalArgs, RunSpec, TrainArgs, _as, _hparams, fit, launch, load_base
-from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, WEIGHTS_FILE, copy_side_files, save_checkpoint, save_safetensors
+from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, WEIGHTS_FILE, copy_side_files, save_checkpoint
+from litquant.io import save_safetensors
 from litquant.config import Config
 from litquant.errors import UserError, run_job
 from litquant.utils import num_parameters

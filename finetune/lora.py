@@ -38,13 +38,8 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # `python finetune/lora.py`: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from litquant.checkpoint import (
-    DEFAULT_CHECKPOINT_DIR,
-    WEIGHTS_FILE,
-    atomic_write_text,
-    check_checkpoint_dir,
-    load_model,
-)
+from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, WEIGHTS_FILE, check_checkpoint_dir, load_model
+from litquant.io import atomic_write_text
 from litquant.errors import UserError, run_job
 from litquant.lora import LORA_FILE, LoRAConfig, add_lora, base_options, mark_only_lora_as_trainable, save_lora
 from litquant.utils import num_parameters, peak_memory_bytes, reset_peak_memory
@@ -614,7 +609,7 @@ def find_resume_dir(run: RunSpec) -> Optional[Path]:
 
 def check_resume_dir(run: RunSpec, directory: Path) -> None:
     """Before any process starts: the checkpoint `directory` is one this run can continue."""
-    from litquant.checkpoint import open_safetensors
+    from litquant.io import open_safetensors
 
     with open_safetensors(resume_weights_path(directory, RUN_WEIGHTS[run.kind])):
         pass  # its header is valid and its tensors lie within the file
@@ -636,7 +631,7 @@ def resume_weights_path(directory: Path, weights_file: str) -> Path:
 
 def read_train_state(directory: Path, run: RunSpec) -> tuple[dict, dict]:
     """(counters, optimizer skeleton) of a checkpoint's train_state.safetensors, checked against this run."""
-    from litquant.checkpoint import safetensors_metadata
+    from litquant.io import safetensors_metadata
 
     state_path = directory / TRAIN_STATE_FILE
     meta = safetensors_metadata(state_path)  # a missing, truncated or corrupt file is a UserError here
@@ -663,7 +658,7 @@ def optimizer_class(optimizer: torch.optim.Optimizer) -> str:
 
 def save_checkpoint_dir(fabric, run: RunSpec, weights, model, optimizer, counters: dict) -> Path:
     """out_dir/step-XXXXXX/{weights, train_state.safetensors}, written to a temp dir then renamed (atomic)."""
-    from litquant.checkpoint import save_safetensors
+    from litquant.io import save_safetensors
 
     params = gather_params(model.module, weights.trainable_only())
     opt_tensors, opt_rest = optimizer_state(model.module, optimizer.optimizer)
@@ -684,7 +679,7 @@ def save_checkpoint_dir(fabric, run: RunSpec, weights, model, optimizer, counter
 
 
 def load_checkpoint_dir(fabric, run: RunSpec, weights, model, optimizer, directory: Path) -> dict:
-    from litquant.checkpoint import open_safetensors
+    from litquant.io import open_safetensors
 
     weights_path = resume_weights_path(directory, weights.file)
     counters, skeleton = read_train_state(directory, run)

@@ -90,7 +90,7 @@ def random_model(config, plugin, device: torch.device, seed: int = 1234, std: fl
 
     model = build_model(config, "meta")
     shapes = [(k, tuple(t.shape)) for k, t in model.state_dict().items()]
-    model = plugin.convert_module(model)
+    model = plugin.convert_module(model, plugin.load_plan(None))
     gen = torch.Generator(device=device).manual_seed(seed)
     for key, shape in shapes:
         module_name, _, attr = key.rpartition(".")
@@ -121,7 +121,7 @@ def random_model(config, plugin, device: torch.device, seed: int = 1234, std: fl
 def benchmark_prompt(tokenizer, n: int) -> tuple[str, list[int]]:
     """(text, ids): the start of the bundled held-out text, at most `n` tokens, such that `tokenizer.encode(text)`
     gives exactly `ids`, so `litquant generate --prompt <text>` (and peers fed the ids) see the same prompt."""
-    from litquant.evaluate_job import heldout_tokens
+    from litquant.evaluation import heldout_tokens
 
     ids = heldout_tokens(tokenizer, n).tolist()
     for _ in range(4):  # decode/encode round trips settle in a step or two (a merge across the cut)
@@ -167,7 +167,7 @@ def measure_mode(
     """Load one mode and measure it (meant to run in a process of its own, see `main`)."""
     from litquant.config import Config
     from litquant.estimate import kv_cache_bytes
-    from litquant.evaluate_job import DEFAULT_BATCH_SIZE, check_window, heldout_tokens
+    from litquant.evaluation import DEFAULT_BATCH_SIZE, check_window, heldout_tokens
     from litquant.evaluation import perplexity
     from litquant.generation import compiled_decode_step, generate
     from litquant.precision import pick_accelerator, setup_fabric
@@ -598,7 +598,7 @@ def main(
     print(format_terminal(report))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    from litquant.checkpoint import atomic_write_text
+    from litquant.io import atomic_write_text
 
     atomic_write_text(out_dir / "benchmark.json", json.dumps(report, indent=2))
     atomic_write_text(out_dir / "benchmark.md", format_markdown(report))

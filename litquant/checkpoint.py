@@ -1,35 +1,66 @@
-"""The checkpoint directory: validate it, stream its safetensors into a model, save atomically.
-
-A checkpoint directory holds `model_config.yaml`, `lit_model.safetensors` (full precision) and the
-tokenizer files; quantized variants (`lit_model_bnb.nf4.safetensors`, `lit_model_gptq.4bit.safetensors`)
-sit beside them. Loading never materialises a second copy of the model: the model is built on the
-meta device, then each tensor is read from the memory-mapped file, converted, moved to the target
-device and assigned, one at a time. Modules that own a custom storage (quantized Linears) receive
-their tensors through `load_litquant_tensor(attr, tensor, device, dtype)` and quantize as they land.
-"""
+"""The checkpoint directory: `Checkpoint.open` checks it once; `load_model` builds the model on the meta device,
+lets the precision plugin swap Linears for quantized layers, and streams the weights in tensor by tensor (a
+quantized layer quantizes each weight as it lands), so no full-precision copy of the model ever exists."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from litquant.config import CONFIG_FILE, Config
+from litquant.config import CONFIG_FILE, WEIGHTS_FILE, Config
 from litquant.errors import UserError
-from litquant.io import (  # noqa: F401  (re-exported: the names jobs import from here)
-    DTYPES, SafetensorsFile, atomic_path, atomic_write_text, file_keys, open_safetensors, safetensors_metadata,
-    save_safetensors,
-)
+from litquant.io import atomic_path, open_safetensors, save_safetensors
 from litquant.utils import release_freed_memory
 
-WEIGHTS_FILE = "lit_model.safetensors"
-DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parent.parent / "checkpoints" / "litquant-tiny"
+DEFAULT_CHECKPOINT_DIR = Path(__file__).resolve().parent / "data" / "bundled" / "litquant-tiny"
+
+
+class Checkpoint:
+    """A checkpoint directory, opened and checked once: its config, tokenizer and weight files."""
+
+    def __init__(self, path: Path, config: Config) -> None:
+        self.path, self.config = path, config
+
+    @classmethod
+    def open(cls, path: Union[str, Path, "Checkpoint"]) -> "Checkpoint":
+        if isinstance(path, Checkpoint):
+            return path
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"checkpoint directory {str(path)!r} does not exist")
+        if not (path / CONFIG_FILE).is_file():
+            hint = (" (it looks like a Hugging Face download: run `litquant convert_hf_checkpoint "
+                    f"--checkpoint_dir {path}` first)") if (path / "config.json").is_file() else ""
+            raise UserError(f"{path} has no {CONFIG_FILE}{hint}")
+        return cls(path, Config.from_file(path / CONFIG_FILE))
+
+    def file(self, name: str = WEIGHTS_FILE) -> Path:
+        """The path of one of its files, which must exist."""
+        path = self.path / name
+        if not path.is_file():
+            present = sorted(p.name for p in self.path.glob("lit_model*.safetensors"))
+            raise UserError(f"{self.path} has no {name} (found: {', '.join(present) or 'no weight files'})")
+        return path
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    @functools.cached_property
+    def tokenizer(self):
+        from litquant.tokenizer import Tokenizer
+
+        return Tokenizer(self.path)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
 
 
 # Files of a checkpoint directory besides its weights that a derived checkpoint (GPTQ into another directory,
@@ -56,26 +87,10 @@ def save_checkpoint(
     config.save(checkpoint_dir)
 
 
-# ---- validation and lazy reading -------------------------------------------------------------
-
-
 def check_checkpoint_dir(checkpoint_dir: str | Path, weights_file: Optional[str] = WEIGHTS_FILE) -> Path:
-    """The path of the weights file, after checking the directory has what a job needs
-    (weights_file=None: only the directory and its config)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        raise UserError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
-    if not (checkpoint_dir / CONFIG_FILE).is_file():
-        hint = (" (it looks like a Hugging Face download: run `litquant convert_hf_checkpoint "
-                f"--checkpoint_dir {checkpoint_dir}` first)") if (checkpoint_dir / "config.json").is_file() else ""
-        raise UserError(f"{checkpoint_dir} has no {CONFIG_FILE}{hint}")
-    if weights_file is None:
-        return checkpoint_dir
-    path = checkpoint_dir / weights_file
-    if not path.is_file():
-        present = sorted(p.name for p in checkpoint_dir.glob("lit_model*.safetensors"))
-        raise UserError(f"{checkpoint_dir} has no {weights_file} (found: {', '.join(present) or 'no weight files'})")
-    return path
+    """Deprecated spelling of `Checkpoint.open(d).file(weights_file)` (weights_file=None: the directory)."""
+    checkpoint = Checkpoint.open(checkpoint_dir)
+    return checkpoint.path if weights_file is None else checkpoint.file(weights_file)
 
 
 def build_model(config: Config, device: torch.device | str = "meta"):
@@ -137,21 +152,22 @@ def load_weights(
         raise UserError(f"{path} is missing tensors: {', '.join(missing[:5])}{more}")
 
 
-def load_model(checkpoint_dir: str | Path, plugin=None, device: torch.device | str = "cpu", progress: bool = True):
-    """checkpoint dir -> Config -> GPT on meta -> plugin swaps Linear classes -> stream weights in.
+def load_model(checkpoint: Union[str, Path, Checkpoint], plugin=None, device: torch.device | str = "cpu",
+               progress: bool = True) -> nn.Module:
+    """checkpoint -> GPT on meta -> the plugin swaps the Linears its load plan names -> weights streamed in.
 
-    `plugin` is a `litquant.precision` plugin (None = 32-true); it names the weights file it reads
-    (full precision, or a pre-quantized file) and the compute dtype."""
-    from litquant.precision import resolve
+    `plugin` is a `litquant.precision` plugin (None = 32-true); its load plan names the file to read (full
+    precision, or a pre-quantized one) and the layers to swap, and its dtype is the compute dtype."""
+    from litquant.precision import LitquantPrecision
 
-    plugin = plugin or resolve("32-true", None)
-    checkpoint_dir = Path(checkpoint_dir)
-    check_checkpoint_dir(checkpoint_dir, None)
-    config = Config.from_checkpoint(checkpoint_dir)
-    weights = check_checkpoint_dir(checkpoint_dir, plugin.weights_file(checkpoint_dir))
+    checkpoint = Checkpoint.open(checkpoint)
+    plugin = plugin or LitquantPrecision("32-true")
+    plan = plugin.load_plan(checkpoint.path)
+    if plan.note:
+        print(plan.note, file=sys.stderr)
+    weights = checkpoint.file(plan.weights_file)
     t0 = time.perf_counter()
-    model = build_model(config, "meta")
-    model = plugin.convert_module(model)
+    model = plugin.convert_module(build_model(checkpoint.config, "meta"), plan)
     load_weights(model, weights, device, plugin.dtype, progress=progress)
     model = plugin.after_load(model)
     model.eval()

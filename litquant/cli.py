@@ -14,15 +14,15 @@ from litquant.errors import run_job
 
 # subcommand -> "module:function"; nested dicts are sub-subcommands (`litquant quantize gptq`).
 JOBS: dict = {
-    "generate": "generate.base:main",
-    "chat": "generate.chat:main",
-    "pretrain": "pretrain.base:main",
+    "generate": "litquant.jobs.generate:main",
+    "chat": "litquant.jobs.chat:main",
+    "pretrain": "litquant.jobs.pretrain:main",
     "convert_hf_checkpoint": "litquant.convert:convert_hf_checkpoint",
     "convert_lit_checkpoint": "litquant.convert:convert_lit_checkpoint",
-    "quantize": {"bnb": "quantize.bnb:main", "gptq": "quantize.gptq:main"},
+    "quantize": {"bnb": "litquant.jobs.quantize:bnb", "gptq": "litquant.jobs.quantize:gptq"},
     "finetune": {"lora": "finetune.lora:setup", "full": "finetune.full:setup"},
-    "merge_lora": "litquant.lora:merge_lora_job",
-    "evaluate": "litquant.evaluate_job:main",
+    "merge_lora": "litquant.jobs.merge_lora:main",
+    "evaluate": "litquant.jobs.evaluate:main",
     "benchmark": "litquant.benchmark:main",
     "estimate": "litquant.estimate:main",
 }

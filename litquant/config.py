@@ -17,6 +17,7 @@ import yaml
 from litquant.errors import UserError, read_json
 
 CONFIG_FILE = "model_config.yaml"
+WEIGHTS_FILE = "lit_model.safetensors"  # the full-precision weights beside it
 
 
 @dataclass
@@ -119,7 +120,7 @@ class Config:
         return asdict(self)
 
     def save(self, checkpoint_dir: str | Path) -> None:
-        from litquant.checkpoint import atomic_write_text
+        from litquant.io import atomic_write_text
 
         atomic_write_text(Path(checkpoint_dir) / CONFIG_FILE, yaml.safe_dump(self.to_dict(), sort_keys=False))
 

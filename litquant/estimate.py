@@ -42,11 +42,10 @@ import torch.nn as nn
 
 from litquant.config import Config, n_params
 from litquant.errors import UserError, read_json
+from litquant.quantization.modes import QuantMode, get_mode
 
 GB = 1e9  # decimal, as the seeds' tables and `Memory used:` lines are
 GIB = 2**30
-BNB_BLOCKSIZE = 64
-BNB_NESTED_BLOCKSIZE = 256
 GPU_HEADROOM = 1 * GIB
 
 # name -> total memory as the driver reports it (MiB); marketing names in GB
@@ -66,7 +65,6 @@ DEFAULT_MODES = (
 )
 _DTYPE_BYTES = {"32-true": 4, "16-true": 2, "bf16-true": 2}
 # nominal bits per parameter, "before overheads" (the seeds' simple params x bytes table)
-_NOMINAL_BITS = {"32-true": 32, "16-true": 16, "bf16-true": 16, "int8": 8, "nf4": 4, "nf4-dq": 4, "fp4": 4, "fp4-dq": 4}
 
 
 @dataclass
@@ -89,63 +87,14 @@ def model_shapes(config: Config) -> tuple[list[LinearShape], int]:
     return linears, total - linear_params
 
 
-def _mode_kind(mode: str) -> tuple[str, Optional[int]]:
-    """'32-true' -> ('32-true', None); 'bnb.nf4-dq' -> ('nf4-dq', None); 'gptq.int4' -> ('gptq', 4)."""
+def _quant(mode: str) -> Optional[QuantMode]:
+    """None for a full-precision mode (32-true, ...), else the quantization mode (unknown names: a UserError)."""
     if mode in _DTYPE_BYTES:
-        return mode, None
-    if mode.startswith("bnb."):
-        kind = mode[4:]
-        kind = "int8" if kind == "int8-training" else kind
-        if kind in ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8"):
-            return kind, None
-    from litquant.quantization.gptq_format import SUPPORTED_BITS
-
-    if mode.startswith("gptq.int") and mode[8:].isdigit() and int(mode[8:]) in SUPPORTED_BITS:
-        return "gptq", int(mode[8:])
-    others = "/".join(str(b) for b in SUPPORTED_BITS if f"gptq.int{b}" not in DEFAULT_MODES)
-    raise UserError(
-        f"cannot estimate mode {mode!r}; choose from: {', '.join(DEFAULT_MODES)}, bnb.int8-training, gptq.int{others}"
-    )
-
-
-def quantized_linear_bytes(
-    kind: str, in_features: int, out_features: int, gptq_bits: int = 4, gptq_group_size: int = 128,
-    runtime: bool = True,
-) -> int:
-    """Bytes a quantized Linear's weight storage takes (without bias), as the plugins keep it in memory
-    (`runtime=False`, GPTQ: as the file stores it)."""
-    n = in_features * out_features
-    if kind in ("nf4", "fp4", "nf4-dq", "fp4-dq"):
-        blocks = math.ceil(n / BNB_BLOCKSIZE)
-        codes = (n + 1) // 2
-        if kind.endswith("-dq"):
-            # uint8 absmax per block, fp32 scale per 256 of them, bnb's 256-entry fp32 code table, fp32 offset
-            return codes + blocks + 4 * math.ceil(blocks / BNB_NESTED_BLOCKSIZE) + 4 * 256 + 4
-        return codes + 4 * blocks
-    if kind == "int8":
-        return n + 4 * out_features
-    if kind == "gptq":
-        from litquant.quantization.gptq_format import packed_shapes
-
-        # the AutoGPTQ tensors: int32 qweight, qzeros and g_idx, fp16 scales
-        shapes = packed_shapes(in_features, out_features, gptq_bits, gptq_group_size)
-        qweight = 4 * math.prod(shapes["qweight"])
-        rest = 4 * math.prod(shapes["qzeros"]) + 2 * math.prod(shapes["scales"]) + 4 * math.prod(shapes["g_idx"])
-        kernel_group = gptq_kernel_group(in_features, out_features, gptq_bits, gptq_group_size) if runtime else None
-        if kernel_group is None:
-            return qweight + rest
-        # int4 kernel: the repacked weight (n/2 bytes) replaces qweight; fp32 (scale, zero) per kernel group and row
-        return n // 2 + 8 * (in_features // kernel_group) * out_features + rest
-    raise ValueError(kind)
-
-
-def gptq_kernel_group(in_features: int, out_features: int, bits: int, group_size: int) -> Optional[int]:
-    """The group size GPTQLinear's int4 kernel runs a layer with (None: no kernel, dequantize + matmul):
-    the largest of 256/128/64/32 that divides in_features and never spans two GPTQ groups."""
-    if bits != 4 or out_features % 16:
         return None
-    return next((kg for kg in (256, 128, 64, 32)
-                 if in_features % kg == 0 and (group_size == -1 or group_size % kg == 0)), None)
+    try:
+        return get_mode(mode)
+    except UserError as e:  # say it in the terms of this job, keep the suggestion
+        raise UserError(f"cannot estimate mode {mode!r}; {str(e).partition('; ')[2]}") from None  # same choices
 
 
 def _is_quantized(name: str, quantize_lm_head: bool) -> bool:
@@ -162,12 +111,12 @@ def weight_bytes(
 ) -> dict:
     """{"bytes", "quantized_params", "quantized_bytes", "other_bytes"} for `mode` with `precision` as compute dtype
     (GPTQ: the bits come from the mode name, gptq.int4)."""
-    kind, bits = _mode_kind(mode)
+    quant = _quant(mode)
     if precision not in _DTYPE_BYTES:
         raise UserError(f"unknown --precision {precision!r}; choose one of: {', '.join(_DTYPE_BYTES)}")
     linears, other_params = _shapes or model_shapes(config)
-    if kind in _DTYPE_BYTES:
-        b = _DTYPE_BYTES[kind]
+    if quant is None:
+        b = _DTYPE_BYTES[mode]
         total = (other_params + sum(s.in_features * s.out_features + (s.out_features if s.bias else 0)
                                     for s in linears)) * b
         return {"bytes": total, "quantized_params": 0, "quantized_bytes": 0, "other_bytes": total}
@@ -177,7 +126,7 @@ def weight_bytes(
         other += (s.out_features if s.bias else 0) * b
         if _is_quantized(s.name, quantize_lm_head):  # GPTQ: a width that cannot be packed is a UserError there
             q_params += s.in_features * s.out_features
-            q_bytes += quantized_linear_bytes(kind, s.in_features, s.out_features, bits or 4, gptq_group_size)
+            q_bytes += quant.linear_bytes(s.in_features, s.out_features, gptq_group_size)
         else:
             other += s.in_features * s.out_features * b
     other += other_params * b
@@ -264,12 +213,12 @@ def estimate(
     total_params = n_params(config)
     b = _DTYPE_BYTES[precision]
     if finetune == "qlora":
-        modes = [m for m in modes if _mode_kind(m)[0] in ("nf4", "nf4-dq", "fp4", "fp4-dq")] or ["bnb.nf4"]
+        modes = [m for m in modes if getattr(_quant(m), "qlora", False)] or ["bnb.nf4"]
     elif finetune == "lora":
         modes = [m for m in modes if m in _DTYPE_BYTES] or [precision]
     rows = []
     for mode in modes:
-        kind, bits = _mode_kind(mode)
+        quant = _quant(mode)
         try:
             w = weight_bytes(config, mode, precision, quantize_lm_head, gptq_group_size, _shapes=shapes)
         except UserError as e:  # e.g. a GPTQ width that cannot be packed: leave that row out, say why
@@ -277,8 +226,8 @@ def estimate(
                 raise
             print(f"Skipping {mode}: {e}", file=sys.stderr)
             continue
-        act_b = _DTYPE_BYTES[kind] if kind in _DTYPE_BYTES else b
-        nominal_bits = _NOMINAL_BITS.get(kind, bits)
+        act_b = _DTYPE_BYTES[mode] if quant is None else b
+        nominal_bits = 8 * _DTYPE_BYTES[mode] if quant is None else quant.nominal_bits
         row = Row(
             mode=mode,
             nominal_bytes=int(total_params * nominal_bits / 8),
@@ -422,7 +371,7 @@ def main(
     if file_bits and not modes:
         mode_list = [f"gptq.int{file_bits}" if m == "gptq.int4" else m for m in mode_list]
     for m in mode_list:
-        _mode_kind(m)  # unknown names fail before any work
+        _quant(m)  # unknown names fail before any work
     result = estimate(
         config, mode_list, precision, context_length, batch_size, quantize_lm_head,
         next(g for g in (gptq_group_size, file_group, 128) if g is not None), finetune, lora_r, lora_targets,
@@ -431,7 +380,7 @@ def main(
         result["files_on_disk"] = {p.name: p.stat().st_size for p in sorted(checkpoint_dir.glob("lit_model*.safetensors"))}
     print(format_table(result))
     if out_file is not None:
-        from litquant.checkpoint import atomic_write_text
+        from litquant.io import atomic_write_text
 
         atomic_write_text(out_file, json.dumps(result, indent=2))
         print(f"Wrote {out_file}", file=sys.stderr)

@@ -29,17 +29,10 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from litquant.checkpoint import (
-    WEIGHTS_FILE,
-    check_checkpoint_dir,
-    copy_side_files,
-    load_model,
-    open_safetensors,
-    safetensors_metadata,
-    save_checkpoint,
-    save_safetensors,
-)
+from litquant.config import WEIGHTS_FILE
+from litquant.io import open_safetensors, safetensors_metadata, save_safetensors
 from litquant.errors import UserError
+from litquant.quantization.modes import get_mode
 
 LORA_FILE = "lit_model.lora.safetensors"
 
@@ -247,7 +240,8 @@ def base_options(quantize: Optional[str]) -> dict:
     """Plugin options a base needs to be trained through or merged into: a GPTQ base keeps its AutoGPTQ weights
     (dequantized again in the backward pass, and by `merge_lora`) instead of releasing them after repacking for
     the int4 kernel."""
-    return {"keep_source": True} if quantize and quantize.startswith("gptq.") else {}
+    mode = get_mode(quantize)
+    return dict(mode.lora_options) if mode is not None else {}
 
 
 def load_lora(model: nn.Module, path: str | Path, dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -276,16 +270,14 @@ def load_lora(model: nn.Module, path: str | Path, dtype: Optional[torch.dtype] =
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
-    """The fp32 (out, in) weight of any supported Linear: nn.Linear, bnb Linear4bit/Linear8bit, GPTQLinear."""
+    """The fp32 (out, in) weight of any supported Linear: nn.Linear, or a quantized layer (they all `dequantize`)."""
     if isinstance(module, nn.Linear):
         return module.weight.detach().float()
-    if hasattr(module, "dequantized_weight"):  # GPTQLinear
+    if hasattr(module, "dequantize"):  # bnb Linear4bit / Linear8bit, GPTQLinear
         try:
-            return module.dequantized_weight(torch.float32)
-        except RuntimeError as e:
-            raise UserError(f"cannot dequantize a GPTQ layer: {e}") from None
-    if hasattr(module, "dequantize"):  # bnb Linear4bit / Linear8bit
-        return module.dequantize(torch.float32)
+            return module.dequantize(torch.float32)
+        except RuntimeError as e:  # a GPTQ layer whose qweight was released for inference
+            raise UserError(f"cannot dequantize {type(module).__name__}: {e}") from None
     raise UserError(f"do not know how to dequantize a {type(module).__name__}")
 
 
@@ -295,7 +287,7 @@ def _bias_of(module: nn.Module) -> Optional[torch.Tensor]:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or hasattr(module, "dequantized_weight") or hasattr(module, "dequantize")
+    return isinstance(module, nn.Linear) or hasattr(module, "dequantize")
 
 
 @torch.no_grad()
@@ -329,9 +321,6 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
 
 
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-# floating quantization state that the loader takes as stored, whatever the load precision (GPTQ scales stay fp16,
-# bnb's absmax statistics fp32)
-_QUANT_STATE = (".scales", ".absmax", ".nested_absmax", ".nested_code", ".offset")
 
 
 def _file_float_dtypes(path: Path) -> dict[str, torch.dtype]:
@@ -359,69 +348,9 @@ def _merge_load_precision(checkpoint_dir: Path, quantize: Optional[str], save_dt
         return name
     if save_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "32-true"  # only storage is needed, but the plugin refuses bf16 on such a GPU
-    no_quant = quantize is None or quantize in ("", "none", "None")
-    files = [checkpoint_dir / WEIGHTS_FILE] if no_quant else sorted(checkpoint_dir.glob("lit_model*.safetensors"))
+    mode = get_mode(quantize)
+    files = [checkpoint_dir / WEIGHTS_FILE] if mode is None else sorted(checkpoint_dir.glob("lit_model*.safetensors"))
+    kept = mode.stored_as_is if mode is not None else ()  # quantization state the loader takes as stored
     exact = all(d == save_dtype for f in files if f.is_file() for k, d in _file_float_dtypes(f).items()
-                if no_quant or not k.endswith(_QUANT_STATE))
+                if not (kept and k.endswith(kept)))
     return name if exact else "32-true"
-
-
-def merge_lora_job(
-    lora_path: Path,
-    checkpoint_dir: Optional[Path] = None,
-    out_dir: Optional[Path] = None,
-    quantize: Optional[str] = "auto",
-    precision: Optional[str] = None,
-) -> Path:
-    """Merge a LoRA adapter into its base model and save a full-precision litquant checkpoint.
-
-    The base is loaded as it was during training (e.g. bnb.nf4 for QLoRA) and dequantized, so the merged weights
-    are exactly what the adapted model computed with; quantize the result again (`litquant quantize gptq`) to deploy.
-
-    Args:
-        lora_path: the adapter file, or the finetune out_dir holding lit_model.lora.safetensors.
-        checkpoint_dir: the base checkpoint (default: the one the adapter was trained on).
-        out_dir: where to write the merged checkpoint (default: <adapter dir>/merged).
-        quantize: the base's quantization to merge into: "auto" = the one used in training (recorded in the adapter
-            file), "none" = merge into the full-precision weights, or a mode such as bnb.nf4.
-        precision: dtype to save the merged weights in: 32-true, 16-true or bf16-true (default: the dtype of the
-            base checkpoint's lit_model.safetensors).
-    """
-    from litquant.precision import PRECISIONS, parse_precision, resolve
-
-    lora_path = resolve_lora_path(lora_path)
-    _, meta = read_lora_metadata(lora_path)
-    if checkpoint_dir is None:
-        if not meta.get("base_checkpoint_dir"):
-            raise UserError(f"{lora_path} does not record its base model: pass --checkpoint_dir")
-        checkpoint_dir = Path(meta["base_checkpoint_dir"])
-    checkpoint_dir = Path(checkpoint_dir)
-    check_checkpoint_dir(checkpoint_dir, None)
-    if quantize == "auto":
-        quantize = meta.get("base_quantize") or None
-    out_dir = Path(out_dir) if out_dir is not None else lora_path.parent / "merged"
-    if out_dir.resolve() == checkpoint_dir.resolve():
-        raise UserError("--out_dir must differ from the base --checkpoint_dir (it would overwrite the base weights)")
-
-    if precision is not None:
-        save_dtype = PRECISIONS[parse_precision(precision, "cpu")]
-    elif (checkpoint_dir / WEIGHTS_FILE).is_file():
-        save_dtype = _file_float_dtype(checkpoint_dir / WEIGHTS_FILE)
-    else:
-        save_dtype = torch.float16
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # Dequantizing does not depend on the compute dtype (bnb quantizes the weights as stored, GPTQ scales stay
-    # fp16, `merge_lora` dequantizes and adds in fp32), so the base loads in the save dtype unless that would round
-    # a tensor before the merge; the merged Linears are then stored in it one by one: no full fp32 copy, no second one.
-    load_precision = _merge_load_precision(checkpoint_dir, quantize, save_dtype, device)
-    plugin = resolve(load_precision, quantize, device, **base_options(quantize))  # GPTQ: dequantizing needs qweight
-    model = load_model(checkpoint_dir, plugin, device)
-    load_lora(model, lora_path, dtype=torch.float32)
-    merge_lora(model, save_dtype)
-    model.to(save_dtype)  # what merging did not replace (embeddings, norms, plain Linears), in place, tensor by tensor
-    save_checkpoint(model.state_dict(), model.config, out_dir)
-    copy_side_files(checkpoint_dir, out_dir)
-    print(f"Merged {lora_path} into {checkpoint_dir} ({quantize or 'full precision'} base, dequantized); "
-          f"saved {out_dir / WEIGHTS_FILE} ({str(save_dtype).replace('torch.', '')})", file=sys.stderr)
-    return out_dir

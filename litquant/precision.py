@@ -1,92 +1,78 @@
-"""THE registry: (`--precision`, `--quantize`) -> one Lightning Fabric precision plugin.
+"""THE registry: (`--precision`, `--quantize`) -> one precision plugin, used by every job.
 
-Every job calls `resolve(precision, quantize, device)` and nothing else parses those flags. A plugin
-knows its compute dtype, which weights file of the checkpoint directory it reads, how to swap the
-model's Linear classes (on the meta device, before loading) and how to cast inputs.
-
-Quantization modes register themselves with `@register("bnb.nf4", ...)` from
-`litquant/quantization/*`; they are imported lazily the first time a mode is resolved.
+`resolve(precision, quantize, device)` is the one place the two flags are interpreted. A plugin knows its compute
+dtype, its load plan (which weights file, which Linears become quantized layers), how to swap those Linears on the
+meta device, and the contexts forward passes run in. Inference needs nothing else; training jobs hand it to
+Lightning Fabric through `fabric_plugin` (Lightning is imported only then).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from contextlib import AbstractContextManager
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
-from lightning.fabric.plugins import Precision
-from lightning.fabric.plugins.precision.utils import _convert_fp_tensor, _DtypeContextManager
-from lightning_utilities.core.apply_func import apply_to_collection
-from torch import Tensor
 from torch.nn import Module
 
-from litquant.checkpoint import WEIGHTS_FILE
+from litquant.config import WEIGHTS_FILE
 from litquant.errors import UserError
+from litquant.quantization.modes import LoadPlan, QuantMode, all_modes, get_mode
 
 PRECISIONS: dict[str, torch.dtype] = {"32-true": torch.float32, "16-true": torch.float16, "bf16-true": torch.bfloat16}
 # Training jobs also take mixed precision: fp32 weights, forward under autocast.
 MIXED: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 _ALIASES = {"32": "32-true", "16": "16-true", "bf16": "bf16-true", "fp32": "32-true", "fp16": "16-true"}
 
-# name -> factory(precision: str, device: torch.device, **options) -> LitquantPrecision
-QUANTIZE_MODES: dict[str, Callable[..., "LitquantPrecision"]] = {}
-QUANTIZE_HELP: dict[str, str] = {}
-QUANTIZE_OPTIONS: dict[str, tuple[str, ...]] = {}
-# name -> preferred(device) -> a precision, or None for the device's default (`--precision` not given)
-QUANTIZE_PREFERRED: dict[str, Callable[[torch.device], Optional[str]]] = {}
+
+@contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
-class LitquantPrecision(Precision):
-    """Full-precision plugin (`--quantize` not given); quantized modes subclass it."""
+class LitquantPrecision:
+    """Full precision (`--quantize` not given); the quantized modes' plugins subclass it."""
 
-    quantize: Optional[str] = None
+    mode: Optional[QuantMode] = None
     precision_given = True  # resolve() sets False when --precision was left to the default
 
     def __init__(self, precision: str = "32-true") -> None:
         self.precision = precision
         self.dtype = PRECISIONS[precision]
 
-    def kernels(self, device: torch.device) -> str:
-        """What computes this mode's Linear layers on `device` (the job's `Kernels:` line)."""
-        return f"torch matmul ({_dtype_name(self.dtype)})"
+    @property
+    def quantize(self) -> Optional[str]:
+        return self.mode.name if self.mode is not None else None
 
-    def hints(self, device: torch.device) -> list[str]:
-        """One line for each way the chosen flags are slower than they could be on this machine."""
-        if not self.precision_given:
-            return []
-        preferred = QUANTIZE_PREFERRED.get(self.quantize or "", lambda d: None)(device)
-        if preferred is not None and preferred != self.precision:
-            return [f"{self.quantize} runs faster on this {device.type.upper()} with --precision {preferred} (its default "
-                    "here)"]
-        if device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_native_bf16() and preferred is None:
-            return ["this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 is computed in software: "
-                    "--precision 32-true (the default here) is faster"]
-        return []
+    # -- loading ------------------------------------------------------------------------------------------------
+    def load_plan(self, checkpoint_dir: Optional[Path]) -> LoadPlan:
+        """Which file of the checkpoint to read and which Linears to swap (reads at most file headers); None: no
+        checkpoint (a model with random weights), the mode's default layers."""
+        return LoadPlan(WEIGHTS_FILE, swap=lambda name: False)
 
-    # -- what the loader asks ------------------------------------------------------------------
-    def weights_file(self, checkpoint_dir: Path) -> str:
-        return WEIGHTS_FILE
-
-    def after_load(self, model: Module) -> Module:
-        return model
-
-    # -- Fabric's hooks -------------------------------------------------------------------------
-    def convert_module(self, module: Module) -> Module:
-        # Parameters already arrive in self.dtype from the loader; this only matters for models built
-        # outside load_model (e.g. pretraining from scratch).
+    def convert_module(self, module: Module, plan: Optional[LoadPlan] = None) -> Module:
+        """Swap the Linears `plan` names for quantized layers (none here) and cast floating parameters to the compute
+        dtype. Idempotent: Fabric calls it again on the loaded model."""
         for p in module.parameters():
             if p.is_floating_point() and p.dtype != self.dtype and not p.is_meta:
                 p.data = p.data.to(self.dtype)
         return module
 
+    def after_load(self, model: Module) -> Module:
+        return model
+
     @staticmethod
     def swap_linears(module: Module, wanted: Callable[[str], bool], make: Callable[[str, torch.nn.Linear], Module]) -> None:
         """Replace, in place, each plain nn.Linear of `module` whose qualified name `wanted` accepts by
         `make(name, linear)`. LoRA adapter Linears are never swapped: they stay trainable full-precision layers.
-        Already swapped layers are not nn.Linear any more, so a second call (Fabric makes one) changes nothing."""
+        Already swapped layers are not nn.Linear any more, so a second call changes nothing."""
         if isinstance(module, torch.nn.Linear):
             raise UserError("convert_module needs a model containing Linear layers, not a bare nn.Linear")
         todo = [(n, m) for n, m in module.named_modules()
@@ -96,23 +82,42 @@ class LitquantPrecision(Precision):
             new.litquant_name = name
             module.set_submodule(name, new)
 
-    def tensor_init_context(self) -> AbstractContextManager:
-        return _DtypeContextManager(self.dtype)
+    # -- running ------------------------------------------------------------------------------------------------
+    def tensor_init_context(self):
+        return default_dtype(self.dtype)
 
-    def module_init_context(self) -> AbstractContextManager:
+    def module_init_context(self):
         return self.tensor_init_context()
 
-    def forward_context(self) -> AbstractContextManager:
+    def forward_context(self):
         return self.tensor_init_context()
 
     def convert_input(self, data: Any) -> Any:
-        return apply_to_collection(data, function=_convert_fp_tensor, dtype=Tensor, dst_type=self.dtype)
+        return _cast_floats(data, self.dtype)
 
     def convert_output(self, data: Any) -> Any:
         return data
 
+    # -- telling the user ---------------------------------------------------------------------------------------
     def describe(self) -> str:
-        return self.precision if self.quantize is None else f"{self.quantize} (compute {self.precision})"
+        return self.precision if self.mode is None else f"{self.mode.name} (compute {self.precision})"
+
+    def kernels(self, device: torch.device) -> str:
+        """What computes this mode's Linear layers on `device` (the job's `Kernels:` line)."""
+        return f"torch matmul ({_dtype_name(self.dtype)})"
+
+    def hints(self, device: torch.device) -> list[str]:
+        """One line for each way the chosen flags are slower than they could be on this machine."""
+        if not self.precision_given:
+            return []
+        preferred = self.mode.preferred_precision(device) if self.mode is not None else None
+        if preferred is not None and preferred != self.precision:
+            return [f"{self.mode.name} runs faster on this {device.type.upper()} with --precision {preferred} (its "
+                    "default here)"]
+        if device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_native_bf16() and preferred is None:
+            return ["this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 is computed in software: "
+                    "--precision 32-true (the default here) is faster"]
+        return []
 
 
 class MixedPrecisionPlugin(LitquantPrecision):
@@ -124,58 +129,38 @@ class MixedPrecisionPlugin(LitquantPrecision):
         self.autocast_dtype = MIXED[precision]
         self.device_type = device.type
 
-    def forward_context(self) -> AbstractContextManager:
+    def forward_context(self):
         return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
     def convert_input(self, data: Any) -> Any:
         return data
 
 
-def register(
-    name: str, help: str = "", options: tuple[str, ...] = (), preferred: Optional[Callable] = None
-) -> Callable:
-    """Register a `--quantize` mode: factory(precision, device, **options) -> plugin; `options` are the keyword
-    options it takes (resolve rejects any other, and devices other than CPU and CUDA, before calling it);
-    `preferred(device)` the compute precision it runs fastest in there when `--precision` is not given."""
-    def deco(factory: Callable) -> Callable:
-        QUANTIZE_MODES[name] = factory
-        QUANTIZE_HELP[name] = help
-        QUANTIZE_OPTIONS[name] = options
-        if preferred is not None:
-            QUANTIZE_PREFERRED[name] = preferred
-        return factory
-
-    return deco
-
-
-def _import_modes() -> None:
-    # Each module registers its modes on import; importing here keeps `import litquant` light.
-    import importlib
-
-    for mod in ("litquant.quantization.bnb", "litquant.quantization.gptq_plugin"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-
-
-def quantize_modes() -> list[str]:
-    _import_modes()
-    return sorted(QUANTIZE_MODES)
-
-
-def default_precision(device: torch.device | str) -> str:
-    """bf16 where the hardware computes in it natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp16 on
-    older GPUs and fp32 on other CPUs (bf16 emulated in software is slower than fp32)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
-    return "bf16-true" if cpu_has_native_bf16() else "32-true"
+def _cast_floats(data: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in (nested lists, tuples and dicts of) `data` cast to `dtype`."""
+    if isinstance(data, torch.Tensor):
+        return data.to(dtype) if data.is_floating_point() else data
+    if isinstance(data, (list, tuple)):
+        return type(data)(_cast_floats(d, dtype) for d in data)
+    if isinstance(data, dict):
+        return {k: _cast_floats(v, dtype) for k, v in data.items()}
+    return data
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+# ---- choosing the precision ----------------------------------------------------------------------------------
+
+
+def default_precision(device: torch.device | str) -> str:
+    """bf16 where the hardware computes in it natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp16 on
+    older GPUs and fp32 on other CPUs. A quantized mode may prefer another (QuantMode.preferred_precision)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
+    return "bf16-true" if cpu_has_native_bf16() else "32-true"
 
 
 def cpu_has_avx512() -> bool:
@@ -214,53 +199,34 @@ def parse_precision(precision: Optional[str], device: torch.device | str, allow_
     return p
 
 
+def quantize_modes() -> list[str]:
+    """The `--quantize` names (for help texts and checks)."""
+    return list(all_modes())
+
+
 def resolve(
     precision: Optional[str], quantize: Optional[str] = None, device: torch.device | str = "cpu", **options: Any
 ) -> LitquantPrecision:
     """The one place `--precision` and `--quantize` are interpreted."""
-    no_quant = quantize is None or quantize in ("", "none", "None")
-    if precision is None and not no_quant and quantize in quantize_modes() and quantize in QUANTIZE_PREFERRED:
-        p = QUANTIZE_PREFERRED[quantize](torch.device(device)) or default_precision(device)
-    else:
-        p = parse_precision(precision, device, allow_mixed=no_quant)
-    if no_quant:
+    device = torch.device(device)
+    mode = get_mode(quantize)
+    if mode is None:
         if options:
             raise UserError(f"options {sorted(options)} only apply with --quantize")
-        plugin = MixedPrecisionPlugin(p, torch.device(device)) if p in MIXED else LitquantPrecision(p)
-        plugin.precision_given = precision is not None
-        return plugin
-    modes = quantize_modes()
-    if quantize not in QUANTIZE_MODES:
-        raise UserError(f"unknown --quantize {quantize!r}; choose one of: {', '.join(modes)}")
-    unknown = sorted(set(options) - set(QUANTIZE_OPTIONS[quantize]))
-    if unknown:
-        valid = ", ".join(QUANTIZE_OPTIONS[quantize]) or "none"
-        raise UserError(f"unknown option(s) {', '.join(unknown)} for --quantize {quantize}; valid: {valid}")
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--quantize {quantize} runs on CUDA or CPU, not {device.type}: use --accelerator cpu")
-    plugin = QUANTIZE_MODES[quantize](p, device, **options)
+        p = parse_precision(precision, device, allow_mixed=True)
+        plugin = MixedPrecisionPlugin(p, device) if p in MIXED else LitquantPrecision(p)
+    else:
+        unknown = sorted(set(options) - set(mode.options))
+        if unknown:
+            valid = ", ".join(mode.options) or "none"
+            raise UserError(f"unknown option(s) {', '.join(unknown)} for --quantize {mode.name}; valid: {valid}")
+        if device.type not in ("cpu", "cuda"):
+            raise UserError(f"--quantize {mode.name} runs on CUDA or CPU, not {device.type}: use --accelerator cpu")
+        p = (mode.preferred_precision(device) or default_precision(device)) if precision is None else \
+            parse_precision(precision, device)
+        plugin = mode.plugin(p, device, **options)
     plugin.precision_given = precision is not None
     return plugin
-
-
-def setup_fabric(
-    precision: Optional[str] = None,
-    quantize: Optional[str] = None,
-    accelerator: str = "auto",
-    devices: int | str = 1,
-    strategy: str = "auto",
-    num_nodes: int = 1,
-    **options: Any,
-):
-    """A Fabric whose precision plugin comes from the registry (shared by every job)."""
-    import lightning as L
-
-    accelerator = pick_accelerator(accelerator)
-    device = torch.device("cuda" if accelerator == "cuda" else "cpu")
-    plugin = resolve(precision, quantize, device, **options)
-    fabric = L.Fabric(accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes, plugins=plugin)
-    return fabric, plugin
 
 
 def pick_accelerator(accelerator: str) -> str:
@@ -273,3 +239,56 @@ def pick_accelerator(accelerator: str) -> str:
     if accelerator != "cpu":
         raise UserError(f"unknown --accelerator {accelerator!r}; choose auto, cuda or cpu")
     return "cpu"
+
+
+# ---- Lightning Fabric (training jobs) ------------------------------------------------------------------------
+
+
+def fabric_plugin(plugin: LitquantPrecision):
+    """The plugin as a Lightning Fabric precision plugin (imports Lightning, which inference never needs)."""
+    from lightning.fabric.plugins import Precision
+
+    class FabricPrecision(Precision):
+        def __init__(self, inner: LitquantPrecision) -> None:
+            self.litquant = inner
+            self.precision = inner.precision
+
+        def convert_module(self, module: Module) -> Module:
+            return self.litquant.convert_module(module)
+
+        def tensor_init_context(self):
+            return self.litquant.tensor_init_context()
+
+        def module_init_context(self):
+            return self.litquant.module_init_context()
+
+        def forward_context(self):
+            return self.litquant.forward_context()
+
+        def convert_input(self, data: Any) -> Any:
+            return self.litquant.convert_input(data)
+
+        def convert_output(self, data: Any) -> Any:
+            return self.litquant.convert_output(data)
+
+    return FabricPrecision(plugin)
+
+
+def setup_fabric(
+    precision: Optional[str] = None,
+    quantize: Optional[str] = None,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    strategy: str = "auto",
+    num_nodes: int = 1,
+    **options: Any,
+):
+    """A Fabric whose precision plugin comes from the registry (training jobs): -> (fabric, plugin)."""
+    from lightning.fabric import Fabric
+
+    accelerator = pick_accelerator(accelerator)
+    device = torch.device("cuda" if accelerator == "cuda" else "cpu")
+    plugin = resolve(precision, quantize, device, **options)
+    fabric = Fabric(accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
+                    plugins=fabric_plugin(plugin))
+    return fabric, plugin

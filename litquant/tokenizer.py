@@ -230,7 +230,7 @@ def _ids(value: Any) -> list[Optional[int]]:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    from litquant.checkpoint import atomic_write_text
+    from litquant.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
@@ -274,7 +274,7 @@ def train_bpe_tokenizer(
 
     bos, eos = special_tokens[0], special_tokens[1]
     pad = special_tokens[2] if len(special_tokens) > 2 else None
-    from litquant.checkpoint import atomic_path
+    from litquant.io import atomic_path
 
     with atomic_path(out_dir / "tokenizer.json") as tmp:
         tok.save(str(tmp))

@@ -79,8 +79,8 @@ def test_cli_writes_table_json_markdown_and_chart(ckpt, tmp_path):
 
 def test_numbers_agree_with_generate_and_evaluate(ckpt, tmp_path):
     """Same generate() and perplexity() as the jobs: the same tokens and the same perplexity."""
-    from generate.base import main as generate_main
-    from litquant.evaluate_job import main as evaluate_main
+    from litquant.jobs.generate import main as generate_main
+    from litquant.jobs.evaluate import main as evaluate_main
     from litquant.tokenizer import Tokenizer
 
     report = main(ckpt, modes="32-true", prompt_tokens=24, max_new_tokens=8, runs=1, warmup=0, ppl_tokens=300,

@@ -5,6 +5,7 @@ and that loading never holds more than one layer's full-precision weight."""
 from __future__ import annotations
 
 import gc
+import dataclasses
 import math
 import os
 
@@ -16,10 +17,11 @@ from litquant.quantization import bnb as qb  # before bitsandbytes: it silences 
 
 import bitsandbytes.functional as BF  # noqa: E402
 
-from litquant.checkpoint import WEIGHTS_FILE, build_model, load_model, safetensors_metadata, save_checkpoint
+from litquant.checkpoint import WEIGHTS_FILE, build_model, load_model, save_checkpoint
+from litquant.io import safetensors_metadata
 from litquant.config import Config
 from litquant.errors import UserError
-from litquant.precision import quantize_modes, resolve
+from litquant.precision import fabric_plugin, quantize_modes, resolve
 from litquant.utils import weight_bytes_by_dtype
 
 FOUR_BIT = ["nf4", "nf4-dq", "fp4", "fp4-dq"]
@@ -279,7 +281,7 @@ def test_convert_module_is_idempotent_and_survives_fabric_and_casts():
 
     plugin.convert_module(model)  # second call (Fabric.setup_module does this): nothing changes
     assert model.transformer.h[0].attn.qkv is qkv
-    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=plugin)
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=fabric_plugin(plugin))
     wrapped = fabric.setup_module(model)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), before, rtol=0, atol=0)
@@ -408,7 +410,7 @@ def state_of(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["nf4-dq", "fp4", "int8"])
 def test_prequantized_file_round_trip_is_bit_identical(mode, tmp_path):
-    from quantize.bnb import main as quantize_bnb
+    from litquant.jobs.quantize import bnb as quantize_bnb
 
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=1)
     path = quantize_bnb(ckpt, mode=f"bnb.{mode}" if mode == "fp4" else mode)
@@ -424,7 +426,7 @@ def test_prequantized_file_round_trip_is_bit_identical(mode, tmp_path):
     on_load.use_prequantized = False
     reference = load_model(ckpt, on_load, "cpu", progress=False)
     plugin = resolve("32-true", f"bnb.{mode}", "cpu")
-    assert plugin.weights_file(ckpt) == path.name
+    assert plugin.load_plan(ckpt).weights_file == path.name
     loaded = load_model(ckpt, plugin, "cpu", progress=False)
     a, b = state_of(reference), state_of(loaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
@@ -432,43 +434,44 @@ def test_prequantized_file_round_trip_is_bit_identical(mode, tmp_path):
         assert torch.equal(reference(PROMPT), loaded(PROMPT))
 
     if mode == "int8":  # int8-training stores the same thing
-        assert resolve("32-true", "bnb.int8-training", "cpu").weights_file(ckpt) == path.name
-    assert resolve("32-true", f"bnb.{mode}", "cpu", quantize_lm_head=True).weights_file(ckpt) == WEIGHTS_FILE
+        assert resolve("32-true", "bnb.int8-training", "cpu").load_plan(ckpt).weights_file == path.name
+    assert resolve("32-true", f"bnb.{mode}", "cpu", quantize_lm_head=True).load_plan(ckpt).weights_file == WEIGHTS_FILE
 
 
 def test_prequantized_file_staleness_and_dtype(tmp_path, capsys):
-    from quantize.bnb import main as quantize_bnb
+    from litquant.jobs.quantize import bnb as quantize_bnb
 
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=2)
     quantize_bnb(ckpt, mode="nf4", precision="bf16-true")
     assert "Memory used:" in capsys.readouterr().err
     name = "lit_model_bnb.nf4.safetensors"
-    assert resolve("bf16-true", "bnb.nf4", "cpu").weights_file(ckpt) == name
-    assert resolve("32-true", "bnb.nf4", "cpu").weights_file(ckpt) == WEIGHTS_FILE  # embeddings kept in bf16
+    assert resolve("bf16-true", "bnb.nf4", "cpu").load_plan(ckpt).weights_file == name
+    assert resolve("32-true", "bnb.nf4", "cpu").load_plan(ckpt).weights_file == WEIGHTS_FILE  # embeddings kept in bf16
 
     source = ckpt / WEIGHTS_FILE
     st = source.stat()
     os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the source changed after quantizing
-    assert resolve("bf16-true", "bnb.nf4", "cpu").weights_file(ckpt) == WEIGHTS_FILE
-    assert "stale" in capsys.readouterr().err
+    plan = resolve("bf16-true", "bnb.nf4", "cpu").load_plan(ckpt)
+    assert plan.weights_file == WEIGHTS_FILE and "stale" in plan.note  # load_model prints the note
 
     source.unlink()  # without the source, a file that does not fit is an error, not a silent fallback
-    assert resolve("bf16-true", "bnb.nf4", "cpu").weights_file(ckpt) == name
+    assert resolve("bf16-true", "bnb.nf4", "cpu").load_plan(ckpt).weights_file == name
     with pytest.raises(UserError, match="litquant quantize bnb"):
-        resolve("32-true", "bnb.nf4", "cpu").weights_file(ckpt)
+        resolve("32-true", "bnb.nf4", "cpu").load_plan(ckpt).weights_file
     with pytest.raises(UserError, match="nf4-dq"):
         quantize_bnb(ckpt, mode="nf3")
 
 
 def test_prequantized_file_from_another_mode_is_rejected(tmp_path):
-    from quantize.bnb import main as quantize_bnb
+    from litquant.jobs.quantize import bnb as quantize_bnb
 
     ckpt = make_checkpoint(tmp_path / "ckpt", seed=3)
     quantize_bnb(ckpt, mode="nf4")
     (ckpt / "lit_model_bnb.nf4.safetensors").rename(ckpt / "lit_model_bnb.nf4-dq.safetensors")
     plugin = resolve("32-true", "bnb.nf4-dq", "cpu")
-    assert plugin.weights_file(ckpt) == WEIGHTS_FILE  # the metadata says nf4
-    plugin.weights_file = lambda d: "lit_model_bnb.nf4-dq.safetensors"  # force it: the tensors do not fit
+    assert plugin.load_plan(ckpt).weights_file == WEIGHTS_FILE  # the metadata says nf4
+    plan = plugin.load_plan(ckpt)  # force the file: the tensors do not fit
+    plugin.load_plan = lambda d: dataclasses.replace(plan, weights_file="lit_model_bnb.nf4-dq.safetensors")
     with pytest.raises(UserError, match="nf4-dq layer needs uint8"):
         load_model(ckpt, plugin, "cpu", progress=False)
 

@@ -6,13 +6,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from litquant.checkpoint import (
-    WEIGHTS_FILE,
-    atomic_path,
-    check_checkpoint_dir,
-    load_model,
-    save_safetensors,
-)
+from litquant.checkpoint import WEIGHTS_FILE, check_checkpoint_dir, load_model
+from litquant.io import atomic_path, save_safetensors
 from litquant.config import Config
 from litquant.errors import UserError
 from litquant.model import GPT
@@ -156,7 +151,7 @@ def test_malformed_safetensors_headers_are_user_errors(tmp_path, header, why):
     import json
     import struct
 
-    from litquant.checkpoint import SafetensorsFile
+    from litquant.io import SafetensorsFile
 
     raw = json.dumps(header).encode()
     path = tmp_path / "w.safetensors"

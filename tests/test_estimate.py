@@ -117,7 +117,7 @@ def test_estimate_matches_measured_gptq_int4(tmp_path):
     from litquant.checkpoint import load_model
     from litquant.precision import resolve
     from litquant.utils import weight_bytes_by_dtype
-    from quantize.gptq import main as quantize_gptq
+    from litquant.jobs.quantize import gptq as quantize_gptq
 
     ckpt = make_checkpoint(tmp_path / "ckpt")  # GPTQ's cost grows with the width: the smallest config
     calib = tmp_path / "calib.txt"
@@ -268,8 +268,8 @@ def test_gptq_group_size_given_is_used_as_is(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", [32, 100, -1])
 def test_gptq_file_bytes_match_packed_tensors(bits, group_size):
-    from litquant.estimate import quantized_linear_bytes
     from litquant.quantization.gptq_format import default_g_idx, num_groups, pack
+    from litquant.quantization.modes import get_mode
 
     in_f, out_f = 256, 96
     groups = num_groups(in_f, group_size)
@@ -277,4 +277,4 @@ def test_gptq_file_bytes_match_packed_tensors(bits, group_size):
              torch.randint(1, 2**bits + 1, (groups, out_f), dtype=torch.int32),
              torch.rand(groups, out_f, dtype=torch.float16), default_g_idx(in_f, group_size), bits)
     stored = sum(v.numel() * v.element_size() for k, v in t.items() if k in ("qweight", "qzeros", "scales", "g_idx"))
-    assert quantized_linear_bytes("gptq", in_f, out_f, bits, group_size, runtime=False) == stored
+    assert get_mode(f"gptq.int{bits}").linear_bytes(in_f, out_f, group_size, runtime=False) == stored

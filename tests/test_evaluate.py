@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import SAMPLE_TEXT, make_checkpoint, run_cli
 from litquant.errors import UserError
-from litquant.evaluate_job import load_text, main, text_tokens
+from litquant.evaluation import load_text, text_tokens
+from litquant.jobs.evaluate import main
 from litquant.tokenizer import Tokenizer
 
 WINDOW = 32
@@ -101,7 +102,8 @@ def test_json_records_give_the_same_perplexity_as_the_text_they_hold(ckpt, tmp_p
 
 def test_lora_adapter_matches_hand_merged_weights(ckpt, text_file, tmp_path):
     lora = pytest.importorskip("litquant.lora")
-    from litquant.checkpoint import load_model, open_safetensors, save_checkpoint
+    from litquant.checkpoint import load_model, save_checkpoint
+    from litquant.io import open_safetensors
 
     cfg = lora.LoRAConfig(r=4, alpha=8.0, dropout=0.0, query=True, key=True, value=True, mlp=True)
     model = lora.add_lora(load_model(ckpt, progress=False), cfg)

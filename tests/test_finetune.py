@@ -410,7 +410,7 @@ def test_resume_from_a_mismatched_or_damaged_checkpoint_is_one_clear_line(small,
     import shutil
 
     from finetune.full import setup as full_setup
-    from litquant.checkpoint import save_safetensors
+    from litquant.io import save_safetensors
 
     root, ckpt, data = small
     kw = {**_small_kwargs(ckpt, data, tmp_path / "lora", steps=4, save_interval=2),

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-import quantize.gptq as job
+from litquant.jobs import quantize as job
 from conftest import REPO, make_checkpoint
 from litquant.checkpoint import load_model
 from litquant.convert import convert_hf_checkpoint, convert_lit_checkpoint
@@ -52,7 +52,7 @@ def checkpoints(tmp_path_factory):
 ])
 def test_export_layout_and_exact_round_trip(checkpoints, tmp_path, family, bits, act_order, group_size):
     src = tmp_path / "q"
-    job.main(checkpoints[family], bits=bits, group_size=group_size, act_order=act_order, n_samples=6, seq_len=32,
+    job.gptq(checkpoints[family], bits=bits, group_size=group_size, act_order=act_order, n_samples=6, seq_len=32,
              output_dir=src, **QUIET)
     hf = tmp_path / "hf"
     convert_lit_checkpoint(src, hf, quantize=f"gptq.int{bits}")
@@ -293,7 +293,7 @@ save_file({"logits": logits[0].contiguous()}, sys.argv[2], metadata={"kinds": ",
 def test_gptqmodel_loads_our_export_to_the_same_logits(checkpoints, tmp_path):
     # gptqmodel refuses asymmetric v1 files it did not write (AutoGPTQ once stored zero 0 as -1); sym is its default
     src = tmp_path / "q"
-    job.main(checkpoints["llama"], bits=4, group_size=64, sym=True, act_order=True, n_samples=6, seq_len=32,
+    job.gptq(checkpoints["llama"], bits=4, group_size=64, sym=True, act_order=True, n_samples=6, seq_len=32,
              output_dir=src, **QUIET)
     convert_lit_checkpoint(src, tmp_path / "hf", quantize="gptq.int4")
     ids = [1, 17, 40, 99, 3, 250, 8, 60, 61, 2]

@@ -16,13 +16,15 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-import quantize.gptq as job
+import litquant.quantization.gptq_model as gptq_model
+from litquant.jobs import quantize as job
 from conftest import SAMPLE_TEXT, make_checkpoint, run_cli
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, WEIGHTS_FILE, build_model, load_model
 from litquant.data.calibration import calibration_tokens, load_documents
 from litquant.config import Config
 from litquant.errors import UserError
-from litquant.precision import QUANTIZE_HELP, quantize_modes, resolve
+from litquant.precision import quantize_modes, resolve
+from litquant.quantization.modes import get_mode
 from litquant.quantization import gptq_format
 from litquant.quantization.gptq import GPTQ, rtn_quantize
 from litquant.quantization import cpu_kernels
@@ -70,7 +72,7 @@ def bundled_gptq(tmp_path_factory):
     out = {}
     for key, bits, group_size in ((4, 4, 128), (3, 3, 128), ("3pc", 3, -1)):
         d = tmp_path_factory.mktemp(f"bundled{key}")
-        job.main(DEFAULT_CHECKPOINT_DIR, bits=bits, output_dir=d, **{**Q, "group_size": group_size}, **QUIET)
+        job.gptq(DEFAULT_CHECKPOINT_DIR, bits=bits, output_dir=d, **{**Q, "group_size": group_size}, **QUIET)
         out[key] = d
     return out
 
@@ -182,7 +184,7 @@ def test_job_matches_true_sequential_reference_and_streams_one_block(tiny, tmp_p
     settings = dict(bits=4, group_size=64, sym=False, act_order=act_order, damp_percent=0.01, block_size=32,
                     static_groups=False)
     built, on_device = [], []
-    real_build, real_load = job.build_model, job._load_block
+    real_build, real_load = gptq_model.build_model, gptq_model._load_block
 
     def build(config, device):
         built.append(real_build(config, device))
@@ -195,9 +197,9 @@ def test_job_matches_true_sequential_reference_and_streams_one_block(tiny, tmp_p
         assert model.transformer.wte.weight.is_meta and model.lm_head.weight.is_meta
         return stored
 
-    monkeypatch.setattr(job, "build_model", build)
-    monkeypatch.setattr(job, "_load_block", load_block)
-    out = job.main(tiny, bits=4, group_size=64, act_order=act_order, sym=False, block_size=32, n_samples=12, seq_len=48,
+    monkeypatch.setattr(gptq_model, "build_model", build)
+    monkeypatch.setattr(gptq_model, "_load_block", load_block)
+    out = job.gptq(tiny, bits=4, group_size=64, act_order=act_order, sym=False, block_size=32, n_samples=12, seq_len=48,
                    batch_size=4, output_dir=tmp_path, seed=7, precision="32-true", **QUIET)
     assert on_device == [1, 1]  # each block is loaded alone, never the whole model
 
@@ -234,7 +236,7 @@ def test_gptq_quantizes_the_stored_weights_not_the_calibration_dtype_copy(tiny, 
         return real_quantize(self, weight, **kw)
 
     monkeypatch.setattr(GPTQ, "quantize", quantize)
-    job.main(tiny, n_samples=4, seq_len=32, group_size=64, precision="bf16-true", output_dir=tmp_path, **QUIET)
+    job.gptq(tiny, n_samples=4, seq_len=32, group_size=64, precision="bf16-true", output_dir=tmp_path, **QUIET)
     assert len(seen) == 10 and all(w.dtype == torch.float32 for w in seen)
     assert torch.equal(seen[0], src["transformer.h.0.attn.qkv.weight"])
 
@@ -242,8 +244,8 @@ def test_gptq_quantizes_the_stored_weights_not_the_calibration_dtype_copy(tiny, 
 def test_not_true_sequential_uses_one_forward_per_block(tiny, tmp_path):
     """true_sequential=False: every Linear's Hessian from the block's unquantized forward; mlp.proj then
     differs from the true-sequential result (its inputs did not go through quantized fc_1/fc_2)."""
-    a = load_file(job.main(tiny, n_samples=8, seq_len=32, group_size=64, output_dir=tmp_path / "a", **QUIET))
-    b = load_file(job.main(tiny, n_samples=8, seq_len=32, group_size=64, true_sequential=False,
+    a = load_file(job.gptq(tiny, n_samples=8, seq_len=32, group_size=64, output_dir=tmp_path / "a", **QUIET))
+    b = load_file(job.gptq(tiny, n_samples=8, seq_len=32, group_size=64, true_sequential=False,
                            output_dir=tmp_path / "b", **QUIET))
     assert torch.equal(a["transformer.h.0.attn.qkv.qweight"], b["transformer.h.0.attn.qkv.qweight"])
     assert not torch.equal(a["transformer.h.0.mlp.proj.qweight"], b["transformer.h.0.mlp.proj.qweight"])
@@ -299,13 +301,13 @@ def test_bad_flags_are_one_line_errors(tiny):
 def test_bad_values_raise_user_errors(tiny, kwargs, message):
     kwargs = {"checkpoint_dir": tiny, **kwargs}
     with pytest.raises(UserError, match=message):
-        job.main(**kwargs, **QUIET)
+        job.gptq(**kwargs, **QUIET)
 
 
 def test_unpackable_shapes_fail_before_any_work(tmp_path):
     d = make_checkpoint(tmp_path / "odd", n_embd=80, n_head=4, n_query_groups=4, intermediate_size=160)
     with pytest.raises(UserError, match=r"attn\.qkv: cannot pack a 3-bit GPTQ layer with in_features=80"):
-        job.main(d, bits=3, group_size=32, n_samples=2, seq_len=16, **QUIET)
+        job.gptq(d, bits=3, group_size=32, n_samples=2, seq_len=16, **QUIET)
 
 
 # ------------------------------------------------------------------------------------ the plugins
@@ -314,9 +316,9 @@ def test_unpackable_shapes_fail_before_any_work(tmp_path):
 def test_registry_names_and_honest_help():
     modes = quantize_modes()
     assert {"gptq.int2", "gptq.int3", "gptq.int4", "gptq.int8"} <= set(modes)
-    assert "int4" in QUANTIZE_HELP["gptq.int4"] and "kernel" in QUANTIZE_HELP["gptq.int4"]
+    assert "int4" in get_mode("gptq.int4").help and "kernel" in get_mode("gptq.int4").help
     for b in (2, 3, 8):
-        assert "dequantize" in QUANTIZE_HELP[f"gptq.int{b}"]
+        assert "dequantize" in get_mode(f"gptq.int{b}").help
     with pytest.raises(UserError, match="unknown option"):
         resolve("32-true", "gptq.int4", bogus=1)
 
@@ -324,7 +326,7 @@ def test_registry_names_and_honest_help():
 @pytest.mark.parametrize("bits,precision", [(4, "32-true"), (4, "bf16-true"), (3, "32-true"), (8, "32-true"),
                                             (2, "32-true")])
 def test_plugin_loads_into_gptq_linears_matching_dequantized_reference(tiny, tmp_path, bits, precision):
-    out = job.main(tiny, bits=bits, group_size=64, act_order=True, n_samples=6, seq_len=32, output_dir=tmp_path,
+    out = job.gptq(tiny, bits=bits, group_size=64, act_order=True, n_samples=6, seq_len=32, output_dir=tmp_path,
                    **QUIET)
     plugin = resolve(precision, f"gptq.int{bits}")
     dtype = plugin.dtype
@@ -348,7 +350,7 @@ def test_plugin_loads_into_gptq_linears_matching_dequantized_reference(tiny, tmp
 
 
 def test_keep_source_allows_training_through_the_base(tiny, tmp_path):
-    job.main(tiny, n_samples=6, seq_len=32, group_size=64, output_dir=tmp_path, **QUIET)
+    job.gptq(tiny, n_samples=6, seq_len=32, group_size=64, output_dir=tmp_path, **QUIET)
     model = load_model(tmp_path, resolve("32-true", "gptq.int4", keep_source=True), progress=False)
     layer = model.transformer.h[0].attn.qkv
     x = torch.randn(3, 128, requires_grad=True)
@@ -363,7 +365,7 @@ def test_keep_source_allows_training_through_the_base(tiny, tmp_path):
 def test_plugin_errors(tiny, tmp_path):
     with pytest.raises(UserError, match=r"has no lit_model_gptq\.4bit\.safetensors.*litquant quantize gptq"):
         load_model(tiny, resolve("32-true", "gptq.int4"), progress=False)
-    job.main(tiny, bits=8, n_samples=4, seq_len=16, group_size=64, output_dir=tmp_path, **QUIET)
+    job.gptq(tiny, bits=8, n_samples=4, seq_len=16, group_size=64, output_dir=tmp_path, **QUIET)
     with pytest.raises(UserError, match=r"found: lit_model_gptq\.8bit\.safetensors"):
         load_model(tmp_path, resolve("32-true", "gptq.int4"), progress=False)
     with pytest.raises(UserError, match="no quantized lm_head"):
@@ -376,9 +378,9 @@ def test_plugin_errors(tiny, tmp_path):
 
 def test_quantized_lm_head_in_file_is_loaded(tiny, tmp_path):
     """A file that quantizes lm_head too (some GPTQ exports do): the plugin swaps it because the file says so."""
-    job.main(tiny, n_samples=4, seq_len=16, group_size=64, output_dir=tmp_path, **QUIET)
+    job.gptq(tiny, n_samples=4, seq_len=16, group_size=64, output_dir=tmp_path, **QUIET)
     path = tmp_path / "lit_model_gptq.4bit.safetensors"
-    from litquant.checkpoint import safetensors_metadata, save_safetensors
+    from litquant.io import safetensors_metadata, save_safetensors
 
     sd, meta = load_file(path), safetensors_metadata(path)
     r = rtn_quantize(sd.pop("lm_head.weight").float(), 4, 64)
@@ -445,11 +447,11 @@ def test_config_hub_files_parse_and_fit_their_model(name, model):
 
     parser = ArgumentParser()
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_function_arguments(job.main)
+    parser.add_function_arguments(job.gptq)
     cfg = parser.parse_args(["--config", str(REPO / "config_hub" / "quantize" / f"{name}.yaml")])
     config = Config.from_name(model)
     assert cfg.seq_len <= config.block_size
-    job._check_shapes(config, cfg.bits)  # every Linear packs at this bit width
+    gptq_model.check_shapes(config, cfg.bits)  # every Linear packs at this bit width
     block = build_model(config).transformer.h[0]
     assert all(m.in_features % cfg.group_size == 0 for m in block.modules() if isinstance(m, nn.Linear))
 
@@ -460,10 +462,10 @@ def test_config_hub_files_parse_and_fit_their_model(name, model):
 def test_defaults_sym_calibration_and_the_quality_gate(tiny, tmp_path, capsys):
     """Without flags: symmetric (AutoGPTQ's default), a calibration size chosen and said, and a quality gate whose
     two perplexities are those of the base model and of the written GPTQ file, scored independently."""
-    from litquant.evaluate_job import load_text, text_tokens
+    from litquant.evaluation import load_text, text_tokens
     from litquant.evaluation import perplexity
 
-    job.main(tiny, output_dir=tmp_path, precision="32-true", eval_tokens=300, **QUIET)
+    job.gptq(tiny, output_dir=tmp_path, precision="32-true", eval_tokens=300, **QUIET)
     err = capsys.readouterr().err
     qc = json.loads((tmp_path / "quantize_config.json").read_text())
     assert qc["sym"] is True and qc["desc_act"] is False and qc["bits"] == 4
@@ -485,12 +487,12 @@ def test_defaults_sym_calibration_and_the_quality_gate(tiny, tmp_path, capsys):
 
 
 def test_eval_tokens_zero_skips_the_gate_and_bad_values(tiny, tmp_path, capsys):
-    job.main(tiny, n_samples=4, seq_len=32, eval_tokens=0, output_dir=tmp_path, **QUIET)
+    job.gptq(tiny, n_samples=4, seq_len=32, eval_tokens=0, output_dir=tmp_path, **QUIET)
     assert "Quality gate" not in capsys.readouterr().err
     with pytest.raises(UserError, match="--eval_tokens"):
-        job.main(tiny, n_samples=4, seq_len=32, eval_tokens=-3, output_dir=tmp_path, **QUIET)
+        job.gptq(tiny, n_samples=4, seq_len=32, eval_tokens=-3, output_dir=tmp_path, **QUIET)
     with pytest.raises(UserError, match="not found"):
-        job.main(tiny, n_samples=4, seq_len=32, eval_data=tmp_path / "nope.txt", output_dir=tmp_path, **QUIET)
+        job.gptq(tiny, n_samples=4, seq_len=32, eval_data=tmp_path / "nope.txt", output_dir=tmp_path, **QUIET)
 
 
 def gptq_memory_bound(config: Config, n_tokens: int, bits: int, group_size: int, calib_bytes: int) -> dict:
@@ -518,7 +520,7 @@ def test_peak_memory_within_the_formula(tmp_path, monkeypatch):
     at_reset = []
     real_reset = job.reset_peak_memory
     monkeypatch.setattr(job, "reset_peak_memory", lambda d: (at_reset.append(current_rss_bytes()), real_reset(d)))
-    job.main(ckpt, n_samples=32, seq_len=128, group_size=64, eval_tokens=0, precision="32-true",
+    job.gptq(ckpt, n_samples=32, seq_len=128, group_size=64, eval_tokens=0, precision="32-true",
              output_dir=tmp_path / "q", **QUIET)
     used = peak_memory_bytes("cpu") - at_reset[-1]
     bound = gptq_memory_bound(config, 32 * 128, 4, 64, 4)

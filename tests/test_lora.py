@@ -18,6 +18,7 @@ from conftest import make_checkpoint, run_cli  # noqa: E402
 from litquant.checkpoint import WEIGHTS_FILE, load_model  # noqa: E402
 from litquant.config import Config  # noqa: E402
 from litquant.errors import UserError  # noqa: E402
+from litquant.jobs.merge_lora import main as merge_lora_job  # noqa: E402
 from litquant.lora import (  # noqa: E402
     LORA_FILE,
     LoRAConfig,
@@ -27,7 +28,6 @@ from litquant.lora import (  # noqa: E402
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora,
-    merge_lora_job,
     save_lora,
 )
 from litquant.model import GPT  # noqa: E402
@@ -251,7 +251,7 @@ def test_save_load_roundtrip_and_mismatch(tmp_path):
 
 
 def test_bad_lora_config_metadata_is_a_user_error(tmp_path):
-    from litquant.checkpoint import save_safetensors
+    from litquant.io import save_safetensors
     from litquant.lora import lora_metadata, read_lora_metadata
 
     tensors = {"x": torch.zeros(1)}
@@ -376,7 +376,7 @@ def test_merge_lora_job_and_generate_with_lora_path(tmp_path):
     delta = model.transformer.h[0].attn.proj.delta_weight()
     torch.testing.assert_close(dict(fp.named_parameters())["transformer.h.0.attn.proj.weight"], w + delta)
 
-    from generate.base import main as generate
+    from litquant.jobs.generate import main as generate
 
     kw = dict(prompt="The value", max_new_tokens=10, temperature=0.0)
     plain = generate(checkpoint_dir=ckpt, quantize="bnb.nf4", precision="32-true", **kw)

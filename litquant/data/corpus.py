@@ -37,6 +37,6 @@ def heldout_text() -> str:
 
 
 def write_heldout(documents: list[str]) -> None:
-    from litquant.checkpoint import atomic_write_text
+    from litquant.io import atomic_write_text
 
     atomic_write_text(HELDOUT_FILE, DOC_SEPARATOR.join(documents))

@@ -238,7 +238,7 @@ def generate_bundled_task(n: int = BUNDLED_TASK_SIZE, seed: int = BUNDLED_TASK_S
 
 
 def write_bundled_task(path: Path = BUNDLED_TASK_FILE) -> Path:
-    from litquant.checkpoint import atomic_write_text
+    from litquant.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(generate_bundled_task(), indent=1) + "\n")
     return path

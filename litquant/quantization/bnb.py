@@ -36,10 +36,12 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from litquant.checkpoint import WEIGHTS_FILE, safetensors_metadata
+from litquant.config import WEIGHTS_FILE
 from litquant.errors import UserError
-from litquant.precision import LitquantPrecision, register
+from litquant.io import safetensors_metadata
+from litquant.precision import LitquantPrecision
 from litquant.quantization import cpu_kernels
+from litquant.quantization.modes import LoadPlan, QuantMode, register
 
 BLOCKSIZE = 64  # bnb's default 4-bit block
 NESTED_BLOCKSIZE = 256  # double quantization: blocks of absmax values (the only size bnb's fused kernels take)
@@ -56,9 +58,8 @@ GEMV_MAX_ROWS_INT8 = 4
 # (always, offline); its own native CPU kernels are used instead, so the warning is noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-# storage mode -> what the quantized Linear stores
+# kind -> (quant_type, double quantization) of the 4-bit kinds
 FOUR_BIT = {"nf4": ("nf4", False), "nf4-dq": ("nf4", True), "fp4": ("fp4", False), "fp4-dq": ("fp4", True)}
-MODES = (*FOUR_BIT, "int8", "int8-training")
 _HELP = {
     "nf4": "bitsandbytes 4-bit NormalFloat weights (QLoRA), blocksize 64",
     "nf4-dq": "bnb.nf4 with double quantization of the absmax constants (~0.37 bit/param less)",
@@ -67,15 +68,6 @@ _HELP = {
     "int8": "LLM.int8 inference: int8 weights, outlier input columns (|x| >= 6) in full precision",
     "int8-training": "frozen int8 weights for finetuning adapters (LoRA): dequantize + matmul, gradients to the input",
 }
-
-
-def storage_mode(mode: str) -> str:
-    """The on-disk format a mode uses: int8-training stores exactly what int8 stores."""
-    return "int8" if mode == "int8-training" else mode
-
-
-def prequantized_file(mode: str) -> str:
-    return f"lit_model_bnb.{storage_mode(mode)}.safetensors"
 
 
 # ---- bitsandbytes, imported lazily (registering the modes must not need it) ------------------------------
@@ -468,38 +460,89 @@ class Linear8bit(_QuantLinear):
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 
-# ---- the precision plugin -------------------------------------------------------------------------------
+# ---- the modes and their plugin -----------------------------------------------------------------------------
+
+
+class BnbMode(QuantMode):
+    """`bnb.<kind>`: kind nf4, nf4-dq, fp4, fp4-dq (4-bit), int8 (LLM.int8) or int8-training."""
+
+    options = ("quantize_lm_head",)
+    stored_as_is = (".absmax", ".nested_absmax", ".nested_code", ".offset")  # bnb's statistics stay fp32
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.name, self.help = kind, f"bnb.{kind}", _HELP[kind]
+        self.storage = "int8" if kind == "int8-training" else kind  # int8-training stores exactly what int8 stores
+        self.four_bit = self.qlora = kind in FOUR_BIT
+        self.nominal_bits = 4 if self.four_bit else 8
+        self.prequantized = f"lit_model_bnb.{self.storage}.safetensors"  # what `litquant quantize bnb` writes
+
+    def plugin(self, precision: str, device: torch.device, **options: Any) -> "BitsandbytesPrecision":
+        try:
+            _bnb()
+        except ImportError:
+            need = f"bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}"
+            raise UserError(f"--quantize {self.name} needs bitsandbytes: pip install '{need}'") from None
+        if device.type == "cpu" and _bnb_version() < MIN_BNB_CPU:
+            raise UserError(
+                f"bitsandbytes {_bnb().__version__} has no CPU support for {self.name}: "
+                f"pip install -U 'bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}', or run on CUDA (--accelerator cuda)"
+            )
+        return BitsandbytesPrecision(self, precision, quantize_lm_head=bool(options.get("quantize_lm_head", False)))
+
+    def make_linear(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                    device: torch.device | str) -> "_QuantLinear":
+        if self.four_bit:
+            quant_type, dq = FOUR_BIT[self.kind]
+            return Linear4bit(in_features, out_features, bias, quant_type, dq, dtype, device)
+        return Linear8bit(in_features, out_features, bias, self.kind == "int8-training", INT8_THRESHOLD, dtype, device)
+
+    def linear_bytes(self, in_features: int, out_features: int, group_size: int = 128, runtime: bool = True) -> int:
+        n = in_features * out_features
+        if not self.four_bit:
+            return n + 4 * out_features  # int8 codes, fp32 absmax per row
+        blocks = math.ceil(n / BLOCKSIZE)
+        codes = (n + 1) // 2
+        if FOUR_BIT[self.kind][1]:  # uint8 absmax per block, fp32 scale per 256 of them, the 256-entry code, offset
+            return codes + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4 * 256 + 4
+        return codes + 4 * blocks
 
 
 class BitsandbytesPrecision(LitquantPrecision):
-    """`--quantize bnb.<mode>`: swaps Linears for our bnb-backed modules; compute dtype from `--precision`."""
+    """`--quantize bnb.<kind>`: swaps Linears for our bnb-backed modules; compute dtype from `--precision`."""
 
-    def __init__(self, mode: str, precision: str = "32-true", quantize_lm_head: bool = False) -> None:
+    def __init__(self, mode: BnbMode, precision: str = "32-true", quantize_lm_head: bool = False) -> None:
         super().__init__(precision)
-        if mode not in MODES:
-            raise UserError(f"unknown bnb mode {mode!r}; choose one of: {', '.join(MODES)}")
         self.mode = mode
-        self.quantize = f"bnb.{mode}"
         self.quantize_lm_head = quantize_lm_head
         self.use_prequantized = True  # quantize/bnb.py turns this off to read the full-precision weights
 
-    # -- which Linears, and as what --------------------------------------------------------------------------
     def _wanted(self, name: str) -> bool:
         return self.quantize_lm_head or "lm_head" not in name.split(".")
 
-    def make_linear(self, in_features: int, out_features: int, bias: bool, device: torch.device | str) -> _QuantLinear:
-        if self.mode in FOUR_BIT:
-            quant_type, dq = FOUR_BIT[self.mode]
-            return Linear4bit(in_features, out_features, bias, quant_type, dq, self.dtype, device)
-        training = self.mode == "int8-training"
-        return Linear8bit(in_features, out_features, bias, training, INT8_THRESHOLD, self.dtype, device)
+    def load_plan(self, checkpoint_dir: Optional[Path]) -> LoadPlan:
+        """The pre-quantized file when it exists and matches this run, else the full-precision one."""
+        name = self.mode.prequantized
+        path = Path(checkpoint_dir or ".") / name
+        if checkpoint_dir is None or not self.use_prequantized or not path.is_file():
+            return LoadPlan(WEIGHTS_FILE, self._wanted)
+        problem = prequantized_mismatch(path, self)
+        if problem is None:
+            return LoadPlan(name, self._wanted)
+        if not (Path(checkpoint_dir) / WEIGHTS_FILE).is_file():
+            raise UserError(
+                f"{path} {problem}, and there is no {WEIGHTS_FILE} to quantize from: "
+                f"run `litquant quantize bnb --mode {self.mode.storage}` with matching options"
+            )
+        return LoadPlan(WEIGHTS_FILE, self._wanted, note=f"Not using {name} ({problem}): quantizing {WEIGHTS_FILE} "
+                        "while loading")
 
-    def convert_module(self, module: nn.Module) -> nn.Module:
-        """Swap every nn.Linear (lm_head only with quantize_lm_head) in place. Meta Linears become empty quantized
-        modules for the loader to fill; materialised ones are quantized now. Idempotent (Fabric calls it again)."""
+    def convert_module(self, module: nn.Module, plan: Optional[LoadPlan] = None) -> nn.Module:
+        """Swap every nn.Linear the plan names (all but lm_head unless quantize_lm_head) in place. Meta Linears become
+        empty quantized modules for the loader to fill; materialised ones are quantized now. Idempotent."""
 
         def make(name: str, linear: nn.Linear) -> _QuantLinear:
-            new = self.make_linear(linear.in_features, linear.out_features, linear.bias is not None, linear.weight.device)
+            new = self.mode.make_linear(linear.in_features, linear.out_features, linear.bias is not None, self.dtype,
+                                        linear.weight.device)
             new.train(linear.training)
             if not linear.weight.is_meta:
                 new.quantize_(linear.weight.detach())
@@ -508,48 +551,30 @@ class BitsandbytesPrecision(LitquantPrecision):
                     new.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
             return new
 
-        self.swap_linears(module, self._wanted, make)
+        self.swap_linears(module, plan.swap if plan is not None else self._wanted, make)
         return super().convert_module(module)  # casts the remaining full-precision parameters
 
     def kernels(self, device: torch.device) -> str:
         if device.type == "cuda":
-            return "bitsandbytes CUDA kernels" + (" (LLM.int8)" if self.mode == "int8" else "")
+            return "bitsandbytes CUDA kernels" + (" (LLM.int8)" if self.mode.kind == "int8" else "")
         fallback = "bitsandbytes dequantize + torch matmul"
         if cpu_kernels.lib() is None:
             return f"{fallback} (litquant CPU kernels unavailable: {cpu_kernels.build_error})"
         ours = f"litquant {cpu_kernels.isa()} kernels"
-        if self.mode in FOUR_BIT:
+        if self.mode.four_bit:
             return f"{ours}: fused 4-bit matmul (<= {GEMV_MAX_ROWS_4BIT} rows), tiled dequantize + matmul beyond"
-        if self.mode == "int8" and cpu_kernels.vnni():
+        if self.mode.kind == "int8" and cpu_kernels.vnni():
             return f"{ours}: fused LLM.int8 (<= {GEMV_MAX_ROWS_INT8} rows), bitsandbytes int8 matmul beyond"
-        if self.mode == "int8":
+        if self.mode.kind == "int8":
             return f"{ours}: fused LLM.int8"
         return f"{ours}: tiled dequantize + matmul"
 
     def hints(self, device: torch.device) -> list[str]:
         out = super().hints(device)
         if device.type == "cpu" and cpu_kernels.lib() is None:
-            out.append(f"litquant's CPU kernels are unavailable ({cpu_kernels.build_error}): {self.quantize} runs a "
+            out.append(f"litquant's CPU kernels are unavailable ({cpu_kernels.build_error}): {self.mode.name} runs a "
                        "much slower fallback")
         return out
-
-    # -- which file --------------------------------------------------------------------------------------------
-    def weights_file(self, checkpoint_dir: Path) -> str:
-        """The pre-quantized file when it exists and matches this run, else the full-precision one."""
-        name = prequantized_file(self.mode)
-        path = Path(checkpoint_dir) / name
-        if not self.use_prequantized or not path.is_file():
-            return WEIGHTS_FILE
-        problem = prequantized_mismatch(path, self)
-        if problem is None:
-            return name
-        if not (Path(checkpoint_dir) / WEIGHTS_FILE).is_file():
-            raise UserError(
-                f"{path} {problem}, and there is no {WEIGHTS_FILE} to quantize from: "
-                f"run `litquant quantize bnb --mode {storage_mode(self.mode)}` with matching options"
-            )
-        print(f"Not using {name} ({problem}): quantizing {WEIGHTS_FILE} while loading", file=sys.stderr)
-        return WEIGHTS_FILE
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -557,17 +582,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def prequantized_metadata(
-    mode: str, quantize_lm_head: bool, dtype: Optional[torch.dtype], source: Path
+    mode: BnbMode, quantize_lm_head: bool, dtype: Optional[torch.dtype], source: Path
 ) -> dict[str, str]:
     """What a pre-quantized file records (all strings: safetensors metadata)."""
-    mode = storage_mode(mode)
     st = source.stat()
     meta = {
         "format": "pt",
         "litquant": "1",
         "litquant_bnb": "1",
-        "quantize": f"bnb.{mode}",
-        "mode": mode,
+        "quantize": f"bnb.{mode.storage}",
+        "mode": mode.storage,
         "quantize_lm_head": str(bool(quantize_lm_head)).lower(),
         # dtype of the tensors kept in full precision; "source" = as in the source file (fits any --precision)
         "dtype": "source" if dtype is None else _dtype_name(dtype),
@@ -575,8 +599,8 @@ def prequantized_metadata(
         "source_size": str(st.st_size),
         "source_mtime_ns": str(st.st_mtime_ns),
     }
-    if mode in FOUR_BIT:
-        quant_type, dq = FOUR_BIT[mode]
+    if mode.four_bit:
+        quant_type, dq = FOUR_BIT[mode.kind]
         meta.update(quant_type=quant_type, blocksize=str(BLOCKSIZE), double_quant=str(dq).lower())
         if dq:
             meta["nested_blocksize"] = str(NESTED_BLOCKSIZE)
@@ -588,10 +612,10 @@ def prequantized_metadata(
 def prequantized_mismatch(path: Path, plugin: BitsandbytesPrecision) -> Optional[str]:
     """None if the file at `path` fits `plugin` and is not older than its source, else why not."""
     meta = safetensors_metadata(path)
-    mode = storage_mode(plugin.mode)
-    if meta.get("litquant_bnb") != "1" or meta.get("mode") != mode:
-        return f"is not a bnb.{mode} file written by `litquant quantize bnb`"
-    if mode in FOUR_BIT and meta.get("blocksize") != str(BLOCKSIZE):
+    storage = plugin.mode.storage
+    if meta.get("litquant_bnb") != "1" or meta.get("mode") != storage:
+        return f"is not a bnb.{storage} file written by `litquant quantize bnb`"
+    if plugin.mode.four_bit and meta.get("blocksize") != str(BLOCKSIZE):
         return f"uses blocksize {meta.get('blocksize')}, not {BLOCKSIZE}"
     if meta.get("quantize_lm_head") != str(plugin.quantize_lm_head).lower():
         return f"was made with quantize_lm_head={meta.get('quantize_lm_head')}"
@@ -605,22 +629,5 @@ def prequantized_mismatch(path: Path, plugin: BitsandbytesPrecision) -> Optional
     return None
 
 
-# ---- registration -------------------------------------------------------------------------------------------
-
-
-def _make_plugin(mode: str, precision: str, device: torch.device, **options: Any) -> BitsandbytesPrecision:
-    try:
-        _bnb()
-    except ImportError:
-        need = f"bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}"
-        raise UserError(f"--quantize bnb.{mode} needs bitsandbytes: pip install '{need}'") from None
-    if device.type == "cpu" and _bnb_version() < MIN_BNB_CPU:
-        raise UserError(
-            f"bitsandbytes {_bnb().__version__} has no CPU support for bnb.{mode}: "
-            f"pip install -U 'bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}', or run on CUDA (--accelerator cuda)"
-        )
-    return BitsandbytesPrecision(mode, precision, quantize_lm_head=bool(options.get("quantize_lm_head", False)))
-
-
-for _mode in MODES:
-    register(f"bnb.{_mode}", help=_HELP[_mode], options=("quantize_lm_head",))(functools.partial(_make_plugin, _mode))
+for _kind in _HELP:
+    register(BnbMode(_kind))

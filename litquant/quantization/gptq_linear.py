@@ -169,6 +169,10 @@ class GPTQLinear(nn.Module):
             self._w_cache = w
         return w
 
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W [out, in] (what every quantized layer offers for merging)."""
+        return self.dequantized_weight(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         if not self._prepared and not self._c_kernel_ok(x2d):  # litquant's CPU kernel needs no repacking

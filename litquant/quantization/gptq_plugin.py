@@ -16,17 +16,19 @@ which training through the layer (LoRA on a GPTQ base) and saving need; inferenc
 
 from __future__ import annotations
 
-import functools
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
-from litquant.checkpoint import file_keys, safetensors_metadata
 from litquant.errors import UserError, read_json
-from litquant.precision import LitquantPrecision, register
+from litquant.io import file_keys, safetensors_metadata
+from litquant.precision import LitquantPrecision
+from litquant.quantization import gptq_format
+from litquant.quantization.modes import LoadPlan, QuantMode, register
 from litquant.quantization.gptq_format import SUPPORTED_BITS
 from litquant.quantization import cpu_kernels
 from litquant.quantization.gptq_linear import GEMV_MAX_ROWS, GPTQLinear
@@ -98,24 +100,69 @@ def quantized_modules(path: Path) -> set[str]:
     return {k[: -len(".qweight")] for k in file_keys(path) if k.endswith(".qweight")}
 
 
+class GPTQMode(QuantMode):
+    """`gptq.int<bits>`: a checkpoint quantized ahead of time by `litquant quantize gptq` (or imported)."""
+
+    options = ("keep_source", "quantize_lm_head")
+    lora_options = {"keep_source": True}  # training through the layer and merging need the AutoGPTQ qweight
+    stored_as_is = (".scales",)  # fp16 scales stay fp16 at any precision
+
+    def __init__(self, bits: int) -> None:
+        self.bits, self.name, self.help = bits, f"gptq.int{bits}", _HELP[bits]
+        self.nominal_bits = bits
+        self.file = gptq_file(bits)
+        self.needs_file = self.file  # only a checkpoint that has this file loads in this mode
+
+    def plugin(self, precision: str, device: torch.device, **options: Any) -> "GPTQPrecision":
+        return GPTQPrecision(self, precision, keep_source=bool(options.get("keep_source", False)),
+                             quantize_lm_head=bool(options.get("quantize_lm_head", False)))
+
+    def preferred_precision(self, device: torch.device) -> Optional[str]:
+        """4-bit: bf16 activations on AVX-512 CPUs, native bf16 or not: torch's int4 kernel with bf16 activations beats
+        litquant's fp32 one there, and bf16 halves the unquantized embedding and head (1.1B, 2 cores: 37.6 vs 26.4
+        tok/s with native bf16 masked off). On AVX2-only CPUs fp32 wins (20.4 vs 16.9): the device default."""
+        from litquant.precision import cpu_has_avx512
+
+        return "bf16-true" if self.bits == 4 and device.type == "cpu" and cpu_has_avx512() else None
+
+    def linear_bytes(self, in_features: int, out_features: int, group_size: int = 128, runtime: bool = True) -> int:
+        """The AutoGPTQ tensors (int32 qweight, qzeros, g_idx; fp16 scales), or at runtime with the int4 kernel its
+        repacked weight (n/2 bytes, replacing qweight) and fp32 (scale, zero) per kernel group and row."""
+        shapes = gptq_format.packed_shapes(in_features, out_features, self.bits, group_size)
+        qweight = 4 * math.prod(shapes["qweight"])
+        rest = 4 * math.prod(shapes["qzeros"]) + 2 * math.prod(shapes["scales"]) + 4 * math.prod(shapes["g_idx"])
+        kernel_group = self.kernel_group(in_features, out_features, group_size) if runtime else None
+        if kernel_group is None:
+            return qweight + rest
+        return in_features * out_features // 2 + 8 * (in_features // kernel_group) * out_features + rest
+
+    def kernel_group(self, in_features: int, out_features: int, group_size: int) -> Optional[int]:
+        """The group size GPTQLinear's int4 kernel runs a layer with (None: no such kernel): the largest of
+        256/128/64/32 that divides in_features and never spans two GPTQ groups."""
+        if self.bits != 4 or out_features % 16:
+            return None
+        return next((kg for kg in (256, 128, 64, 32)
+                     if in_features % kg == 0 and (group_size == -1 or group_size % kg == 0)), None)
+
+
 class GPTQPrecision(LitquantPrecision):
     """`--quantize gptq.int<bits>`: loads the GPTQ file into GPTQLinear modules; compute dtype from --precision."""
 
     def __init__(
-        self, bits: int, precision: str = "32-true", keep_source: bool = False, quantize_lm_head: bool = False
+        self, mode: GPTQMode, precision: str = "32-true", keep_source: bool = False, quantize_lm_head: bool = False
     ) -> None:
         super().__init__(precision)
-        if bits not in SUPPORTED_BITS:
-            raise UserError(f"GPTQ bits must be one of {SUPPORTED_BITS}, got {bits}")
-        self.bits = bits
-        self.quantize = f"gptq.int{bits}"
+        self.mode = mode
+        self.bits = mode.bits
         self.keep_source = keep_source
         self.quantize_lm_head = quantize_lm_head
-        self.group_size: Optional[int] = None  # from the file, in weights_file()
-        self.modules: Optional[set[str]] = None  # which Linears the file quantizes
 
-    def weights_file(self, checkpoint_dir: Path) -> str:
-        name = gptq_file(self.bits)
+    def load_plan(self, checkpoint_dir: Optional[Path]) -> LoadPlan:
+        """The GPTQ file, its group size and the Linears it quantizes (those with a qweight), read from its header.
+        Without a checkpoint (random weights): what GPTQ quantizes by default, the blocks' Linears, groups of 128."""
+        name = self.mode.file
+        if checkpoint_dir is None:
+            return LoadPlan(name, swap=lambda n: n.startswith("transformer.h."), extra={"group_size": 128})
         path = Path(checkpoint_dir) / name
         if not path.is_file():
             others = sorted(p.name for p in Path(checkpoint_dir).glob("lit_model_gptq.*bit.safetensors"))
@@ -126,35 +173,30 @@ class GPTQPrecision(LitquantPrecision):
             )
         qc = read_quantize_config(path)
         if qc["bits"] != self.bits:
-            raise UserError(f"{path} was quantized with {qc['bits']} bits but --quantize {self.quantize} needs {self.bits}")
-        self.group_size = qc["group_size"]
-        self.modules = quantized_modules(path)
-        if not self.modules:
+            raise UserError(f"{path} was quantized with {qc['bits']} bits but --quantize {self.mode.name} needs {self.bits}")
+        modules = quantized_modules(path)
+        if not modules:
             raise UserError(f"{path} holds no GPTQ layers (no *.qweight tensors)")
-        if self.quantize_lm_head and "lm_head" not in self.modules:
+        if self.quantize_lm_head and "lm_head" not in modules:
             raise UserError(f"{path} has no quantized lm_head (GPTQ quantizes the blocks; run without --quantize_lm_head)")
-        return name
+        return LoadPlan(name, swap=modules.__contains__, extra={"group_size": qc["group_size"]})
 
-    def _wanted(self, name: str) -> bool:
-        if self.modules is not None:
-            return name in self.modules
-        return name.startswith("transformer.h.")  # no file seen yet: GPTQ's default, the blocks' Linears
-
-    def convert_module(self, module: nn.Module) -> nn.Module:
-        """Swap the Linears the file quantizes for empty GPTQLinears (on meta, for the loader to fill).
-        Idempotent: Fabric calls it again on the loaded model, which has no such nn.Linear left."""
-        def make(name: str, linear: nn.Linear) -> GPTQLinear:
-            if not linear.weight.is_meta:
-                raise UserError(
-                    f"--quantize {self.quantize} loads GPTQ weights made ahead of time (`litquant quantize gptq`);"
-                    f" it cannot quantize the already-loaded layer {name}: load the model with litquant.checkpoint.load_model"
+    def convert_module(self, module: nn.Module, plan: Optional[LoadPlan] = None) -> nn.Module:
+        """Swap the Linears the plan names for empty GPTQLinears (on meta, for the loader to fill). Without a plan
+        (Fabric's call on the loaded model) there is nothing left to swap."""
+        if plan is not None:
+            def make(name: str, linear: nn.Linear) -> GPTQLinear:
+                if not linear.weight.is_meta:
+                    raise UserError(
+                        f"--quantize {self.mode.name} loads GPTQ weights made ahead of time (`litquant quantize gptq`);"
+                        f" it cannot quantize the already-loaded layer {name}: load the model with litquant.checkpoint.load_model"
+                    )
+                return GPTQLinear(
+                    linear.in_features, linear.out_features, bias=linear.bias is not None, bits=self.bits,
+                    group_size=plan.extra["group_size"], device="meta", dtype=self.dtype,
                 )
-            return GPTQLinear(
-                linear.in_features, linear.out_features, bias=linear.bias is not None, bits=self.bits,
-                group_size=self.group_size if self.group_size is not None else 128, device="meta", dtype=self.dtype,
-            )
 
-        self.swap_linears(module, self._wanted, make)
+            self.swap_linears(module, plan.swap, make)
         return super().convert_module(module)
 
     def kernels(self, device: torch.device) -> str:
@@ -171,7 +213,7 @@ class GPTQPrecision(LitquantPrecision):
         out = super().hints(device)
         if device.type == "cpu" and cpu_kernels.lib() is None and self.dtype != torch.bfloat16:
             out.append(f"litquant's CPU kernels are unavailable ({cpu_kernels.build_error}): with "
-                       f"{self.precision} {self.quantize} runs a much slower path; --precision bf16-true is faster")
+                       f"{self.precision} {self.mode.name} runs a much slower path; --precision bf16-true is faster")
         return out
 
     def after_load(self, model: nn.Module) -> nn.Module:
@@ -190,22 +232,5 @@ class GPTQPrecision(LitquantPrecision):
         return model
 
 
-def _make_plugin(bits: int, precision: str, device: torch.device, **options: Any) -> GPTQPrecision:
-    return GPTQPrecision(
-        bits, precision, keep_source=bool(options.get("keep_source", False)),
-        quantize_lm_head=bool(options.get("quantize_lm_head", False)),
-    )
-
-
-def _preferred_int4(device: torch.device) -> Optional[str]:
-    """bf16 activations on AVX-512 CPUs, native bf16 or not: torch's int4 kernel with bf16 activations beats
-    litquant's fp32 one there, and bf16 halves the unquantized embedding and head (1.1B, 2 cores: 37.6 vs 26.4
-    tok/s with native bf16 masked off). On AVX2-only CPUs fp32 wins (20.4 vs 16.9): the device default."""
-    from litquant.precision import cpu_has_avx512
-
-    return "bf16-true" if device.type == "cpu" and cpu_has_avx512() else None
-
-
 for _bits in SUPPORTED_BITS:
-    register(f"gptq.int{_bits}", help=_HELP[_bits], options=("keep_source", "quantize_lm_head"),
-             preferred=_preferred_int4 if _bits == 4 else None)(functools.partial(_make_plugin, _bits))
+    register(GPTQMode(_bits))
