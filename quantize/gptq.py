@@ -465,14 +465,14 @@ def _load_block(f, block: nn.Module, prefix: str, keys: list[str], device: torch
 
 def _output_plan(f, config: Config, quantized: list[str], bits: int, group_size: int):
     """The output file's tensors (meta): the source's, less the quantized weights, plus their AutoGPTQ tensors."""
-    from litquant.convert import _meta
+    from litquant.hf.files import meta_tensor
     from litquant.quantization.gptq_format import packed_shapes
 
     skip = {m + ".weight" for m in quantized}
     dtypes = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32}
     for key in f.keys():
         if key not in skip:
-            yield key, _meta(f.get_slice(key))
+            yield key, meta_tensor(f.get_slice(key))
     for m in quantized:
         out_features, in_features = f.get_slice(m + ".weight").get_shape()
         for attr, shape in packed_shapes(in_features, out_features, bits, group_size).items():

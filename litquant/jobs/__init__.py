@@ -1,0 +1,1 @@
+"""Job functions behind the `litquant` CLI subcommands (jsonargparse builds each parser from the signature)."""
