@@ -145,7 +145,7 @@ def convert_theirs(py: Path, hf_dir: Path, out_dir: Path, calibration: Path, a: 
 
 def import_theirs(checkpoint_dir: Path, their_dir: Path, dest: Path) -> Path:
     """gptqmodel's output -> a litquant GPTQ checkpoint (our importer), with the original tokenizer files."""
-    from litquant.convert import convert_hf_checkpoint
+    from litquant.jobs.convert import convert_hf_checkpoint
 
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(their_dir, dest)
@@ -294,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UserError("the speed comparison is for gptq.int4: use --bits 4")
 
     from litquant.config import Config
-    from litquant.convert import convert_lit_checkpoint
+    from litquant.jobs.convert import convert_lit_checkpoint
     from litquant.data.calibration import calibration_tokens
     from litquant.tokenizer import Tokenizer
 

@@ -74,7 +74,7 @@ def ensure_venv() -> tuple[Path, dict]:
 
 def export(checkpoint_dir: Path) -> Path:
     """litquant checkpoint -> a Hugging Face directory (our converter), redone when the weights are newer."""
-    from litquant.convert import convert_lit_checkpoint
+    from litquant.jobs.convert import convert_lit_checkpoint
 
     out = OUT / f"hf-{checkpoint_dir.name}"
     src = checkpoint_dir / "lit_model.safetensors"

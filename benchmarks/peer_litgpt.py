@@ -98,7 +98,7 @@ def convert(checkpoint_dir: Path, venv_py: Path) -> Path:
     from dataclasses import asdict
 
     from litquant.config import Config
-    from litquant.convert import convert_lit_checkpoint
+    from litquant.jobs.convert import convert_lit_checkpoint
 
     config = Config.from_checkpoint(checkpoint_dir)
     out = OUT / f"litgpt-{checkpoint_dir.name}"

@@ -21,16 +21,9 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from litquant.config import Config  # noqa: E402
-from litquant.convert import (  # noqa: E402
-    convert_hf_checkpoint,
-    convert_lit_checkpoint,
-    deinterleave_qkv,
-    hf_config,
-    hf_model_type,
-    hf_to_lit,
-    interleave_qkv,
-    lit_to_hf,
-)
+from litquant.hf.config import hf_config, hf_model_type  # noqa: E402
+from litquant.hf.weights import deinterleave_qkv, hf_to_lit, interleave_qkv, lit_to_hf  # noqa: E402
+from litquant.jobs.convert import convert_hf_checkpoint, convert_lit_checkpoint  # noqa: E402
 from litquant.errors import UserError  # noqa: E402
 from litquant.model import GPT  # noqa: E402
 
@@ -425,7 +418,7 @@ def test_export_error_truncated_file(tmp_path):
 
 _PEAK = """
 import json, sys
-from litquant.convert import convert_hf_checkpoint, convert_lit_checkpoint
+from litquant.jobs.convert import convert_hf_checkpoint, convert_lit_checkpoint
 from litquant.utils import current_rss_bytes, peak_memory_bytes, reset_peak_memory
 d, out = sys.argv[1], sys.argv[2]
 out_peaks = []

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from litquant.jobs import quantize as job
 from conftest import REPO, make_checkpoint
 from litquant.checkpoint import load_model
-from litquant.convert import convert_hf_checkpoint, convert_lit_checkpoint
+from litquant.jobs.convert import convert_hf_checkpoint, convert_lit_checkpoint
 from litquant.errors import UserError
 from litquant.precision import resolve
 from litquant.quantization import gptq_format as fmt
@@ -83,7 +83,7 @@ def test_export_layout_and_exact_round_trip(checkpoints, tmp_path, family, bits,
                        for p in "qkv")
     else:  # GPT-NeoX: one fused query_key_value, rows interleaved per head as [q, k, v]
         from litquant.config import Config
-        from litquant.convert import interleave_qkv
+        from litquant.hf.weights import interleave_qkv
 
         c = Config.from_file(src / "model_config.yaml")
         hf_qkv = "gpt_neox.layers.0.attention.query_key_value"

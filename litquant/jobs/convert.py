@@ -1,0 +1,90 @@
+"""`litquant convert_hf_checkpoint` and `litquant convert_lit_checkpoint`: Hugging Face <-> litquant checkpoints
+(the work is in litquant/hf/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from litquant.checkpoint import WEIGHTS_FILE
+from litquant.config import CONFIG_FILE, Config
+from litquant.errors import UserError, read_json
+from litquant.hf.config import hf_import_config, hf_model_type, parse_dtype
+from litquant.hf.export import export_hf
+from litquant.hf.files import HF_MAX_SHARD_SIZE, hf_weight_files, iter_hf_files
+from litquant.hf.gptq import gptq_bits, import_gptq
+from litquant.hf.weights import iter_hf_to_lit
+from litquant.io import write_safetensors
+
+
+def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[str] = None, model_name: Optional[str] = None) -> None:
+    """Convert a Hugging Face model directory to a litquant checkpoint, in place.
+
+    Reads `config.json` (or the named config) and the `*.safetensors` / `pytorch_model*.bin` shards;
+    writes `model_config.yaml` and `lit_model.safetensors` beside them. Tokenizer files stay where they are.
+
+    Args:
+        checkpoint_dir: the HF download (config.json, weights, tokenizer files).
+        dtype: store the weights in this dtype (float32, bfloat16, float16); default: as in the files.
+        model_name: use this litquant named config instead of deriving one from config.json.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
+    torch_dtype = parse_dtype(dtype)
+    hf_path = checkpoint_dir / "config.json"
+    if not hf_path.is_file() and model_name is None:
+        raise UserError(f"{checkpoint_dir} has no config.json (pass --model_name to use a known config)")
+    hf = read_json(hf_path) if hf_path.is_file() else {}
+
+    quant = hf.get("quantization_config") or {}
+    if quant:
+        method = quant.get("quant_method")
+        if method == "gptq":
+            return import_gptq(checkpoint_dir, hf, dtype, model_name)
+        raise UserError(f"{hf_path}: {method!r}-quantized Hugging Face checkpoints are not supported")
+
+    config = hf_import_config(hf, checkpoint_dir, model_name)
+    tie = hf.get("tie_word_embeddings") if "tie_word_embeddings" in hf else None
+    files = hf_weight_files(checkpoint_dir)
+    # one pass over the headers plans the output file (meta tensors through the same mapping), the second
+    # streams: each tensor is read, mapped and written before the next is read
+    plan = iter_hf_to_lit(iter_hf_files(files, meta=True), config, torch_dtype, tie)
+    n = write_safetensors(checkpoint_dir / WEIGHTS_FILE, iter_hf_to_lit(iter_hf_files(files), config, torch_dtype, tie),
+                          plan, metadata={"format": "pt", "litquant": "1"})
+    config.save(checkpoint_dir)
+    print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} ({n / 1e6:.1f}M parameters) and {CONFIG_FILE}", flush=True)
+
+
+def convert_lit_checkpoint(
+    checkpoint_dir: Path, output_dir: Path, max_shard_size: int = HF_MAX_SHARD_SIZE, quantize: Optional[str] = None
+) -> None:
+    """Export a litquant checkpoint as a Hugging Face model directory.
+
+    Writes `config.json`, `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards plus an
+    index when larger than `max_shard_size` bytes) and copies the tokenizer files and generation_config.json.
+
+    Args:
+        checkpoint_dir: the litquant checkpoint (model_config.yaml + lit_model.safetensors).
+        output_dir: where the HF directory is written (created if needed; must differ from checkpoint_dir).
+        max_shard_size: largest weight file, in bytes.
+        quantize: export the GPTQ checkpoint instead (gptq.int2/3/4/8: lit_model_gptq.<bits>bit.safetensors)
+            as an AutoGPTQ-format model: quantized layers as qweight/qzeros/scales/g_idx with HF names,
+            `quantization_config` in config.json and a quantize_config.json.
+    """
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    if not checkpoint_dir.is_dir():
+        raise UserError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
+    if not (checkpoint_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{checkpoint_dir} has no {CONFIG_FILE} (is it a litquant checkpoint directory?)")
+    bits = None if quantize is None else gptq_bits(quantize)
+    weights = checkpoint_dir / WEIGHTS_FILE
+    if bits is None and not weights.is_file():
+        raise UserError(f"{checkpoint_dir} has no {WEIGHTS_FILE}")
+    if output_dir.resolve() == checkpoint_dir.resolve():
+        raise UserError("output_dir must differ from checkpoint_dir (the export would overwrite its source)")
+    if max_shard_size <= 0:
+        raise UserError(f"max_shard_size must be positive, got {max_shard_size}")
+    config = Config.from_file(checkpoint_dir / CONFIG_FILE)
+    hf_model_type(config)  # fail early if the config has no HF family
+    export_hf(checkpoint_dir, output_dir, config, max_shard_size, bits)
