@@ -1,0 +1,1 @@
+"""Job functions: the entry points `litquant <job>` runs (see litquant/cli.py)."""
