@@ -88,7 +88,7 @@ def ensure_venv(
 def machine() -> dict:
     """CPU model, cores, torch version/threads, commit (+dirty) and load average: the context of a measurement
     (the CPU name and commit as `litquant benchmark` reports them)."""
-    from litquant.benchmark import _cpu_name, git_commit
+    from litquant.benchmark.environment import cpu_name, git_commit
 
-    return dict(cpu=_cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+    return dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
                 commit=git_commit() or "uncommitted", loadavg_1m_at_start=round(os.getloadavg()[0], 2))

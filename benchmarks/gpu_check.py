@@ -168,7 +168,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     dry = a.dry_run
     device = "cpu" if dry else "cuda"
     name = "tiny-llama-test" if dry else "Llama-2-7b-hf"
-    from litquant.benchmark import git_commit
+    from litquant.benchmark.environment import git_commit
 
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": dry, "torch": torch.__version__,
               "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not dry else "cpu",

@@ -54,7 +54,7 @@ def make_checkpoint(name: str, directory: Path) -> None:
     Drawn tensor by tensor by the benchmark's `random_model`, so no fp32 copy of the model is ever made."""
     import torch
 
-    from litquant.benchmark import random_model
+    from litquant.benchmark.measure import random_model
     from litquant.checkpoint import WEIGHTS_FILE, save_checkpoint
     from litquant.config import Config
     from litquant.precision import resolve

@@ -50,7 +50,7 @@ LITQUANT_MODE = {"bf16": "bf16-true", "nf4": "bnb.nf4@bf16-true", "int8": "bnb.i
 
 
 def venv_env() -> dict:
-    from litquant.benchmark import CPU_MMAP_THRESHOLD
+    from litquant.benchmark.environment import CPU_MMAP_THRESHOLD
 
     return common_venv_env(MALLOC_MMAP_THRESHOLD_=CPU_MMAP_THRESHOLD)  # the allocator setting litquant's runs get
 
@@ -156,8 +156,8 @@ def run_hf(py: Path, model_dir: Path, mode: str, ids: list[int], n: int, runs: i
 
 
 def prompt_ids(checkpoint_dir: Path, prompt_tokens: int) -> list[int]:
-    """The ids litquant.benchmark uses: the start of the held-out text that re-encodes to itself."""
-    from litquant.benchmark import benchmark_prompt
+    """The ids `litquant benchmark` uses: the start of the held-out text that re-encodes to itself."""
+    from litquant.benchmark.measure import benchmark_prompt
     from litquant.tokenizer import Tokenizer
 
     return benchmark_prompt(Tokenizer(checkpoint_dir), prompt_tokens)[1]
@@ -165,12 +165,11 @@ def prompt_ids(checkpoint_dir: Path, prompt_tokens: int) -> list[int]:
 
 def run_litquant(checkpoint_dir: Path, mode: str, prompt_tokens: int, n: int, runs: int, warmup: int,
                  threads: Optional[int]) -> dict:
-    from litquant.benchmark import measure_in_subprocess
+    from litquant.benchmark.measure import MeasureSpec, measure_in_subprocess
 
-    spec = dict(mode=LITQUANT_MODE[mode], checkpoint_dir=str(checkpoint_dir), precision="bf16-true",
-                accelerator="cpu", prompt_tokens=prompt_tokens, max_new_tokens=n, runs=runs, warmup=warmup,
-                ppl_tokens=0, window=None, random_init=False, model_name=None, compile=False, seed=1234,
-                threads=threads)
+    spec = MeasureSpec(mode=LITQUANT_MODE[mode], checkpoint_dir=str(checkpoint_dir), precision="bf16-true",
+                       accelerator="cpu", prompt_tokens=prompt_tokens, max_new_tokens=n, runs=runs, warmup=warmup,
+                       ppl_tokens=0, threads=threads)
     res = measure_in_subprocess(spec, None)
     if "error" in res:
         raise UserError(f"litquant {mode}: {res['error']}")
@@ -220,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
 
-    from litquant.benchmark import environment
+    from litquant.benchmark.environment import environment
     from litquant.checkpoint import check_checkpoint_dir
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

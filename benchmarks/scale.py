@@ -9,7 +9,7 @@ What it does:
    convert_hf_checkpoint`, and makes a GPTQ file with `litquant quantize gptq` (a small calibration set: the file is
    for speed, its quality does not matter here);
 2. for every mode, at the default `--precision` (what a user gets), loads the model in a fresh process and measures
-   load time, prefill and decode tokens/sec and peak RSS (`litquant.benchmark.measure_mode`);
+   load time, prefill and decode tokens/sec and peak RSS (`litquant.benchmark.measure.measure_mode`);
 3. in the same run, the peers on the same weights: transformers + bitsandbytes (nf4, int8; bf16 compute), litgpt
    0.5.13 (full precision, its CLI at our default precision) and gptqmodel 7.7.0 on our GPTQ file exported with
    `litquant convert_lit_checkpoint`;
@@ -100,15 +100,14 @@ def build(name: str) -> Path:
 
 
 def run_litquant(d: Path, mode: str, a: argparse.Namespace) -> dict:
-    from litquant.benchmark import measure_in_subprocess
+    from litquant.benchmark.measure import MeasureSpec, measure_in_subprocess
 
-    spec = dict(mode=mode, checkpoint_dir=str(d), precision=None, accelerator="cpu", prompt_tokens=a.prompt_tokens,
-                max_new_tokens=a.max_new_tokens, runs=a.runs, warmup=1, ppl_tokens=0, window=None, random_init=False,
-                model_name=None, compile=False, seed=1234, threads=None)
+    spec = MeasureSpec(mode=mode, checkpoint_dir=str(d), precision=None, accelerator="cpu", prompt_tokens=a.prompt_tokens,
+                       max_new_tokens=a.max_new_tokens, runs=a.runs, warmup=1, ppl_tokens=0, threads=None)
     if mode == "full":  # no --quantize and no --precision: what `litquant generate` runs
         from litquant.precision import default_precision
 
-        spec["mode"] = default_precision("cpu")
+        spec = spec.for_mode(default_precision("cpu"))
     res = measure_in_subprocess(spec, 3600)
     if "error" in res:
         print(f"  {mode}: {res['error']}", flush=True)
@@ -137,7 +136,7 @@ def peer_hf_bnb(d: Path, ids: list[int], a: argparse.Namespace) -> dict:
 
 def peer_litgpt(d: Path, a: argparse.Namespace) -> dict:
     from benchmarks import peer_litgpt as lg
-    from litquant.benchmark import benchmark_prompt
+    from litquant.benchmark.measure import benchmark_prompt
     from litquant.precision import default_precision
     from litquant.tokenizer import Tokenizer
 

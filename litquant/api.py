@@ -31,6 +31,7 @@ class LLM:
         accelerator: str = "auto",
         quantize_lm_head: bool = False,
         progress: bool = True,
+        configure_threads: bool = True,
     ) -> "LLM":
         """Load `checkpoint_dir` in `precision` (default: the fastest on this machine for the mode), quantized with
         `quantize` (a `--quantize` mode), with a LoRA adapter on top (`lora_path`: the file or a finetune out_dir)."""
@@ -47,7 +48,8 @@ class LLM:
         if lora_path is not None:
             load_lora(model, lora_path, dtype=plugin.dtype)
             model.eval()
-        configure_cpu_threads(model, device)
+        if configure_threads:  # one thread for small models on a CPU unless OMP_NUM_THREADS says otherwise
+            configure_cpu_threads(model, device)
         return cls(model, checkpoint, plugin, device)
 
     @property

@@ -23,7 +23,7 @@ JOBS: dict = {
     "finetune": {"lora": "finetune.lora:setup", "full": "finetune.full:setup"},
     "merge_lora": "litquant.jobs.merge_lora:main",
     "evaluate": "litquant.jobs.evaluate:main",
-    "benchmark": "litquant.benchmark:main",
+    "benchmark": "litquant.jobs.benchmark:main",
     "estimate": "litquant.estimate:main",
 }
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from conftest import REPO, make_checkpoint, run_cli
-from litquant.benchmark import GPTQ_FILE, default_modes, main, run_stats
+from litquant.benchmark.measure import run_stats
+from litquant.benchmark.modes import GPTQ_FILE, default_modes
 from litquant.errors import UserError
+from litquant.jobs.benchmark import main
 from litquant.precision import quantize_modes
 
 SMALL = ["--prompt_tokens", "24", "--max_new_tokens", "8", "--ppl_tokens", "256", "--threads", "1"]
@@ -183,7 +185,7 @@ def test_gptq_file_and_peer_machine_info_come_from_litquant():
     as `litquant benchmark` does, under the keys their JSON has always had."""
     import importlib.util
 
-    from litquant.benchmark import _cpu_name, git_commit
+    from litquant.benchmark.environment import cpu_name, git_commit
     from litquant.quantization.gptq_plugin import gptq_file
 
     assert GPTQ_FILE == gptq_file(4)
@@ -193,4 +195,4 @@ def test_gptq_file_and_peer_machine_info_come_from_litquant():
     m = common.machine()
     assert set(m) == {"cpu", "cores", "torch_threads", "torch", "commit", "loadavg_1m_at_start"}
     # (the +dirty mark may change meanwhile: other work goes on in this checkout)
-    assert m["cpu"] == _cpu_name() and m["commit"].split("+")[0] == (git_commit() or "uncommitted").split("+")[0]
+    assert m["cpu"] == cpu_name() and m["commit"].split("+")[0] == (git_commit() or "uncommitted").split("+")[0]

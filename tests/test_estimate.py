@@ -131,7 +131,7 @@ def test_estimate_matches_measured_gptq_int4(tmp_path):
 
 def test_random_init_model_matches_estimate():
     """The benchmark's --random_init builder and the estimate agree too (a named config, no checkpoint)."""
-    from litquant.benchmark import random_model
+    from litquant.benchmark.measure import random_model
     from litquant.precision import resolve
     from litquant.utils import weight_bytes_by_dtype
 
