@@ -42,12 +42,13 @@ class Checkpoint:
             raise UserError(f"{path} has no {CONFIG_FILE}{hint}")
         return cls(path, Config.from_file(path / CONFIG_FILE))
 
-    def file(self, name: str = WEIGHTS_FILE) -> Path:
-        """The path of one of its files, which must exist."""
+    def file(self, name: str = WEIGHTS_FILE, hint: str = "") -> Path:
+        """The path of one of its files, which must exist (`hint`: how to make it, for the error)."""
         path = self.path / name
         if not path.is_file():
             present = sorted(p.name for p in self.path.glob("lit_model*.safetensors"))
-            raise UserError(f"{self.path} has no {name} (found: {', '.join(present) or 'no weight files'})")
+            hint = f"; {hint}" if hint else ""
+            raise UserError(f"{self.path} has no {name} (found: {', '.join(present) or 'no weight files'}){hint}")
         return path
 
     def has(self, name: str) -> bool:

@@ -7,6 +7,7 @@ in the model. `Config.from_name`, `Config.from_file`, `Config.from_checkpoint` a
 
 from __future__ import annotations
 
+import difflib
 from copy import deepcopy
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -79,7 +80,9 @@ class Config:
             # accept "meta-llama/Llama-2-7b-hf" as well as "Llama-2-7b-hf"
             match = next((c for c in configs if c["hf_name"] == name), None)
         if match is None:
-            raise UserError(f"unknown model name {name!r}; known names: {', '.join(sorted(name_to_config))}")
+            close = difflib.get_close_matches(name.rpartition("/")[2], list(name_to_config), n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise UserError(f"unknown model name {name!r}; {hint}known names: {', '.join(sorted(name_to_config))}")
         kwargs = deepcopy(match)
         kwargs.update(overrides)
         return cls(**kwargs)

@@ -1,47 +1,18 @@
-"""Memory planning: `litquant estimate --model_name Llama-2-7b-hf [--context_length 4096] [--finetune qlora]`.
-
-Everything is counted from the model's real layer shapes (the GPT is built on the meta device, so a 70B
-config costs nothing), with the storage each quantization mode really keeps:
-
-  32-true / 16-true / bf16-true   every parameter in that dtype (4 / 2 / 2 bytes)
-  bnb.nf4, bnb.fp4                4-bit codes (ceil(n/2) bytes) + one fp32 absmax per block of 64 (0.5 bit/param)
-  bnb.nf4-dq, bnb.fp4-dq          4-bit codes + one uint8 absmax per 64 + one fp32 scale per 256 absmax values
-                                  (0.127 bit/param: QLoRA's ~0.37 bit/param saving) + bnb's 256-entry fp32 code
-                                  table and mean offset per layer
-  bnb.int8                        1 byte/param + one fp32 absmax per output row (bnb's SCB)
-  gptq.int<b>                     b bits/param (qweight) + per group and output: fp16 scale + b-bit packed zero
-                                  (qzeros) + one int32 g_idx per input channel (the AutoGPTQ file layout); in
-                                  memory, 4-bit layers run torch's int4 kernel, whose repacked weight replaces
-                                  qweight and adds an fp32 (scale, zero) pair per kernel group and output
-                                  (+0.5 bit/param at group size 128)
-
-Only the Linears inside the transformer blocks are quantized (the lm_head too with `--quantize_lm_head`);
-embeddings, norms, biases and the lm_head stay in the compute dtype (`--precision`), as the plugins do.
-
-Beyond the weights:
-  KV cache        2 (k and v) x n_layer x n_query_groups x head_size x context x batch x bytes(compute dtype)
-  activations     inference: one block's live tensors during prefill, B*T*(3*n_embd + 2*intermediate) values,
-                  plus the prefill logits B*T*vocab (PyTorch's flash/efficient attention: no T x T scores)
-  finetuning      LoRA params P = sum over adapted Linears of r*(in + out); they, their gradients and AdamW's
-                  two moment buffers take 4 x P x bytes(param dtype); activations kept for backward
-                  ~ B*T*(10*n_embd + 4*intermediate) values per layer + logits in fp32 with their gradient
-                  (B*T*vocab*(bytes + 8)). A rough figure: expect +-30%, more with long sequences.
-A GPU "fits" when the total leaves 1 GiB of its memory free for the CUDA context and allocator slack.
-"""
+"""Memory planning from a config alone: weights (the storage each quantization mode really keeps), KV cache,
+activations and finetuning state, counted from the model's real layer shapes built on the meta device (a 70B
+config costs nothing). The formulas are in docs/ARCHITECTURE.md, "Memory estimates"; the job is
+`litquant estimate` (litquant/jobs/estimate.py)."""
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch.nn as nn
 
 from litquant.config import Config, n_params
-from litquant.errors import UserError, read_json
+from litquant.errors import UserError
 from litquant.quantization.modes import QuantMode, get_mode
 
 GB = 1e9  # decimal, as the seeds' tables and `Memory used:` lines are
@@ -87,7 +58,7 @@ def model_shapes(config: Config) -> tuple[list[LinearShape], int]:
     return linears, total - linear_params
 
 
-def _quant(mode: str) -> Optional[QuantMode]:
+def quant_mode(mode: str) -> Optional[QuantMode]:
     """None for a full-precision mode (32-true, ...), else the quantization mode (unknown names: a UserError)."""
     if mode in _DTYPE_BYTES:
         return None
@@ -111,7 +82,7 @@ def weight_bytes(
 ) -> dict:
     """{"bytes", "quantized_params", "quantized_bytes", "other_bytes"} for `mode` with `precision` as compute dtype
     (GPTQ: the bits come from the mode name, gptq.int4)."""
-    quant = _quant(mode)
+    quant = quant_mode(mode)
     if precision not in _DTYPE_BYTES:
         raise UserError(f"unknown --precision {precision!r}; choose one of: {', '.join(_DTYPE_BYTES)}")
     linears, other_params = _shapes or model_shapes(config)
@@ -213,12 +184,12 @@ def estimate(
     total_params = n_params(config)
     b = _DTYPE_BYTES[precision]
     if finetune == "qlora":
-        modes = [m for m in modes if getattr(_quant(m), "qlora", False)] or ["bnb.nf4"]
+        modes = [m for m in modes if getattr(quant_mode(m), "qlora", False)] or ["bnb.nf4"]
     elif finetune == "lora":
         modes = [m for m in modes if m in _DTYPE_BYTES] or [precision]
     rows = []
     for mode in modes:
-        quant = _quant(mode)
+        quant = quant_mode(mode)
         try:
             w = weight_bytes(config, mode, precision, quantize_lm_head, gptq_group_size, _shapes=shapes)
         except UserError as e:  # e.g. a GPTQ width that cannot be packed: leave that row out, say why
@@ -305,89 +276,6 @@ def _fits_text(names: list[str]) -> str:
     return names[0] if names[0] == GPUS[-1][0] else f"{names[0]} and larger"
 
 
-def _gptq_settings(checkpoint_dir: Path) -> tuple[Optional[int], Optional[int]]:
-    from litquant.quantization.gptq_plugin import QUANTIZE_CONFIG_FILE, check_quantize_config
-
-    cfg = checkpoint_dir / QUANTIZE_CONFIG_FILE
-    if not cfg.is_file():
-        return None, None
-    qc = read_json(cfg)
-    check_quantize_config(qc, str(cfg))
-    return qc["bits"], qc["group_size"]
-
-
 def check_group_size(group_size: int) -> None:
     if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size < 1):
         raise UserError(f"--gptq_group_size must be a positive integer or -1 (one group per row), got {group_size!r}")
-
-
-def main(
-    model_name: Optional[str] = None,
-    *,
-    checkpoint_dir: Optional[Path] = None,
-    precision: str = "bf16-true",
-    modes: Optional[str] = None,
-    context_length: Optional[int] = None,
-    batch_size: int = 1,
-    quantize_lm_head: bool = False,
-    gptq_group_size: Optional[int] = None,
-    finetune: Optional[Literal["lora", "qlora"]] = None,
-    lora_r: int = 8,
-    lora_targets: str = "all",
-    out_file: Optional[Path] = None,
-) -> dict:
-    """Estimate the memory a model needs at each precision / quantization mode, and which GPUs it fits.
-
-    Args:
-        model_name: a named config (e.g. Llama-2-7b-hf, meta-llama/Llama-2-7b-hf, Mistral-7B-v0.1).
-        checkpoint_dir: or a checkpoint directory (its model_config.yaml; GPTQ settings from quantize_config.json).
-        precision: dtype of everything kept in full precision (embeddings, norms, lm_head, KV cache) in quantized
-            modes: 32-true, 16-true or bf16-true.
-        modes: comma list of modes (default: 32-true,16-true,bf16-true,bnb.int8,bnb.nf4,bnb.nf4-dq,bnb.fp4,
-            bnb.fp4-dq,gptq.int4; gptq.int2/int3/int8 for other widths; with --checkpoint_dir, the GPTQ width of
-            its quantize_config.json).
-        context_length: tokens in the KV cache (default: the model's block_size).
-        batch_size: sequences at once.
-        quantize_lm_head: the output layer quantized too.
-        gptq_group_size: GPTQ group size (default 128, or the checkpoint's).
-        finetune: lora (full-precision base) or qlora (4-bit base): adds LoRA params, grads, AdamW state and
-            activations for --batch_size sequences of --context_length tokens.
-        lora_r: LoRA rank.
-        lora_targets: "all" (every Linear in the blocks) or a comma list such as "qkv,proj".
-        out_file: also write the result as JSON here.
-    """
-    if (model_name is None) == (checkpoint_dir is None):
-        raise UserError("give exactly one of --model_name or --checkpoint_dir")
-    file_bits = file_group = None
-    if checkpoint_dir is not None:
-        from litquant.checkpoint import check_checkpoint_dir
-
-        checkpoint_dir = check_checkpoint_dir(checkpoint_dir, None)
-        config = Config.from_checkpoint(checkpoint_dir)
-        file_bits, file_group = _gptq_settings(checkpoint_dir)
-    else:
-        config = Config.from_name(model_name)
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()] if modes else list(DEFAULT_MODES)
-    if file_bits and not modes:
-        mode_list = [f"gptq.int{file_bits}" if m == "gptq.int4" else m for m in mode_list]
-    for m in mode_list:
-        _quant(m)  # unknown names fail before any work
-    result = estimate(
-        config, mode_list, precision, context_length, batch_size, quantize_lm_head,
-        next(g for g in (gptq_group_size, file_group, 128) if g is not None), finetune, lora_r, lora_targets,
-    )
-    if checkpoint_dir is not None:
-        result["files_on_disk"] = {p.name: p.stat().st_size for p in sorted(checkpoint_dir.glob("lit_model*.safetensors"))}
-    print(format_table(result))
-    if out_file is not None:
-        from litquant.io import atomic_write_text
-
-        atomic_write_text(out_file, json.dumps(result, indent=2))
-        print(f"Wrote {out_file}", file=sys.stderr)
-    return result
-
-
-if __name__ == "__main__":
-    from litquant.errors import run_job
-
-    run_job(main)

@@ -11,7 +11,8 @@ import torch
 
 from conftest import REPO, make_checkpoint, run_cli
 from litquant.benchmark.measure import run_stats
-from litquant.benchmark.modes import GPTQ_FILE, default_modes
+from litquant.benchmark.modes import default_modes
+from litquant.quantization.gptq_plugin import gptq_file
 from litquant.errors import UserError
 from litquant.jobs.benchmark import main
 from litquant.precision import quantize_modes
@@ -136,7 +137,7 @@ def test_default_modes_follow_the_registry_and_the_gptq_file(tmp_path):
     assert modes[:2] == ["32-true", "bf16-true"]
     expected_bnb = [m for m in ("bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8") if m in registered]
     assert modes[2:] == expected_bnb
-    (ckpt / GPTQ_FILE).write_bytes(b"")
+    (ckpt / gptq_file(4)).write_bytes(b"")
     with_gptq = default_modes(ckpt, random_init=False)
     assert ("gptq.int4" in with_gptq) == ("gptq.int4" in registered)
     assert "gptq.int4" not in default_modes(ckpt, random_init=True)
@@ -186,9 +187,7 @@ def test_gptq_file_and_peer_machine_info_come_from_litquant():
     import importlib.util
 
     from litquant.benchmark.environment import cpu_name, git_commit
-    from litquant.quantization.gptq_plugin import gptq_file
 
-    assert GPTQ_FILE == gptq_file(4)
     spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "common.py")
     common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)

@@ -10,7 +10,6 @@ from litquant.checkpoint import WEIGHTS_FILE, check_checkpoint_dir, load_model
 from litquant.io import atomic_path, save_safetensors
 from litquant.config import Config
 from litquant.errors import UserError
-from litquant.model import GPT
 from litquant.precision import resolve
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import SAMPLE_TEXT, make_checkpoint, run_cli
 from litquant.config import Config, n_params
 from litquant.errors import UserError
+from litquant.jobs.estimate import main
 from litquant.estimate import (
     GPU_HEADROOM,
     GPUS,
@@ -17,7 +18,6 @@ from litquant.estimate import (
     fits,
     kv_cache_bytes,
     lora_params,
-    main,
     model_shapes,
     weight_bytes,
 )

@@ -9,11 +9,10 @@ from typing import Optional
 import torch
 
 from litquant.errors import UserError
-from litquant.quantization.gptq_plugin import gptq_file
+from litquant.quantization.modes import all_modes, get_mode
 
 DEFAULT_MODES = ("32-true", "bf16-true", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "gptq.int4")
 PRECISION_MODES = ("32-true", "16-true", "bf16-true")
-GPTQ_FILE = gptq_file(4)  # what the default gptq.int4 mode reads
 
 
 def split_mode(mode: str, precision: Optional[str]) -> tuple[Optional[str], Optional[str]]:
@@ -27,18 +26,17 @@ def split_mode(mode: str, precision: Optional[str]) -> tuple[Optional[str], Opti
 
 
 def default_modes(checkpoint_dir: Optional[Path], random_init: bool) -> list[str]:
-    from litquant.precision import quantize_modes
-
-    registered = set(quantize_modes())
+    registered = all_modes()
     modes = []
     for m in DEFAULT_MODES:
+        needs = registered[m].needs_file if m in registered else None
         if m in PRECISION_MODES:
             modes.append(m)
         elif m not in registered:
             print(f"Skipping {m}: not available in this install", file=sys.stderr)
-        elif m.startswith("gptq.") and (random_init or checkpoint_dir is None or not (checkpoint_dir / GPTQ_FILE).is_file()):
+        elif needs and (random_init or checkpoint_dir is None or not (checkpoint_dir / needs).is_file()):
             if not random_init:
-                print(f"Skipping {m}: no {GPTQ_FILE} (make one with `litquant quantize gptq`)", file=sys.stderr)
+                print(f"Skipping {m}: no {needs} (make one with `litquant quantize gptq`)", file=sys.stderr)
         else:
             modes.append(m)
     return modes
@@ -46,15 +44,17 @@ def default_modes(checkpoint_dir: Optional[Path], random_init: bool) -> list[str
 
 def check_modes(mode_list: list[str], precision: Optional[str], device: torch.device) -> None:
     """Unknown names and bad precisions fail here, in one line, before any model loads."""
-    from litquant.precision import parse_precision, quantize_modes
+    from litquant.precision import parse_precision
 
-    known = quantize_modes()
     for m in mode_list:
         prec, quant = split_mode(m, precision)
         if prec is not None:
             parse_precision(prec, device)
-        if quant is not None and quant not in known:
-            raise UserError(f"unknown mode {m!r}; choose from {', '.join([*PRECISION_MODES, *known])}")
+        try:
+            get_mode(quant)
+        except UserError as e:
+            raise UserError(f"unknown mode {m!r}; choose one of: {', '.join(PRECISION_MODES)}, "
+                            f"{str(e).partition('choose one of: ')[2]}") from None
 
 
 def weights_needed(config, mode: str, precision: Optional[str], device: torch.device) -> Optional[int]:

@@ -112,7 +112,7 @@ def write_chart(report: dict, path: Path) -> Optional[Path]:
 
 def write_report(report: dict, out_dir: Path) -> list[Path]:
     """benchmark.json, benchmark.md and (with matplotlib) benchmark.png in `out_dir`; returns what was written."""
-    from litquant.checkpoint import atomic_write_text
+    from litquant.io import atomic_write_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

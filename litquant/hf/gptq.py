@@ -6,7 +6,6 @@ fused or interleaved on the unpacked rows, exactly (docs/ARCHITECTURE.md). `impo
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 
@@ -31,17 +30,6 @@ from litquant.hf.weights import (
 from litquant.io import DTYPES, atomic_write_text, write_safetensors
 
 GPTQ_ATTRS = ("qweight", "qzeros", "scales", "g_idx", "bias")
-
-
-def gptq_bits(quantize: str) -> int:
-    """`--quantize gptq.int<bits>` -> bits (UserError if not a GPTQ bit width)."""
-    from litquant.quantization.gptq_format import SUPPORTED_BITS
-
-    m = re.fullmatch(r"gptq\.int(\d+)", str(quantize))
-    if m is None or int(m.group(1)) not in SUPPORTED_BITS:
-        raise UserError(f"--quantize {quantize!r} cannot be exported: choose one of "
-                        f"{', '.join(f'gptq.int{b}' for b in SUPPORTED_BITS)}")
-    return int(m.group(1))
 
 
 def _gptq_rows(t: Mapping[str, torch.Tensor], bits: int, v2: bool = False) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from litquant.benchmark.environment import available_memory, environment, peak_b
 from litquant.benchmark.measure import MeasureSpec, failed, measure_in_subprocess, measure_or_error
 from litquant.benchmark.modes import check_modes, default_modes, weights_needed
 from litquant.benchmark.report import format_terminal, header, write_report
-from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR
+from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, Checkpoint
 from litquant.config import Config
 from litquant.errors import UserError
 
@@ -74,11 +74,8 @@ def main(
     else:
         if model_name:
             raise UserError("--model_name is for --random_init; to benchmark weights use --checkpoint_dir")
-        from litquant.checkpoint import check_checkpoint_dir
-
-        checkpoint = Path(checkpoint_dir)
-        check_checkpoint_dir(checkpoint, None)
-        config = Config.from_checkpoint(checkpoint)
+        opened = Checkpoint.open(checkpoint_dir)
+        checkpoint, config = opened.path, opened.config
     spec = MeasureSpec(checkpoint_dir=str(checkpoint) if checkpoint else None, precision=precision,
                        accelerator=device.type, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, runs=runs,
                        warmup=warmup, ppl_tokens=ppl_tokens, window=window, random_init=random_init,

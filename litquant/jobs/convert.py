@@ -6,15 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from litquant.checkpoint import WEIGHTS_FILE
-from litquant.config import CONFIG_FILE, Config
+from litquant.checkpoint import WEIGHTS_FILE, Checkpoint
+from litquant.config import CONFIG_FILE
 from litquant.errors import UserError, read_json
 from litquant.hf.config import hf_import_config, hf_model_type, parse_dtype
 from litquant.hf.export import export_hf
 from litquant.hf.files import HF_MAX_SHARD_SIZE, hf_weight_files, iter_hf_files
-from litquant.hf.gptq import gptq_bits, import_gptq
+from litquant.hf.gptq import import_gptq
 from litquant.hf.weights import iter_hf_to_lit
 from litquant.io import write_safetensors
+from litquant.quantization.gptq_plugin import gptq_file
 
 
 def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[str] = None, model_name: Optional[str] = None) -> None:
@@ -72,19 +73,27 @@ def convert_lit_checkpoint(
             as an AutoGPTQ-format model: quantized layers as qweight/qzeros/scales/g_idx with HF names,
             `quantization_config` in config.json and a quantize_config.json.
     """
-    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
-    if not checkpoint_dir.is_dir():
-        raise UserError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
-    if not (checkpoint_dir / CONFIG_FILE).is_file():
-        raise UserError(f"{checkpoint_dir} has no {CONFIG_FILE} (is it a litquant checkpoint directory?)")
-    bits = None if quantize is None else gptq_bits(quantize)
-    weights = checkpoint_dir / WEIGHTS_FILE
-    if bits is None and not weights.is_file():
-        raise UserError(f"{checkpoint_dir} has no {WEIGHTS_FILE}")
+    checkpoint, output_dir = Checkpoint.open(checkpoint_dir), Path(output_dir)
+    checkpoint_dir, config = checkpoint.path, checkpoint.config
+    bits = None if quantize is None else _gptq_mode(quantize).bits
+    if bits is None:
+        checkpoint.file(WEIGHTS_FILE)
+    else:
+        checkpoint.file(gptq_file(bits), hint=f"make it with `litquant quantize gptq --bits {bits}`")
     if output_dir.resolve() == checkpoint_dir.resolve():
         raise UserError("output_dir must differ from checkpoint_dir (the export would overwrite its source)")
     if max_shard_size <= 0:
         raise UserError(f"max_shard_size must be positive, got {max_shard_size}")
-    config = Config.from_file(checkpoint_dir / CONFIG_FILE)
     hf_model_type(config)  # fail early if the config has no HF family
     export_hf(checkpoint_dir, output_dir, config, max_shard_size, bits)
+
+
+def _gptq_mode(quantize: str):
+    from litquant.quantization.gptq_plugin import GPTQMode
+    from litquant.quantization.modes import all_modes, get_mode
+
+    mode = get_mode(quantize)
+    if not isinstance(mode, GPTQMode):
+        gptq = ", ".join(n for n, m in all_modes().items() if isinstance(m, GPTQMode))
+        raise UserError(f"--quantize {quantize!r} cannot be exported: choose one of {gptq}")
+    return mode

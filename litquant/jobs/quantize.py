@@ -15,7 +15,7 @@ from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, SIDE_FILES, Checkpoint, 
 from litquant.config import CONFIG_FILE
 from litquant.errors import UserError
 from litquant.io import atomic_write_text, save_safetensors
-from litquant.precision import PRECISIONS, parse_precision, pick_accelerator, quantize_modes, resolve
+from litquant.precision import PRECISIONS, parse_precision, pick_accelerator, resolve
 from litquant.utils import memory_used_line, reset_peak_memory
 
 
@@ -158,12 +158,12 @@ def bnb(
         quantize_lm_head: quantize the output layer too (runs must pass the same flag to use the file).
     """
     from litquant.quantization.bnb import BnbMode, Linear4bit, Linear8bit, prequantized_metadata
-    from litquant.quantization.modes import get_mode
+    from litquant.quantization.modes import all_modes
 
-    name = mode if str(mode).startswith("bnb.") else f"bnb.{mode}"
-    bnb_mode = get_mode(name) if name in quantize_modes() else None
-    if not isinstance(bnb_mode, BnbMode) or bnb_mode.kind == "int8-training":
-        valid = ", ".join(m.removeprefix("bnb.") for m in quantize_modes() if m.startswith("bnb.") and m != "bnb.int8-training")
+    storable = {n: m for n, m in all_modes().items() if isinstance(m, BnbMode) and m.kind != "int8-training"}
+    bnb_mode = storable.get(mode if str(mode).startswith("bnb.") else f"bnb.{mode}")
+    if bnb_mode is None:
+        valid = ", ".join(n.removeprefix("bnb.") for n in storable)
         raise UserError(f"unknown --mode {mode!r}; choose one of: {valid}")
     checkpoint = Checkpoint.open(checkpoint_dir)
     source = checkpoint.file()

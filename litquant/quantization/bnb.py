@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
