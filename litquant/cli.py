@@ -20,7 +20,7 @@ JOBS: dict = {
     "convert_hf_checkpoint": "litquant.convert:convert_hf_checkpoint",
     "convert_lit_checkpoint": "litquant.convert:convert_lit_checkpoint",
     "quantize": {"bnb": "quantize.bnb:main", "gptq": "quantize.gptq:main"},
-    "finetune": {"lora": "finetune.lora:setup", "full": "finetune.full:setup"},
+    "finetune": {"lora": "litquant.jobs.finetune:lora", "full": "litquant.jobs.finetune:full"},
     "merge_lora": "litquant.lora:merge_lora_job",
     "evaluate": "litquant.evaluate_job:main",
     "benchmark": "litquant.benchmark:main",
