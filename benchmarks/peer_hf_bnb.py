@@ -220,14 +220,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = ap.parse_args(argv)
 
     from litquant.benchmark.environment import environment
-    from litquant.checkpoint import check_checkpoint_dir
+    from litquant.checkpoint import Checkpoint
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in LITQUANT_MODE]
     if bad:
         raise UserError(f"unknown mode(s) {bad}; choose from {', '.join(LITQUANT_MODE)}")
     ckpt = args.checkpoint_dir
-    check_checkpoint_dir(ckpt)
+    Checkpoint.open(ckpt).file()
     if args.threads:
         torch.set_num_threads(args.threads)
     py, versions = ensure_venv()

@@ -88,12 +88,6 @@ def save_checkpoint(
     config.save(checkpoint_dir)
 
 
-def check_checkpoint_dir(checkpoint_dir: str | Path, weights_file: Optional[str] = WEIGHTS_FILE) -> Path:
-    """Deprecated spelling of `Checkpoint.open(d).file(weights_file)` (weights_file=None: the directory)."""
-    checkpoint = Checkpoint.open(checkpoint_dir)
-    return checkpoint.path if weights_file is None else checkpoint.file(weights_file)
-
-
 def build_model(config: Config, device: torch.device | str = "meta"):
     from litquant.model import GPT
 

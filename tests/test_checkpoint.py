@@ -6,7 +6,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from litquant.checkpoint import WEIGHTS_FILE, check_checkpoint_dir, load_model
+from litquant.checkpoint import WEIGHTS_FILE, Checkpoint, load_model
 from litquant.io import atomic_path, save_safetensors
 from litquant.config import Config
 from litquant.errors import UserError
@@ -32,11 +32,11 @@ def test_load_model_casts_to_precision(tiny_checkpoint):
 
 def test_missing_directory_and_files(tmp_path, tiny_checkpoint):
     with pytest.raises(UserError, match="does not exist"):
-        check_checkpoint_dir(tmp_path / "nope")
+        Checkpoint.open(tmp_path / "nope")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text("{}")
     with pytest.raises(UserError, match="convert_hf_checkpoint"):
-        check_checkpoint_dir(tmp_path / "hf")
+        Checkpoint.open(tmp_path / "hf")
     d = tmp_path / "noweights"
     shutil.copytree(tiny_checkpoint, d)
     (d / WEIGHTS_FILE).unlink()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,15 +19,6 @@ import torch
 import yaml
 
 from conftest import REPO, make_checkpoint, run_cli
-from finetune.lora import (
-    DataArgs,
-    EvalArgs,
-    RunSpec,
-    TrainArgs,
-    lr_at,
-    setup,
-    train_batch_indices,
-)
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, WEIGHTS_FILE, load_model
 from litquant.data.instructions import (
     BUNDLED_TASK_FILE,
@@ -43,10 +35,15 @@ from litquant.data.instructions import (
     task_kind,
 )
 from litquant.errors import UserError
+from litquant.jobs.finetune import full, lora
 from litquant.lora import LORA_FILE, load_lora
 from litquant.precision import resolve
 from litquant.prompts import Alpaca, PromptStyle
 from litquant.tokenizer import Tokenizer
+from litquant.training.args import DataArgs, EvalArgs, TrainArgs
+from litquant.training.data import train_batch_indices
+from litquant.training.optim import lr_at
+from litquant.training.run import RunSpec
 
 BUNDLED = DEFAULT_CHECKPOINT_DIR
 HAS_BUNDLED = (BUNDLED / WEIGHTS_FILE).is_file()
@@ -228,7 +225,7 @@ def bundled_qlora(tmp_path_factory):
     ev = {**cfg["eval"], "interval": 1000, "initial_validation": True, "exact_match_examples": 60,
           "sample_max_new_tokens": 0}
     kwargs = {k: v for k, v in cfg.items() if k not in ("train", "eval", "data", "out_dir")}
-    metrics = setup(**kwargs, out_dir=out_dir, data=DataArgs(**cfg["data"]), train=TrainArgs(**train),
+    metrics = lora(**kwargs, out_dir=out_dir, data=DataArgs(**cfg["data"]), train=TrainArgs(**train),
                     eval=EvalArgs(**ev))
     return out_dir, metrics, cfg
 
@@ -284,16 +281,16 @@ def test_bad_run_settings_are_user_errors(small, tmp_path):
     root, ckpt, data = small
     kw = _small_kwargs(ckpt, data, tmp_path / "x")
     with pytest.raises(UserError, match="multiple of micro_batch_size"):
-        setup(**{**kw, "train": TrainArgs(global_batch_size=6, micro_batch_size=4)})
+        lora(**{**kw, "train": TrainArgs(global_batch_size=6, micro_batch_size=4)})
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(UserError, match="holds no examples"):
-        setup(**{**kw, "data": DataArgs(path=tmp_path / "empty.jsonl", prompt_style="default")})
+        lora(**{**kw, "data": DataArgs(path=tmp_path / "empty.jsonl", prompt_style="default")})
     with pytest.raises(UserError, match="unknown prompt style"):
-        setup(**{**kw, "data": DataArgs(path=data, prompt_style="nope")})
+        lora(**{**kw, "data": DataArgs(path=data, prompt_style="nope")})
     with pytest.raises(UserError, match="fewer than one global batch"):
-        setup(**{**kw, "train": TrainArgs(global_batch_size=64, micro_batch_size=4)})
+        lora(**{**kw, "train": TrainArgs(global_batch_size=64, micro_batch_size=4)})
     with pytest.raises(UserError, match="unknown --optimizer"):
-        setup(**kw, optimizer="SGD")
+        lora(**kw, optimizer="SGD")
     # optimizer and evaluation values outside their range: caught before anything loads
     for train, message in [(dict(beta2=1.0), r"--train.beta1 and --train.beta2 must be in \[0, 1\)"),
                            (dict(beta1=-0.1), r"--train.beta1 and --train.beta2 must be in \[0, 1\)"),
@@ -301,11 +298,11 @@ def test_bad_run_settings_are_user_errors(small, tmp_path):
                            (dict(max_norm=0.0), "--train.max_norm must be positive"),
                            (dict(lr_warmup_steps=-1), "--train.lr_warmup_steps must be at least 0")]:
         with pytest.raises(UserError, match=message):
-            setup(**{**kw, "train": TrainArgs(global_batch_size=8, micro_batch_size=4, **train)})
+            lora(**{**kw, "train": TrainArgs(global_batch_size=8, micro_batch_size=4, **train)})
     with pytest.raises(UserError, match="--eval.max_iters must be at least 1"):
-        setup(**{**kw, "eval": EvalArgs(max_iters=0)})
+        lora(**{**kw, "eval": EvalArgs(max_iters=0)})
     with pytest.raises(UserError, match="--eval.exact_match_examples and --eval.sample_max_new_tokens must be at"):
-        setup(**{**kw, "eval": EvalArgs(exact_match_examples=-1)})
+        lora(**{**kw, "eval": EvalArgs(exact_match_examples=-1)})
 
 
 # ---- logs, checkpoints, resume ---------------------------------------------------------------------------------
@@ -332,7 +329,7 @@ def _cli_args(ckpt, data, out_dir, steps, save_interval):
 def test_resume_after_kill_continues_the_same_loss_curve(small, tmp_path):
     root, ckpt, data = small
     steps = 40
-    ref = setup(**{**_small_kwargs(ckpt, data, tmp_path / "ref", steps=steps),
+    ref = lora(**{**_small_kwargs(ckpt, data, tmp_path / "ref", steps=steps),
                    "eval": EvalArgs(interval=1000, max_iters=2, sample_max_new_tokens=0)})
 
     out_dir = tmp_path / "killed"
@@ -387,10 +384,50 @@ def test_resume_after_kill_continues_the_same_loss_curve(small, tmp_path):
     assert hp["train"]["max_steps"] == steps and hp["lora_mlp"] is True and hp["resume"] is True
 
 
+@pytest.mark.parametrize("value,parsed", [("true", True), ("false", False), ("auto", "auto"),
+                                          ("out/run/step-000004", "out/run/step-000004")])
+def test_resume_flag_parses_true_false_auto_and_a_path(value, parsed, capsys):
+    from litquant.cli import main as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli(["finetune", "lora", "--resume", value, "--print_config"])
+    assert exit_.value.code in (None, 0)
+    assert yaml.safe_load(capsys.readouterr().out)["resume"] == parsed
+
+
+def test_resume_true_without_a_checkpoint_is_one_line_naming_out_dir(small, tmp_path):
+    root, ckpt, data = small
+    out_dir = tmp_path / "fresh"
+    with pytest.raises(UserError, match=f"--resume true: {re.escape(str(out_dir))} holds no checkpoint"):
+        lora(**_small_kwargs(ckpt, data, out_dir, steps=2), resume=True)
+    assert not out_dir.exists()  # refused before anything started
+    res = run_cli("finetune", "lora", *_cli_args(ckpt, data, out_dir, 2, 4), "--resume", "true")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: --resume true: ") and str(out_dir) in lines[0]
+
+
+def test_resume_auto_starts_from_scratch_then_continues_the_latest_checkpoint(small, tmp_path, capsys):
+    root, ckpt, data = small
+    out_dir = tmp_path / "auto"
+    kw = {**_small_kwargs(ckpt, data, out_dir, steps=4, save_interval=2),
+          "eval": EvalArgs(interval=1000, max_iters=1, sample_max_new_tokens=0)}
+    first = lora(**kw, resume="auto")
+    out = capsys.readouterr().out
+    assert f"--resume auto: no checkpoint in {out_dir}, starting from scratch" in out and "Resuming" not in out
+    assert first["start_step"] == 0 and (out_dir / "step-000002").is_dir()
+    again = lora(**kw, resume="auto")
+    out = capsys.readouterr().out
+    assert f"Resuming from {out_dir / 'step-000002'} at step 2" in out and "--resume auto" not in out
+    assert again["start_step"] == 2 and [s for s, _ in again["train_losses"]] == [3, 4]
+    assert [v for _, v in again["train_losses"]] == pytest.approx([v for _, v in first["train_losses"][2:]],
+                                                                 rel=1e-5, abs=1e-6)
+
+
 def test_bnb_optimizer_state_is_checkpointed_and_paged_falls_back_on_cpu(small, tmp_path, capsys):
     root, ckpt, data = small
     kw = {**_small_kwargs(ckpt, data, tmp_path / "opt", steps=4, save_interval=2), "lora_r": 32}
-    m = setup(**kw, optimizer="PagedAdamW8bit")
+    m = lora(**kw, optimizer="PagedAdamW8bit")
     assert "paged optimizers page to CPU memory from a GPU; on CPU using AdamW8bit" in capsys.readouterr().out
     from safetensors import safe_open
 
@@ -398,7 +435,7 @@ def test_bnb_optimizer_state_is_checkpointed_and_paged_falls_back_on_cpu(small, 
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
     a_state = "optimizer/state/transformer.h.0.attn.qkv.lora_A/__bnb_optimizer_quant_state__"
     assert dtypes[f"{a_state}/state1"] == torch.uint8 and f"{a_state}/absmax1" in dtypes  # bnb's 8-bit Adam state
-    resumed = setup(**{**kw, "out_dir": tmp_path / "opt"}, optimizer="PagedAdamW8bit",
+    resumed = lora(**{**kw, "out_dir": tmp_path / "opt"}, optimizer="PagedAdamW8bit",
                     resume=tmp_path / "opt" / "step-000002")
     assert [s for s, _ in resumed["train_losses"]] == [3, 4]
     assert resumed["train_losses"][-1][1] == pytest.approx(m["train_losses"][-1][1], rel=1e-5)
@@ -409,22 +446,21 @@ def test_resume_from_a_mismatched_or_damaged_checkpoint_is_one_clear_line(small,
     a UserError naming the problem (the CLI prints it as one `error:` line), never a raw KeyError/SafetensorError."""
     import shutil
 
-    from finetune.full import setup as full_setup
     from litquant.io import save_safetensors
 
     root, ckpt, data = small
     kw = {**_small_kwargs(ckpt, data, tmp_path / "lora", steps=4, save_interval=2),
           "eval": EvalArgs(interval=1000, max_iters=1, sample_max_new_tokens=0)}
-    setup(**kw)
+    lora(**kw)
     step = tmp_path / "lora" / "step-000002"
     assert (step / LORA_FILE).is_file() and (step / "train_state.safetensors").is_file()
 
     def resume(directory: Path, **over):
-        return setup(**{**kw, "out_dir": tmp_path / "resumed", **over}, resume=directory)
+        return lora(**{**kw, "out_dir": tmp_path / "resumed", **over}, resume=directory)
 
     full_kw = {k: v for k, v in kw.items() if not k.startswith("lora_")}
     with pytest.raises(UserError, match=r"is a checkpoint of a LoRA run .*, not of a full finetuning run"):
-        full_setup(**{**full_kw, "out_dir": tmp_path / "full"}, resume=step)
+        full(**{**full_kw, "out_dir": tmp_path / "full"}, resume=step)
 
     def damaged(name: str, damage) -> Path:
         d = tmp_path / name
@@ -462,12 +498,10 @@ def test_resume_from_a_mismatched_or_damaged_checkpoint_is_one_clear_line(small,
 
 
 def test_full_finetune_writes_a_usable_checkpoint(small, tmp_path):
-    from finetune.full import setup as full_setup
-
     root, ckpt, data = small
     kw = _small_kwargs(ckpt, data, tmp_path / "full", steps=6)
     kw.pop("lora_dropout"), kw.pop("lora_mlp")
-    m = full_setup(**kw)
+    m = full(**kw)
     losses = [v for _, v in m["train_losses"]]
     assert losses[-1] < losses[0]
     final = tmp_path / "full" / "final"
@@ -477,37 +511,37 @@ def test_full_finetune_writes_a_usable_checkpoint(small, tmp_path):
     assert len(changed) == len(list(base.parameters()))  # every weight trained
     assert (final / "tokenizer.json").is_file()
     with pytest.raises(UserError, match="use `litquant finetune lora --quantize"):
-        full_setup(**kw, quantize="bnb.nf4")
+        full(**kw, quantize="bnb.nf4")
 
 
 # ---- GPTQ: adapters over a GPTQ base, and the deployment pipeline ---------------------------------------------
 
 
 def _gptq(checkpoint_dir: Path, group_size: int = 64) -> None:
-    gptq_job = pytest.importorskip("quantize.gptq")
-    gptq_job.main(checkpoint_dir, bits=4, group_size=group_size, n_samples=8, seq_len=64, batch_size=4)
+    from litquant.jobs.quantize import gptq
+
+    gptq(checkpoint_dir, bits=4, group_size=group_size, n_samples=8, seq_len=64, batch_size=4)
 
 
 @pytest.mark.slow
 def test_lora_trains_over_a_gptq_base(small, tmp_path):
-    pytest.importorskip("quantize.gptq")
     root, ckpt, data = small
     import shutil
 
     base = tmp_path / "gptq-base"
     shutil.copytree(ckpt, base)
     _gptq(base)
-    m = setup(**{**_small_kwargs(base, data, tmp_path / "run", steps=8), "quantize": "gptq.int4"})
+    m = lora(**{**_small_kwargs(base, data, tmp_path / "run", steps=8), "quantize": "gptq.int4"})
     losses = [v for _, v in m["train_losses"]]
     assert losses[-1] < losses[0] - 0.1
     # the adapter applies on top of the same GPTQ base for generation (an inference-only load, qweight released)
-    from generate.base import main as generate
+    from litquant.jobs.generate import main as generate
 
     kw = dict(checkpoint_dir=base, quantize="gptq.int4", prompt="Reverse: cat dog fish", max_new_tokens=4,
               temperature=0.0, precision="32-true")
     assert generate(**kw, lora_path=tmp_path / "run") != generate(**kw)
     # merging dequantizes the GPTQ weights: the merged full-precision model computes what adapter + GPTQ base did
-    from litquant.lora import merge_lora_job
+    from litquant.jobs.merge_lora import main as merge_lora_job
 
     merged = merge_lora_job(tmp_path / "run", out_dir=tmp_path / "merged", precision="32-true")
     adapted = load_model(base, resolve("32-true", "gptq.int4", "cpu", keep_source=True), progress=False)
@@ -521,8 +555,7 @@ def test_lora_trains_over_a_gptq_base(small, tmp_path):
 def test_pipeline_qlora_merge_gptq_generate(bundled_qlora, tmp_path):
     """The deployment workflow: bnb QLoRA -> merge into the dequantized base -> GPTQ the merged model -> generate
     with --quantize gptq.int4; the GPTQ model still solves the task about as well as the adapter did."""
-    pytest.importorskip("quantize.gptq")
-    from litquant.lora import merge_lora_job
+    from litquant.jobs.merge_lora import main as merge_lora_job
 
     out_dir, m, cfg = bundled_qlora
     merged = merge_lora_job(out_dir, out_dir=tmp_path / "merged")
@@ -537,7 +570,7 @@ def test_pipeline_qlora_merge_gptq_generate(bundled_qlora, tmp_path):
     assert acc >= m["exact_match"] - 0.15, (acc, m["exact_match"])
     assert acc > m["exact_match_before"] + 0.15
 
-    from generate.base import main as generate
+    from litquant.jobs.generate import main as generate
 
     ex = next(e for e, a in zip(examples, answers) if a.strip() == e["output"])
     text = generate(checkpoint_dir=merged, quantize="gptq.int4", prompt=format_prompt(style, ex), temperature=0.0,

@@ -80,7 +80,7 @@ def _bnb():
     return bitsandbytes
 
 
-def _bnb_version() -> tuple[int, ...]:
+def bnb_version() -> tuple[int, ...]:
     parts = []
     for p in _bnb().__version__.split(".")[:2]:
         digits = "".join(c for c in p if c.isdigit())
@@ -481,7 +481,7 @@ class BnbMode(QuantMode):
         except ImportError:
             need = f"bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}"
             raise UserError(f"--quantize {self.name} needs bitsandbytes: pip install '{need}'") from None
-        if device.type == "cpu" and _bnb_version() < MIN_BNB_CPU:
+        if device.type == "cpu" and bnb_version() < MIN_BNB_CPU:
             raise UserError(
                 f"bitsandbytes {_bnb().__version__} has no CPU support for {self.name}: "
                 f"pip install -U 'bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}', or run on CUDA (--accelerator cuda)"
