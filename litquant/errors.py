@@ -58,8 +58,14 @@ def run_job(components: Any, args: list[str] | None = None, prog: str | None = N
     print the whole usage, dozens of lines for the jobs with many flags, before the error)."""
     from argparse import ArgumentError
 
+    import jsonargparse
     from jsonargparse import CLI
 
+    # dataclass option groups (--train.*, ...) document each field with an attribute docstring: its --help text
+    if hasattr(jsonargparse, "set_parsing_settings"):  # jsonargparse >= 4.35
+        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    else:
+        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
     try:
         kwargs = {"prog": prog} if prog else {}
         return run_guarded(CLI, components, args=args, as_positional=False, exit_on_error=False, **kwargs)

@@ -14,11 +14,9 @@ from typing import Optional
 
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR
 from litquant.lora import LoRAConfig
-from litquant.training.args import DataArgs, EvalArgs, Resume, TrainArgs, enable_attribute_docstrings, job_hparams
+from litquant.training.args import DataArgs, EvalArgs, Resume, TrainArgs, job_hparams
 from litquant.training.methods import full_precision, train_full, train_lora
 from litquant.training.run import RunSpec, launch
-
-enable_attribute_docstrings()  # the --data.*, --train.* and --eval.* help texts
 
 
 def lora(

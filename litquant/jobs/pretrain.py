@@ -4,7 +4,6 @@ split, batch sampling and initialisation all derive from `--seed`."""
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from litquant.data.corpus import DOC_SEPARATOR, corpus_documents, write_heldout
 from litquant.errors import UserError
 from litquant.evaluation import perplexity
 from litquant.io import atomic_write_text
+from litquant.training.optim import warmup_cosine
 from litquant.model import GPT
 from litquant.precision import setup_fabric
 from litquant.tokenizer import Tokenizer, train_bpe_tokenizer
@@ -116,10 +116,7 @@ def main(
         return ppl
 
     def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return learning_rate * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        return min_lr + 0.5 * (learning_rate - min_lr) * (1 + math.cos(math.pi * progress))
+        return warmup_cosine(step, max_steps, learning_rate, min_lr, warmup_steps)
 
     history = []
     t_start = time.perf_counter()

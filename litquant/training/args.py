@@ -1,6 +1,6 @@
 """The option groups of the finetuning jobs (`--data.*`, `--train.*`, `--eval.*`) and the `--resume` type.
 
-Each field's attribute docstring is its `--help` text (once `enable_attribute_docstrings()` has run).
+Each field's attribute docstring is its `--help` text (`run_job` has jsonargparse read them).
 """
 
 from __future__ import annotations
@@ -81,16 +81,6 @@ class EvalArgs:
     exact_match_examples: int = 0
     """greedy exact-match accuracy on this many validation examples, at the end (and at the start with
     initial_validation)."""
-
-
-def enable_attribute_docstrings() -> None:
-    """Make jsonargparse read the fields' attribute docstrings as help (off by default: it costs parsing source)."""
-    import jsonargparse
-
-    if hasattr(jsonargparse, "set_parsing_settings"):  # jsonargparse >= 4.35
-        jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    else:
-        jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
 
 
 def coerce(value: Any, cls: type) -> Any:

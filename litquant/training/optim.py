@@ -47,8 +47,12 @@ def optimizer_class(optimizer: torch.optim.Optimizer) -> str:
 
 
 def lr_at(step: int, total: int, t: TrainArgs) -> float:
-    """Linear warmup over lr_warmup_steps, then cosine decay to min_lr at the last step (step is 0-based)."""
-    if step < t.lr_warmup_steps:
-        return t.learning_rate * (step + 1) / t.lr_warmup_steps
-    progress = (step - t.lr_warmup_steps) / max(1, total - t.lr_warmup_steps)
-    return t.min_lr + 0.5 * (t.learning_rate - t.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(step, total, t.learning_rate, t.min_lr, t.lr_warmup_steps)
+
+
+def warmup_cosine(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to min_lr at the last step (step is 0-based)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
