@@ -66,9 +66,41 @@ def run_job(components: Any, args: list[str] | None = None, prog: str | None = N
         jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
     else:
         jsonargparse.set_docstring_parse_options(attribute_docstrings=True)
+    if callable(components):
+        args = merge_repeated_flags(components, sys.argv[1:] if args is None else args)
     try:
         kwargs = {"prog": prog} if prog else {}
         return run_guarded(CLI, components, args=args, as_positional=False, exit_on_error=False, **kwargs)
     except ArgumentError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def merge_repeated_flags(fn: Callable, args: list[str]) -> list[str]:
+    """`--prompt a --prompt b` -> `--prompt '["a", "b"]'` for the list-typed parameters of `fn` (argparse would
+    keep only the last)."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        return args
+    lists = {name for name, t in hints.items()
+             if typing.get_origin(t) is list or any(typing.get_origin(a) is list for a in typing.get_args(t))}
+    out, seen = [], {}
+    i = 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        name = flag[2:] if flag.startswith("--") else None
+        if name in lists and (eq or i + 1 < len(args)):
+            if not eq:
+                value, i = args[i + 1], i + 1
+            seen.setdefault(name, []).append(value)
+            if len(seen[name]) == 1:
+                out += [flag, value]
+            else:
+                out[out.index(flag) + 1] = json.dumps(seen[name])
+        else:
+            out.append(args[i])
+        i += 1
+    return out

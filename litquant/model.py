@@ -15,7 +15,7 @@ The fused `qkv` weight rows are [all query heads | all key groups | all value gr
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -68,28 +68,36 @@ class GPT(nn.Module):
         return self.mask_cache
 
     def forward(
-        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, input_pos_maxp1: Optional[int] = None
+        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, input_pos_maxp1: Optional[int] = None,
+        rows: Optional[slice] = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids. Without `input_pos`: a plain causal forward over positions 0..T-1.
-        With `input_pos` (T,): positions of these tokens, read/written through the KV cache;
-        `input_pos_maxp1` (max position + 1, a Python int) lets attention skip the unused cache tail."""
+
+        With `input_pos`, the tokens' positions, read and written through the KV cache: (T,) when every row is at
+        the same positions, or (B, T), one row of positions per sequence (batched decoding). `rows` picks the KV
+        cache rows these B sequences own (default: the first B). `input_pos_maxp1` (max position + 1, a Python
+        int) lets attention skip the unused cache tail."""
         B, T = idx.shape
         if T > self._max_seq_length:
             raise ValueError(f"sequence of length {T} exceeds max_seq_length {self._max_seq_length}")
         cos, sin = self._rope(idx.device)
         if input_pos is not None:
-            cos, sin = cos[input_pos], sin[input_pos]
-            mask = self._mask(idx.device)[input_pos]  # (T, max_seq)
+            cos, sin = cos[input_pos], sin[input_pos]  # (T, n) or (B, T, n)
+            mask = self._mask(idx.device)[input_pos]  # (T, max_seq) or (B, T, max_seq)
             if input_pos_maxp1 is not None:
-                mask = mask[:, :input_pos_maxp1]
+                mask = mask[..., :input_pos_maxp1]
+            if input_pos.dim() == 2:  # per-sequence positions: broadcast over heads
+                cos, sin, mask = cos.unsqueeze(1), sin.unsqueeze(1), mask.unsqueeze(1)
+            cache = _CacheAccess(input_pos, input_pos_maxp1, rows if rows is not None else slice(0, B))
         else:
             cos, sin = cos[:T], sin[:T]
             w = self.config.sliding_window_size
             # built per call at length T: the cached mask is sized for max_seq_length, which may be huge
             mask = build_mask_cache(T, w, idx.device) if (w is not None and T > w) else None
+            cache = None
         x = self.transformer.wte(idx)  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, cos, sin, mask, input_pos, input_pos_maxp1)
+            x = block(x, cos, sin, mask, cache)
         x = self.transformer.ln_f(x)
         return self.lm_head(x)  # (B, T, padded_vocab_size)
 
@@ -109,6 +117,11 @@ class GPT(nn.Module):
     def clear_kv_cache(self) -> None:
         for block in self.transformer.h:
             block.attn.kv_cache = None
+
+    def move_kv_rows(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` cached positions of KV cache row `src` into row `dst` (batch compaction)."""
+        for block in self.transformer.h:
+            block.attn.kv_cache.move(src, dst, length)
 
     def init_weights(self, std: float = 0.02) -> None:
         """GPT-2 style init used by `pretrain` (and by --random_init benchmarks)."""
@@ -132,9 +145,9 @@ class Block(nn.Module):
         self.mlp = LLaMAMLP(config) if config.mlp_class_name == "LLaMAMLP" else GptNeoxMLP(config)
         self.config = config
 
-    def forward(self, x, cos, sin, mask, input_pos, input_pos_maxp1):
+    def forward(self, x, cos, sin, mask, cache):
         x_normed = self.norm_1(x)
-        h = self.attn(x_normed, cos, sin, mask, input_pos, input_pos_maxp1)
+        h = self.attn(x_normed, cos, sin, mask, cache)
         if self.config.parallel_residual:
             m = self.mlp(x_normed if self.norm_2 is None else self.norm_2(x))
             return x + h + m
@@ -151,7 +164,7 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.config = config
 
-    def forward(self, x, cos, sin, mask, input_pos, input_pos_maxp1):
+    def forward(self, x, cos, sin, mask, cache: Optional[_CacheAccess]):
         B, T, _ = x.shape
         hs, nh, ng, n_rope = self.config.head_size, self.config.n_head, self.config.n_query_groups, self.config.rope_n_elem
         q, k, v = self.qkv(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
@@ -161,18 +174,16 @@ class CausalSelfAttention(nn.Module):
         if n_rope > 0:
             q = torch.cat((apply_rope(q[..., :n_rope], cos, sin), q[..., n_rope:]), dim=-1)
             k = torch.cat((apply_rope(k[..., :n_rope], cos, sin), k[..., n_rope:]), dim=-1)
-        if input_pos is not None:
+        if cache is not None:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache() first")
-            k, v = self.kv_cache(input_pos, k, v)  # (B, ng, max_seq, hs)
-            if input_pos_maxp1 is not None:
-                k, v = k[:, :, :input_pos_maxp1], v[:, :, :input_pos_maxp1]
+            k, v = self.kv_cache(cache, k, v)  # (B, ng, max_seq or input_pos_maxp1, hs)
         if ng != nh:  # grouped / multi-query: share each key/value head across nh // ng query heads
             k = k.repeat_interleave(nh // ng, dim=1)
             v = v.repeat_interleave(nh // ng, dim=1)
         scale = 1.0 / math.sqrt(hs)
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 or input_pos is None, scale=scale)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 or cache is None, scale=scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)
@@ -220,8 +231,18 @@ def make_norm(config: Config) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps)
 
 
+class _CacheAccess(NamedTuple):
+    """Where a forward reads and writes the KV cache: positions, their max + 1, and the cache rows."""
+
+    input_pos: torch.Tensor
+    maxp1: Optional[int]
+    rows: slice
+
+
 class KVCache(nn.Module):
-    """Preallocated keys/values for positions 0..max_seq-1 (static shapes: friendly to torch.compile)."""
+    """Preallocated keys/values (B, groups, max_seq, head_size): static shapes, friendly to torch.compile. Row b
+    holds sequence b's keys at their positions; rows are independent, so sequences of a batch may be at
+    different positions."""
 
     def __init__(self, B: int, ng: int, max_seq: int, hs: int, device, dtype) -> None:
         super().__init__()
@@ -229,12 +250,24 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def forward(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, at: _CacheAccess, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.k = self.k.to(k.dtype)
         self.v = self.v.to(v.dtype)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+        ck, cv = self.k[at.rows], self.v[at.rows]  # views
+        if at.input_pos.dim() == 1:
+            ck.index_copy_(2, at.input_pos, k)
+            cv.index_copy_(2, at.input_pos, v)
+        else:  # (B, T) positions: row b's tokens go to its own positions
+            b = torch.arange(k.size(0), device=k.device).unsqueeze(1)
+            ck[b, :, at.input_pos] = k.transpose(1, 2)
+            cv[b, :, at.input_pos] = v.transpose(1, 2)
+        if at.maxp1 is not None:
+            ck, cv = ck[:, :, :at.maxp1], cv[:, :, :at.maxp1]
+        return ck, cv
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
 
 
 def build_rope_cache(

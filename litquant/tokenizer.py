@@ -145,30 +145,20 @@ class Tokenizer:
         return "".join(out + [self._sp.decode(run)])
 
     def decode_stream(self, ids: Iterable[int], context: Sequence[int] = ()) -> Iterator[str]:
-        """Yield printable text as token ids arrive (pass the generator of new ids).
-
-        Decoding one token at a time is wrong for byte-level BPE (a character can span tokens) and for
-        SentencePiece (a lone "▁word" decodes without its space), so we decode the whole sequence each
-        step and yield the new suffix. `context` (e.g. the prompt's last token) makes the first new token
-        keep its leading space. Text ending in an incomplete UTF-8 character is held back until complete.
-        """
-        context = [int(i) for i in context]
-        skip = len(self.decode(context))
-        seq = list(context)
-        emitted = ""
+        """Yield printable text as token ids arrive (pass the generator of new ids); see `StreamDecoder`."""
+        decoder = self.stream_decoder(context)
         for i in ids:
-            seq.append(int(i.item()) if isinstance(i, torch.Tensor) else int(i))
-            text = self.decode(seq)[skip:]
-            if text.endswith("\ufffd"):
-                continue  # partial multi-byte character
-            # what is printed cannot be taken back: if the text before changed (rare), go on from its length
-            new = text[len(emitted):]
-            if new:
-                emitted += new
-                yield new
-        text = self.decode(seq)[skip:]
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
+            piece = decoder.step(int(i))
+            if piece:
+                yield piece
+        rest = decoder.flush()
+        if rest:
+            yield rest
+
+    def stream_decoder(self, context: Sequence[int] = ()) -> "StreamDecoder":
+        """An incremental decoder for the ids that follow `context` (e.g. the prompt's last token, so the first new
+        token keeps its leading space)."""
+        return StreamDecoder(self, [int(i) for i in context])
 
     def token_to_id(self, token: str) -> Optional[int]:
         """Id of a single token string (e.g. "<|eot_id|>"), None when the vocabulary lacks it."""
@@ -212,6 +202,46 @@ class Tokenizer:
         with_special = self._hf.encode("a", add_special_tokens=True).ids
         plain = self._hf.encode("a", add_special_tokens=False).ids
         return bool(with_special) and with_special[0] == self.bos_id and (not plain or plain[0] != self.bos_id)
+
+
+class StreamDecoder:
+    """Text of a growing id sequence, one piece per new id, without decoding the whole sequence again.
+
+    Decoding one token alone is wrong for byte-level BPE (a character can span tokens) and for SentencePiece (a
+    lone "▁word" decodes without its space). With tokenizer.json this is tokenizers' `DecodeStream`; for
+    SentencePiece, a window from the last emitted token on is decoded (constant work per token). Text ending in
+    an incomplete UTF-8 character is held back until it completes."""
+
+    def __init__(self, tokenizer: Tokenizer, context: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self._stream = None
+        if tokenizer.backend == "huggingface":
+            from tokenizers.decoders import DecodeStream
+
+            self._stream = DecodeStream(ids=context, skip_special_tokens=True) if context else \
+                DecodeStream(skip_special_tokens=True)
+        self.ids = list(context)
+        self._prefix, self._read = 0, len(self.ids)  # window start; ids decoded so far
+
+    def step(self, token: int) -> str:
+        """The new text that `token` completes ("" while a character is incomplete)."""
+        if self._stream is not None:
+            return self._stream.step(self.tokenizer._hf, token) or ""
+        self.ids.append(token)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self._prefix:self._read])
+        text = decode(self.ids[self._prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text[len(before):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (a dangling partial character, as the replacement character)."""
+        if self._stream is not None or self._read == len(self.ids):
+            return ""
+        decode = self.tokenizer.decode
+        return decode(self.ids[self._prefix:])[len(decode(self.ids[self._prefix:self._read])):]
 
 
 def _read_json(path: Path) -> dict:

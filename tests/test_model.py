@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from litquant.config import Config, n_params
 from litquant.errors import UserError
-from litquant.generation import generate, sample
+from litquant.generation import generate
+from litquant.sampling import sample
 from litquant.model import GPT, build_mask_cache, build_rope_cache
 
 

@@ -1,10 +1,11 @@
 """`litquant chat` / `python generate/chat.py`: one message per line from stdin (interactive or piped), formatted
-with the model's prompt style (Llama-2-chat, Llama-3-instruct, Mistral-instruct, ...), the reply streamed back. An
-empty line or EOF ends the session."""
+with the checkpoint's chat template (else the prompt style its name implies: Llama-2-chat, Llama-3-instruct, ...),
+the reply streamed back. An empty line or EOF ends the session."""
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -13,8 +14,8 @@ import torch
 from litquant.api import LLM
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR
 from litquant.errors import UserError
-from litquant.generation import GenerationResult, check_sampling, stream
-from litquant.prompts import PromptStyle, model_name_to_prompt_style
+from litquant.prompts import PromptStyle
+from litquant.sampling import check_sampling
 from litquant.utils import memory_used_line
 
 
@@ -37,7 +38,8 @@ def main(
 
     Args:
         checkpoint_dir: a litquant checkpoint directory.
-        prompt_style: a prompt style name (default: picked from the model name).
+        prompt_style: a prompt style name, used instead of the checkpoint's chat template (default: the template,
+            else the style the model name implies).
         system: a system prompt, for the styles that take one.
         max_new_tokens: the longest reply, in tokens.
         temperature: sampling temperature; 0 is greedy.
@@ -54,12 +56,12 @@ def main(
     if prompt_style:
         PromptStyle.from_name(prompt_style)  # an unknown style fails before the model loads
     llm = LLM.load(checkpoint_dir, quantize, precision, None, accelerator)
-    model, tokenizer, plugin, device = llm.model, llm.tokenizer, llm.plugin, llm.device
-    style = PromptStyle.from_name(prompt_style) if prompt_style else model_name_to_prompt_style(model.config.name)
-    stop_sequences = [[i] for i in tokenizer.stop_ids] + style.stop_tokens(tokenizer)
-    model.set_kv_cache(batch_size=1, device=device)
+    if prompt_style:  # the flag wins over the checkpoint's chat template
+        llm.chat_template, llm.prompt_style = None, PromptStyle.from_name(prompt_style)
+    print(f"Chat format: {'the checkpoint chat template' if llm.chat_template else type(llm.prompt_style).__name__}",
+          file=sys.stderr)
     torch.manual_seed(seed)
-    history: list[tuple[str, str]] = []
+    messages: list[dict] = [{"role": "system", "content": system}] if system is not None else []
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -67,26 +69,20 @@ def main(
         line = sys.stdin.readline()
         if not line or not line.strip():
             break
-        text = style.apply(line.rstrip("\n"), history=history if multiturn else (), system=system)
-        encoded = tokenizer.encode(text, device=device)
-        room = model.max_seq_length - encoded.numel()
+        turn = messages + [{"role": "user", "content": line.rstrip("\n")}]
+        room = llm.config.block_size - len(llm.encode_chat(turn))
         if room < 1:
-            raise UserError(f"the conversation ({encoded.numel()} tokens) no longer fits the model's context "
-                            f"of {model.max_seq_length} tokens; start again with --multiturn false")
-        result = GenerationResult(encoded, encoded.numel())
-        tokens = stream(model, encoded, min(max_new_tokens, room), result, temperature=temperature, top_k=top_k,
-                        top_p=top_p, stop_sequences=stop_sequences)
+            raise UserError(f"the conversation no longer fits the model's context of {llm.config.block_size} "
+                            "tokens; start again with --multiturn false")
         print(">> Reply: ", end="", flush=True)
-        pieces = []
-        with plugin.forward_context():
-            for piece in tokenizer.decode_stream(tokens, context=encoded[-1:].tolist()):
-                pieces.append(piece)
-                print(piece, end="", flush=True)
+        t0, pieces = time.perf_counter(), []
+        for piece in llm.chat(turn, min(max_new_tokens, room), temperature, top_k, top_p, stream=True):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
         print()
-        n = result.new_tokens.numel()
-        print(f"Time for inference: {result.total_s:.02f} sec total, {n / result.total_s:.02f} tokens/sec, "
-                     f"{n} tokens", file=sys.stderr)
-        history.append((line.rstrip("\n"), "".join(pieces).strip()))
-    print(memory_used_line(device), file=sys.stderr)
-
-
+        took = time.perf_counter() - t0
+        n = len(llm.tokenizer.encode("".join(pieces), bos=False))
+        print(f"Time for inference: {took:.02f} sec total, {n / took:.02f} tokens/sec, {n} tokens", file=sys.stderr)
+        if multiturn:
+            messages = turn + [{"role": "assistant", "content": "".join(pieces).strip()}]
+    print(memory_used_line(llm.device), file=sys.stderr)

@@ -385,8 +385,8 @@ class Linear4bit(_QuantLinear):
 class Linear8bit(_QuantLinear):
     """Int8 Linear (LLM.int8 storage): weight int8 (out, in), absmax fp32 (out,); W = weight * absmax / 127.
 
-    `training=False` (bnb.int8): LLM.int8 forward. Input columns with any |x| >= threshold multiply in full
-    precision with the dequantized weight; the rest of each input row is scaled by its absmax to int8, multiplied
+    `training=False` (bnb.int8): LLM.int8 forward. Input columns with any |x| >= threshold (within one sequence)
+    multiply in full precision with the dequantized weight; the rest of each input row is scaled by its absmax to int8, multiplied
     in int32 (bnb's int8 matmul: cuBLASLt on CUDA, torch._int_mm on AVX512 CPUs) and rescaled in fp32, so
     nothing passes through fp16 (no overflow for bf16/fp32 activations).
     `training=True` (bnb.int8-training): dequantize the weight to the compute dtype and multiply (bnb's own
@@ -440,22 +440,28 @@ class Linear8bit(_QuantLinear):
             return torch.nn.functional.linear(x, self.dequantize(x.dtype))
         # litquant's fused LLM.int8 (the same arithmetic) for few rows, and for all rows on CPUs without int8 dot
         # instructions, where bitsandbytes' int8 matmul (torch._int_mm) is several times slower
+        # Outlier columns are found per sequence (the rows of x's second-to-last dim: one sequence's tokens), so
+        # a sequence's result does not depend on what else is in the batch.
+        group = x.shape[-2] if x.dim() >= 3 else x.numel() // self.in_features
         if self._cpu_fast(x) and (x.numel() <= GEMV_MAX_ROWS_INT8 * self.in_features or not cpu_kernels.vnni()):
-            y = cpu_kernels.int8_matmul(x.reshape(-1, self.in_features), self.weight, self.absmax, self.threshold)
+            y = cpu_kernels.int8_matmul(x.reshape(-1, self.in_features), self.weight, self.absmax, self.threshold,
+                                        group)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = x.shape
-        x = x.reshape(-1, self.in_features)
-        outliers = (x.abs() >= self.threshold).any(dim=0).nonzero().squeeze(1) if self.threshold > 0 else None
-        has_outliers = outliers is not None and outliers.numel() > 0
-        xr = x.index_fill(1, outliers, 0) if has_outliers else x
+        x = x.reshape(-1, group, self.in_features)
+        outliers = (x.abs() >= self.threshold).any(dim=1, keepdim=True) if self.threshold > 0 else None  # (G, 1, K)
+        cols = outliers.any(dim=0).squeeze(0).nonzero().squeeze(1) if outliers is not None else None
+        has_outliers = cols is not None and cols.numel() > 0
+        xr = (x.masked_fill(outliers, 0) if has_outliers else x).reshape(-1, self.in_features)
         x_absmax = xr.abs().amax(dim=1).float()
         x_scale = torch.where(x_absmax > 0, 127.0 / x_absmax, torch.zeros_like(x_absmax))
         xq = torch.round(xr.float() * x_scale[:, None]).to(torch.int8)
         acc = torch.ops.bitsandbytes.int8_linear_matmul.default(xq, self.weight)  # (M, N) int32
         y = acc.float() * (x_absmax[:, None] * self.absmax[None, :] / (127.0 * 127.0))
-        if has_outliers:
-            w_cols = self.weight[:, outliers].float() * (self.absmax[:, None] / 127.0)  # (N, n_outliers)
-            y = y + x[:, outliers].float() @ w_cols.t()
+        if has_outliers:  # each sequence's own outlier columns (the others' are zero in its rows)
+            w_cols = self.weight[:, cols].float() * (self.absmax[:, None] / 127.0)  # (N, n_outliers)
+            x_out = (x[..., cols] * outliers[..., cols]).reshape(-1, cols.numel()).float()
+            y = y + x_out @ w_cols.t()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
 

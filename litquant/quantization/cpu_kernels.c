@@ -331,27 +331,37 @@ static inline __attribute__((always_inline)) void dot_i8_rows(const int16_t *xw,
         for (int m = 0; m < mb; m++) acc[m] += (int32_t)row[k] * xw[m * K + k];
 }
 
-// work: lq_int8_work(M, K) bytes
-int64_t lq_int8_work(int64_t M, int64_t K) { return M * K * 2 + 64 + K * 4 + M * 4; }
+// work: lq_int8_work(M, K, G) bytes (G = M / group outlier groups)
+int64_t lq_int8_work(int64_t M, int64_t K, int64_t G) { return ((M * K * 2 + 63) / 64) * 64 + G * K * 4 + G * 4 + M * 4; }
 
+// LLM.int8 with the outlier columns found per group of `group` consecutive rows (one sequence's tokens): a
+// sequence's result does not depend on what else is in the batch.
 void lq_int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const float *absmax, int64_t N,
-                  float threshold, float *y, void *work, int nthreads) {
+                  float threshold, int64_t group, float *y, void *work, int nthreads) {
+    const int64_t G = M / group;
     int16_t *xw = (int16_t *)work;
-    int32_t *outl = (int32_t *)((char *)work + ((M * K * 2 + 63) / 64) * 64);
-    float *xabs = (float *)(outl + K);
-    int64_t n_out = 0;
-    for (int64_t k = 0; k < K; k++) {
-        int is_out = 0;
-        for (int64_t m = 0; m < M && threshold > 0; m++) is_out |= __builtin_fabsf(x[m * K + k]) >= threshold;
-        if (is_out) outl[n_out++] = (int32_t)k;
+    int32_t *outl = (int32_t *)((char *)work + ((M * K * 2 + 63) / 64) * 64);  // G lists of up to K columns
+    int32_t *nout = outl + G * K;
+    float *xabs = (float *)(nout + G);
+    for (int64_t g = 0; g < G; g++) {
+        int32_t n = 0;
+        for (int64_t k = 0; k < K; k++) {
+            int is_out = 0;
+            for (int64_t m = g * group; m < (g + 1) * group && threshold > 0; m++)
+                is_out |= __builtin_fabsf(x[m * K + k]) >= threshold;
+            if (is_out) outl[g * K + n++] = (int32_t)k;
+        }
+        nout[g] = n;
     }
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         int16_t *qm = xw + m * K;
+        const int32_t *ol = outl + (m / group) * K;
+        const int64_t n_out = nout[m / group];
         float a = 0.0f;
         int64_t o = 0;
         for (int64_t k = 0; k < K; k++) {
-            if (o < n_out && outl[o] == k) { o++; continue; }
+            if (o < n_out && ol[o] == k) { o++; continue; }
             const float v = __builtin_fabsf(xm[k]);
             a = v > a ? v : a;
         }
@@ -359,7 +369,7 @@ void lq_int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const f
         const float scale = a > 0 ? 127.0f / a : 0.0f;
         o = 0;
         for (int64_t k = 0; k < K; k++) {
-            if (o < n_out && outl[o] == k) { qm[k] = 0; o++; continue; }
+            if (o < n_out && ol[o] == k) { qm[k] = 0; o++; continue; }
             qm[k] = (int16_t)(int8_t)__builtin_nearbyintf(xm[k] * scale);  // round half to even, as torch.round
         }
     }
@@ -378,9 +388,11 @@ void lq_int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const f
             }
             for (int m = 0; m < mb; m++) {
                 float v = (float)acc[m] * (xabs[m0 + m] * absmax[n] / 16129.0f);
+                const int32_t *ol = outl + ((m0 + m) / group) * K;
+                const int64_t n_out = nout[(m0 + m) / group];
                 if (n_out) {
                     float extra = 0.0f;
-                    for (int64_t o = 0; o < n_out; o++) extra += x[(m0 + m) * K + outl[o]] * ((float)row[outl[o]] * wd);
+                    for (int64_t o = 0; o < n_out; o++) extra += x[(m0 + m) * K + ol[o]] * ((float)row[ol[o]] * wd);
                     v += extra;
                 }
                 y[(m0 + m) * N + n] = v;

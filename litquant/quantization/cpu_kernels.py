@@ -32,8 +32,8 @@ _SIGNATURES = {
     "lq_gptq_tile": ([], _INT),
     "lq_bnb4_gemm": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _F32, _P, _P, _P, _INT], None),
     "lq_bnb4_dequant": ([_P, _I64, _I64, _P, _P, _P, _P, _F32, _P, _I64, _I64, _P, _INT, _INT], None),
-    "lq_int8_gemm": ([_P, _I64, _I64, _P, _P, _I64, _F32, _P, _P, _INT], None),
-    "lq_int8_work": ([_I64, _I64], _I64),
+    "lq_int8_gemm": ([_P, _I64, _I64, _P, _P, _I64, _F32, _I64, _P, _P, _INT], None),
+    "lq_int8_work": ([_I64, _I64, _I64], _I64),
     "lq_int8_dequant": ([_P, _I64, _I64, _P, _I64, _I64, _P, _INT, _INT], None),
     "lq_gptq_gemm": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT, _P, _P, _INT], None),
     "lq_gptq_work": ([_I64, _I64, _I64, _INT, _INT], _I64),
@@ -276,19 +276,24 @@ def bnb4_dequantize(w: torch.Tensor, n: int, k: int, absmax: torch.Tensor, lut: 
 # ---- int8 ---------------------------------------------------------------------------------------------------
 
 
-def int8_matmul(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, threshold: float) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, threshold: float,
+                group: Optional[int] = None) -> torch.Tensor:
     """LLM.int8: x (M, K) @ W^T -> (M, N) fp32, W = w (N, K) int8 * absmax / 127; outlier columns (any |x| >=
-    threshold) in fp32, the rest quantized per row of x and multiplied exactly in int32."""
+    threshold within a group of `group` consecutive rows, one sequence's tokens; default: all M rows) in fp32,
+    the rest quantized per row of x and multiplied exactly in int32."""
     x = _f32(x)
     m, k = x.shape
     n = w.shape[0]
+    group = group or m
     _need(w, torch.int8, n * k, "the int8 weight")
     _need(absmax, torch.float32, n, "absmax")
     if w.shape[1] != k:
         raise ValueError(f"cpu_kernels: x has {k} features, the weight {w.shape[1]}")
+    if m % group:
+        raise ValueError(f"cpu_kernels: {m} rows do not split into outlier groups of {group}")
     y = torch.empty(m, n, dtype=torch.float32)
-    work = torch.empty(lib().lq_int8_work(m, k), dtype=torch.uint8)
-    lib().lq_int8_gemm(x.data_ptr(), m, k, w.data_ptr(), absmax.data_ptr(), n, threshold, y.data_ptr(),
+    work = torch.empty(lib().lq_int8_work(m, k, m // group), dtype=torch.uint8)
+    lib().lq_int8_gemm(x.data_ptr(), m, k, w.data_ptr(), absmax.data_ptr(), n, threshold, group, y.data_ptr(),
                        work.data_ptr(), _threads())
     return y
 
