@@ -1,0 +1,1 @@
+"""litquant: LLM quantization on PyTorch (bitsandbytes, GPTQ), LoRA/QLoRA finetuning and the `litquant` CLI."""
