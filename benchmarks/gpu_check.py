@@ -34,7 +34,7 @@ def qlora_step(model_name: str, device: str, micro_batch_size: int = 1, seq_len:
     from litquant.config import Config
     from litquant.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
     from litquant.precision import resolve
-    from litquant.quantization.bnb import Linear4bit
+    from litquant.quantization.bnb_linear import Linear4bit
     from litquant.utils import peak_memory_bytes, reset_peak_memory
 
     device = torch.device(device)

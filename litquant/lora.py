@@ -1,20 +1,8 @@
 """LoRA: low-rank adapters over any base Linear (full precision, bnb 4/8-bit, GPTQ), and merging them back.
 
-    y = base(x) + dropout(x) @ A^T @ B^T * (alpha / r)        A: (r, in) kaiming, B: (out, r) zeros
-
-The base is never touched: it may be an `nn.Linear`, a bnb `Linear4bit`/`Linear8bit` or a `GPTQLinear` (all of
-them take x and give x W^T + b, and can hand back W), so QLoRA is simply LoRA over a quantized base. Adapters live
-in the compute dtype. The fused `attn.qkv` Linear holds [q | k | v] rows; with only some of them enabled, B has
-rows for the enabled parts only and its output is added into those rows (`index_add`), so no parameter is spent
-on (or decayed towards zero for) the disabled parts.
-
-Merging (`merge_lora`) dequantizes the base (bnb: `dequantize_4bit` / int8 row scales; GPTQ: the AutoGPTQ
-formula), adds B @ A * alpha/r in fp32 and returns a model of plain `nn.Linear`s: the weights the adapted model
-actually computed with, ready to be saved as a full-precision checkpoint and re-quantized (e.g. with GPTQ).
-
-An adapter file (`lit_model.lora.safetensors`) holds only the A/B tensors; its safetensors metadata records the
-LoRA config and the base it was trained on (checkpoint dir, --quantize, --precision), so `load_lora` and
-`litquant merge_lora` need nothing else.
+`add_lora(model, LoRAConfig(...))` wraps the targeted Linears in `LoRALinear` (the base stays untouched and frozen),
+`save_lora` / `load_lora` write and read `lit_model.lora.safetensors`, and `merge_lora` folds the adapters into
+plain `nn.Linear`s. The formula, qkv rows, merging and the adapter file: docs/ARCHITECTURE.md, "LoRA".
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """The GPT model: one file for Llama 2/3, Mistral, Falcon, Pythia/GPT-NeoX and Phi.
 
-Family differences are `Config` switches (norm class, MLP class, parallel residual, partial rotary,
-grouped/multi-query attention, sliding window). Linear layers are plain `nn.Linear`; precision plugins
-swap their classes (bnb 4/8-bit, GPTQ) before weights are loaded, so this file knows nothing about
-quantization.
-
-Parameter names (what `lit_model.safetensors` holds):
-  transformer.wte.weight, transformer.h.{i}.norm_1, .attn.qkv, .attn.proj, .norm_2,
-  .mlp.fc / .mlp.proj (GptNeoxMLP) or .mlp.fc_1 / .mlp.fc_2 / .mlp.proj (LLaMAMLP),
-  transformer.ln_f, lm_head.
-The fused `qkv` weight rows are [all query heads | all key groups | all value groups].
+`GPT(config)` builds it (`litquant.checkpoint.build_model` / `load_model` add the precision plugin and the weights).
+Family differences are `Config` switches; Linears are plain `nn.Linear`s, which quantization plugins swap.
+Parameter names and the fused qkv layout: docs/ARCHITECTURE.md, "Model".
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
 """Chat prompt styles: how a fine-tuned chat model expects a conversation to be written.
 
-Each style turns (system, earlier turns, new user message) into the one string the model was trained
-on, matching the model's published chat template with a generation prompt appended, and names the
-extra token sequences that end its answer. The strings write BOS/EOS as text ("<s>", "</s>",
-"<|begin_of_text|>"); `Tokenizer.encode` maps them to their ids and never adds a second BOS.
-
-Pick a style by name (`PromptStyle.from_name("llama2-chat")`) or from a model's config name
-(`model_name_to_prompt_style("Llama-2-7b-chat-hf")`).
+`PromptStyle.from_name("llama2-chat")` or `model_name_to_prompt_style("Llama-2-7b-chat-hf")` gives a style;
+`style.apply(prompt, history, system)` is the string to encode, `style.stop_tokens(tokenizer)` what ends an answer.
+Templates and BOS/EOS as text: docs/ARCHITECTURE.md, "Data and prompts".
 """
 
 from __future__ import annotations

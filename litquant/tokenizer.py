@@ -1,11 +1,9 @@
 """The tokenizer of a checkpoint directory: HF `tokenizer.json` or SentencePiece `tokenizer.model`.
 
-One class hides the two backends. BOS/EOS come from the small JSON files next to the weights
-(`tokenizer_config.json`, `generation_config.json`, `config.json`), because the tokenizer files alone
-do not say which token starts a sequence or which tokens end a generation.
-
-`train_bpe_tokenizer` makes the byte-level BPE of the bundled tiny model: byte-level so every string
-(code, any unicode) round-trips exactly.
+One class hides the two backends. BOS/EOS come from the small JSON files next to the weights (`tokenizer_config.json`,
+`generation_config.json`, `config.json`), because the tokenizer files alone do not say which token starts a sequence
+or which tokens end a generation. `train_bpe_tokenizer` makes the byte-level BPE of the bundled tiny model:
+byte-level so every string (code, any unicode) round-trips exactly.
 """
 
 from __future__ import annotations

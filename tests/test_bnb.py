@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from litquant.quantization import bnb as qb  # before bitsandbytes: it silences bnb's import-time warning
+from litquant.quantization import bnb as qb
+from litquant.quantization import bnb_linear as bl  # before bitsandbytes: it silences bnb's import-time warning
 
 import bitsandbytes.functional as BF  # noqa: E402
 
@@ -65,7 +66,7 @@ def bnb_reference_state(mode: str, w: torch.Tensor):
 @pytest.mark.parametrize("chunk", [None, 128])  # 128: quantized chunk by chunk, as large Linears are
 def test_4bit_layer_matches_dequantize_then_matmul(mode, device, shape, chunk, monkeypatch):
     if chunk:
-        monkeypatch.setattr(qb, "QUANTIZE_CHUNK", chunk)
+        monkeypatch.setattr(bl, "QUANTIZE_CHUNK", chunk)
     torch.manual_seed(0)
     out_f, in_f = shape
     w, b = torch.randn(out_f, in_f, device=device) * 0.05, torch.randn(out_f, device=device) * 0.1
@@ -117,7 +118,7 @@ def test_4bit_bf16_on_cpu_fused_kernel_and_fallback_agree(mode, monkeypatch):
     layer = quantized_layer(mode, w, b, precision="bf16-true")
     saved = {k: v.clone() for k, v in layer.state_dict().items()}
     reference_w = layer.dequantize(torch.float32)
-    for rows in (3, qb.GEMV_MAX_ROWS_4BIT + 5):
+    for rows in (3, bl.GEMV_MAX_ROWS_4BIT + 5):
         x = torch.randn(rows, 128).to(torch.bfloat16)
         reference = x.float() @ reference_w.t() + b.to(torch.bfloat16).float()
         with torch.no_grad():
@@ -274,7 +275,7 @@ def test_convert_module_is_idempotent_and_survives_fabric_and_casts():
     plugin = resolve("32-true", "bnb.nf4", "cpu")
     plugin.convert_module(model)
     qkv = model.transformer.h[0].attn.qkv
-    assert isinstance(qkv, qb.Linear4bit) and type(model.lm_head) is nn.Linear
+    assert isinstance(qkv, bl.Linear4bit) and type(model.lm_head) is nn.Linear
     state = {k: v.clone() for k, v in qkv.state_dict().items()}
     with torch.no_grad():
         before = model(x)
@@ -360,8 +361,8 @@ def greedy(model, prompt: torch.Tensor, steps: int, cached: bool) -> list[int]:
 def test_tiny_gpt_logits_and_greedy_generation(mode, device, checkpoint, fp32_logits):
     plugin = resolve("32-true", f"bnb.{mode}", device)
     model = load_model(checkpoint, plugin, device, progress=False)
-    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, qb.Linear4bit, qb.Linear8bit))]
-    quantized = [n for n, m in model.named_modules() if isinstance(m, (qb.Linear4bit, qb.Linear8bit))]
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, bl.Linear4bit, bl.Linear8bit))]
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (bl.Linear4bit, bl.Linear8bit))]
     assert quantized == [n for n in linears if n.startswith("transformer.h.")] and len(quantized) == 10
     assert type(model.lm_head) is nn.Linear and model.transformer.wte.weight.dtype == torch.float32
     with torch.no_grad():
@@ -385,7 +386,7 @@ def test_tiny_gpt_logits_and_greedy_generation(mode, device, checkpoint, fp32_lo
 def test_tiny_gpt_bf16_and_quantized_lm_head(checkpoint, fp32_logits):
     plugin = resolve("bf16-true", "bnb.nf4", "cpu", quantize_lm_head=True)
     model = load_model(checkpoint, plugin, "cpu", progress=False)
-    assert isinstance(model.lm_head, qb.Linear4bit) and model.transformer.wte.weight.dtype == torch.bfloat16
+    assert isinstance(model.lm_head, bl.Linear4bit) and model.transformer.wte.weight.dtype == torch.bfloat16
     with torch.no_grad():
         logits = model(PROMPT)
     assert logits.dtype == torch.bfloat16 and rel(logits.float(), fp32_logits) < GPT_BOUND["nf4"] + 0.05
@@ -394,7 +395,7 @@ def test_tiny_gpt_bf16_and_quantized_lm_head(checkpoint, fp32_logits):
 
 def test_weight_bytes_count_packed_weights_and_constants(checkpoint):
     model = load_model(checkpoint, resolve("32-true", "bnb.nf4", "cpu"), "cpu", progress=False)
-    layers = [m for m in model.modules() if isinstance(m, qb.Linear4bit)]
+    layers = [m for m in model.modules() if isinstance(m, bl.Linear4bit)]
     by = weight_bytes_by_dtype(model)
     assert by["uint8"] == sum((m.in_features * m.out_features + 1) // 2 for m in layers)
     unquantized = sum(p.numel() for n, p in model.named_parameters()) * 4
@@ -505,7 +506,7 @@ def test_loading_holds_one_full_precision_layer_at_a_time(mode, tmp_path, monkey
     del probe
 
     counts = []
-    cls = qb.Linear4bit if mode == "nf4" else qb.Linear8bit
+    cls = bl.Linear4bit if mode == "nf4" else bl.Linear8bit
     original = cls.quantize_
 
     def counting_quantize(self, weight):
@@ -533,5 +534,5 @@ def test_cuda_loading_peak_stays_near_quantized_size(mode, tmp_path):
     peak = torch.cuda.max_memory_allocated() - base
     largest_fp32_layer = 1376 * 512 * 4
     assert peak <= final + 3 * largest_fp32_layer
-    full = sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, qb._QuantLinear))
+    full = sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, bl._QuantLinear))
     assert final < full  # and the quantized model is smaller than its bf16 linears alone

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from litquant.quantization import bnb as qb
+from litquant.quantization import bnb_linear as bl
 from litquant.quantization import cpu_kernels as ck
 from litquant.quantization import gptq_format as fmt
 from litquant.quantization.gptq_linear import GPTQLinear
@@ -42,16 +42,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---- bitsandbytes 4-bit -------------------------------------------------------------------------------------
 
 
-def bnb_layer(n: int, k: int, quant_type: str, dq: bool, seed: int = 0) -> qb.Linear4bit:
+def bnb_layer(n: int, k: int, quant_type: str, dq: bool, seed: int = 0) -> bl.Linear4bit:
     torch.manual_seed(seed)
-    layer = qb.Linear4bit(k, n, False, quant_type, dq, torch.float32, "cpu")
+    layer = bl.Linear4bit(k, n, False, quant_type, dq, torch.float32, "cpu")
     layer.quantize_(torch.randn(n, k) * 0.05)
     return layer.eval()
 
 
-def bnb_reference(layer: qb.Linear4bit) -> torch.Tensor:
+def bnb_reference(layer: bl.Linear4bit) -> torch.Tensor:
     """bitsandbytes' own dequantization (fp32), independent of litquant's kernels."""
-    return qb._bnb().functional.dequantize_4bit(layer.weight, layer.quant_state(torch.float32))
+    return bl._bnb().functional.dequantize_4bit(layer.weight, layer.quant_state(torch.float32))
 
 
 @pytest.mark.parametrize("quant_type,dq", [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)])
@@ -59,7 +59,7 @@ def bnb_reference(layer: qb.Linear4bit) -> torch.Tensor:
 def test_bnb4_matmul_matches_bnb_dequantize_then_matmul(build, quant_type, dq, n, k):
     layer = bnb_layer(n, k, quant_type, dq)
     W = bnb_reference(layer)
-    lut = qb._code(quant_type, torch.device("cpu"))
+    lut = bl._code(quant_type, torch.device("cpu"))
     for m in (1, 3, 4, 5, 9):  # row blocks of 4 and their tails
         x = torch.randn(m, k)
         y = ck.bnb4_matmul(x, layer.weight, n, k, layer.absmax, lut, layer._dq())
@@ -71,14 +71,14 @@ def test_bnb4_matmul_matches_bnb_dequantize_then_matmul(build, quant_type, dq, n
 @pytest.mark.parametrize("quant_type,dq", [("nf4", False), ("fp4", True)])
 def test_bnb4_dequantize_is_bitsandbytes_bit_for_bit(build, quant_type, dq):
     layer = bnb_layer(40, 192, quant_type, dq, seed=1)
-    lut = qb._code(quant_type, torch.device("cpu"))
+    lut = bl._code(quant_type, torch.device("cpu"))
     ref = bnb_reference(layer)
     assert torch.equal(ck.bnb4_dequantize(layer.weight, 40, 192, layer.absmax, lut, layer._dq()), ref)
     rows = ck.bnb4_dequantize(layer.weight, 40, 192, layer.absmax, lut, layer._dq(), rows=(7, 23), dtype=torch.bfloat16)
     assert torch.equal(rows, ref[7:23].bfloat16())
     # the layer's dequantize (used by merge and the backward) is bnb's too, in every dtype
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        expected = qb._bnb().functional.dequantize_4bit(layer.weight, layer.quant_state(dtype))
+        expected = bl._bnb().functional.dequantize_4bit(layer.weight, layer.quant_state(dtype))
         assert torch.equal(layer.dequantize(dtype), expected)
 
 
@@ -101,7 +101,7 @@ def int8_reference(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, thres
 @pytest.mark.parametrize("k", [96, 100])  # 100: a tail after the last vector
 def test_int8_matmul_matches_written_out_llm_int8(build, k):
     torch.manual_seed(2)
-    layer = qb.Linear8bit(k, 24, bias=False, device="cpu")
+    layer = bl.Linear8bit(k, 24, bias=False, device="cpu")
     layer.quantize_(torch.randn(24, k) * 0.05)
     for m in (1, 2, 5, 8):
         x = torch.randn(m, k)
@@ -117,7 +117,7 @@ def test_int8_matmul_matches_written_out_llm_int8(build, k):
 
 def test_int8_dequantize_is_the_layers_bit_for_bit(build):
     torch.manual_seed(3)
-    layer = qb.Linear8bit(70, 33, bias=False, device="cpu")
+    layer = bl.Linear8bit(70, 33, bias=False, device="cpu")
     layer.quantize_(torch.randn(33, 70))
     assert torch.equal(ck.int8_dequantize(layer.weight, layer.absmax), layer.dequantize(torch.float32))
     assert torch.equal(ck.int8_dequantize(layer.weight, layer.absmax, rows=(5, 9), dtype=torch.bfloat16),
@@ -191,11 +191,11 @@ def test_layers_take_the_fused_kernel_for_few_rows_and_tiles_beyond(monkeypatch,
         layer.load_state_dict(packed)
         limit = 8
     else:
-        layer = bnb_layer(64, 128, "nf4", False) if mode == "nf4" else qb.Linear8bit(128, 64, False, device="cpu")
+        layer = bnb_layer(64, 128, "nf4", False) if mode == "nf4" else bl.Linear8bit(128, 64, False, device="cpu")
         if mode == "int8":
             layer.quantize_(torch.randn(64, 128) * 0.05)
         W = bnb_reference(layer) if mode == "nf4" else layer.dequantize(torch.float32)
-        limit = qb.GEMV_MAX_ROWS_4BIT if mode == "nf4" else qb.GEMV_MAX_ROWS_INT8
+        limit = bl.GEMV_MAX_ROWS_4BIT if mode == "nf4" else bl.GEMV_MAX_ROWS_INT8
     with torch.no_grad():
         for rows in (1, limit, limit + 1, 40):
             x = torch.randn(rows, 128)
@@ -215,8 +215,8 @@ def test_gradient_through_the_frozen_base_matches_the_dense_one(mode):
         layer = GPTQLinear(256, 64, bias=False, bits=4, group_size=64)
         layer.load_state_dict(packed)
     else:
-        layer = qb.Linear4bit(256, 64, False, "nf4", True, torch.float32, "cpu") if mode == "nf4-dq" else \
-            qb.Linear8bit(256, 64, False, training=True, device="cpu")
+        layer = bl.Linear4bit(256, 64, False, "nf4", True, torch.float32, "cpu") if mode == "nf4-dq" else \
+            bl.Linear8bit(256, 64, False, training=True, device="cpu")
         layer.quantize_(torch.randn(64, 256) * 0.05)
         layer.train()
         W = layer.dequantize(torch.float32)
@@ -234,24 +234,24 @@ def test_kernels_under_a_bf16_default_dtype_and_bad_arguments():
     """Fabric's forward context makes bf16 the default dtype: bitsandbytes would then build the 4-bit code in bf16,
     which the C side must never read as floats (found by QLoRA training); and a wrong buffer is an error, not a read
     past its end."""
-    qb._code.cache_clear()
+    bl._code.cache_clear()
     layer = bnb_layer(32, 128, "nf4", False)
     W = bnb_reference(layer)
     x = torch.randn(2, 128)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        qb._code.cache_clear()
+        bl._code.cache_clear()
         with torch.no_grad():
             y = layer(x)
     finally:
         torch.set_default_dtype(previous)
-    assert qb._code("nf4", torch.device("cpu")).dtype == torch.float32
+    assert bl._code("nf4", torch.device("cpu")).dtype == torch.float32
     torch.testing.assert_close(y, x @ W.t(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="4-bit code"):
-        ck.bnb4_matmul(x, layer.weight, 32, 128, layer.absmax, qb._code("nf4", torch.device("cpu")).bfloat16())
+        ck.bnb4_matmul(x, layer.weight, 32, 128, layer.absmax, bl._code("nf4", torch.device("cpu")).bfloat16())
     with pytest.raises(ValueError, match="absmax"):
-        ck.bnb4_matmul(x, layer.weight, 32, 128, layer.absmax[:10], qb._code("nf4", torch.device("cpu")))
+        ck.bnb4_matmul(x, layer.weight, 32, 128, layer.absmax[:10], bl._code("nf4", torch.device("cpu")))
     packed, _ = gptq_codes(128, 48, 4, 32, act_order=False)
     with pytest.raises(ValueError, match="scales"):
         ck.gptq_matmul(torch.randn(1, 128), packed["qweight"], packed["qzeros"], packed["scales"].float(),

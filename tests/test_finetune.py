@@ -587,7 +587,7 @@ def qlora_7b_step_memory(micro_batch_size: int = 1, seq_len: int = 512, steps: i
     from litquant.checkpoint import build_model
     from litquant.config import Config
     from litquant.lora import LoRAConfig, add_lora, mark_only_lora_as_trainable
-    from litquant.quantization.bnb import Linear4bit
+    from litquant.quantization.bnb_linear import Linear4bit
 
     device = torch.device("cuda")
     plugin = resolve("bf16-true", "bnb.nf4", device)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from litquant.quantization import bnb as qb  # noqa: F401  (silences bnb's import-time warning first)
+from litquant.quantization import bnb_linear  # noqa: F401  (silences bnb's import-time warning first)
 
 import bitsandbytes.functional as BF  # noqa: E402
 

@@ -1,0 +1,1 @@
+"""Data: calibration text for GPTQ, instruction data for finetuning, the pretraining corpus and bundled files."""

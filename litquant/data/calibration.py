@@ -1,12 +1,8 @@
 """Calibration text for post-training quantization (GPTQ): `n_samples` windows of `seq_len` tokens.
 
-Sources: the bundled training corpus (default; the held-out split is never used, so evaluation stays
-honest), or a local text / JSON / JSONL file or a directory of them, read through the `datasets` library
-(`text` builder for .txt, `json` for .json/.jsonl, which must have a "text" field). Nothing is ever fetched
-from a hub.
-
-Sampling is seeded: the documents are shuffled, tokenized one by one until the pool holds enough tokens,
-and window starts are drawn uniformly from the pool (the GPTQ paper's "random 2048-token segments").
+`calibration_tokens(tokenizer, n_samples, seq_len, source=None, seed=0)` gives a seeded (n_samples, seq_len) tensor
+from the bundled training corpus (never its held-out split) or local text / JSON / JSONL files; nothing is fetched.
+Sources and sampling: docs/ARCHITECTURE.md, "Data and prompts".
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
 """Instruction data for finetuning: Alpaca-layout JSON/JSONL from local files, prompt masking, batching.
 
-An example is {"instruction": ..., "input": ... (optional), "output": ...}. It becomes the token sequence
-    prompt (prompt style applied to instruction + input)  |  output  |  EOS
-encoded in two parts, prompt and output separately, so the tokens at the boundary are exactly the ones the model
-sees when it generates after the prompt. With `mask_prompt` the prompt tokens get label -100 and the loss covers
-the answer only. Sequences longer than `max_seq_length` are cut at the end; an example left without any answer
-token is dropped (it would teach nothing).
-
-The bundled task (`bundled/pyfunc_instructions.json`, made by `generate_bundled_task` with a fixed seed): 3000
-distinct code-writing instructions of four kinds, in turn:
-  - "Call get_node with right and n."                       -> get_node(right, n)
-  - "Import parse_table from the random module."            -> from random import parse_table
-  - "Get the size attribute of end."                        -> end.size
-  - "Write a Python function make_last that returns the remainder of stop and n."
-                                                            -> def make_last(stop, n):\\n    return stop % n
-The bundled code model has seen a lot of Python but never an instruction: before finetuning it answers none of
-them (it continues with unrelated code); it has to learn to copy the names into place, reorder them and map an
-operation's name to its operator. Success is exact-match accuracy of greedy answers on held-out examples
-(`exact_match`): ~0.3 after 100 QLoRA steps, ~0.8 after the 300 of config_hub/finetune/litquant-tiny/qlora.yaml
-(the arithmetic kind is the slowest to learn).
+`load_splits(path, val_fraction, seed)` reads (train, val) examples (path None: the bundled code-writing task),
+`encode_dataset` turns them into prompt | output | EOS tokens (prompt labels -100 with `mask_prompt`), `collate`
+pads a batch and `exact_match` scores greedy answers.
+Encoding and the bundled task: docs/ARCHITECTURE.md, "Data and prompts".
 """
 
 from __future__ import annotations

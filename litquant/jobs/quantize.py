@@ -157,7 +157,8 @@ def bnb(
             as in the source file, usable with any --precision.
         quantize_lm_head: quantize the output layer too (runs must pass the same flag to use the file).
     """
-    from litquant.quantization.bnb import BnbMode, Linear4bit, Linear8bit, prequantized_metadata
+    from litquant.quantization.bnb import BnbMode, prequantized_metadata
+    from litquant.quantization.bnb_linear import Linear4bit, Linear8bit
     from litquant.quantization.modes import all_modes
 
     storable = {n: m for n, m in all_modes().items() if isinstance(m, BnbMode) and m.kind != "int8-training"}

@@ -3,7 +3,7 @@
 // `cc -O3 -march=native -fopenmp` and called through ctypes; OpenMP resolves to the libgomp torch has loaded, so
 // the kernels share torch's thread pool. Activations and outputs are fp32; the weights are read as stored.
 //
-// Layouts (see bnb.py and gptq_format.py):
+// Layouts (see bnb_linear.py and gptq_format.py):
 //   bnb 4-bit  codes of the (N, K) weight row-major, two per byte, first in the high nibble; one absmax per 64
 //              elements (fp32, or uint8 codes into `ncode` times `nabsmax` per 256 blocks, plus `offset`).
 //   int8       (N, K) int8 row-major (LLM.int8 storage).

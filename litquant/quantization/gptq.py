@@ -1,24 +1,10 @@
-"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers").
+"""GPTQ (Frantar et al. 2022): quantize one Linear from its calibration inputs, with inverse-Hessian error feedback.
 
-One Linear at a time: collect H = 2/n * sum_x x x^T over the layer's calibration inputs (`GPTQ.add_batch`),
-then quantize the weight column by column, spreading each column's rounding error over the columns not yet
-quantized with the inverse Hessian (Optimal Brain Quantization), in column blocks with lazy batch updates.
+    gptq = GPTQ(linear.in_features, device); handle = linear.register_forward_hook(gptq.hook)
+    ...  # run calibration batches through the block, then handle.remove()
+    result = gptq.quantize(linear.weight, bits=4, group_size=128, act_order=True)  # result.pack(): AutoGPTQ tensors
 
-Usage from the job that walks the model:
-
-    gptq = GPTQ(linear.in_features, device)
-    handle = linear.register_forward_hook(gptq.hook)   # run calibration batches through the block
-    handle.remove()
-    result = gptq.quantize(linear.weight, bits=4, group_size=128, act_order=True)
-    packed = result.pack()                              # AutoGPTQ tensors (gptq_format.pack)
-    linear.weight.data = result.weight.to(linear.weight.dtype)  # Ŵ, to feed the next block's inputs
-
-Quantizer: per (row, group) min/max, asym `scale = (max - min) / maxq, zero = round(-min / scale)`, sym
-`scale = 2 * max|w| / maxq, zero = (maxq + 1) / 2`, q = clamp(round(w / scale) + zero, 0, maxq). Two choices
-made for the file: scales are rounded to fp16 *before* quantizing (the file holds fp16 scales, so Ŵ is exactly
-what a loader dequantizes and the error feedback sees the real grid), and the zero point is clamped to >= 1
-because the v1 format stores zero - 1 (a zero of 0 only occurs when a group's min is ~0; it costs that group
-its top level). All math runs in fp32 (fp64 if given fp64), on the device of the weight.
+Algorithm, quantizer and numerical choices: docs/ARCHITECTURE.md, "GPTQ (algorithm, file format, kernels)".
 """
 
 from __future__ import annotations

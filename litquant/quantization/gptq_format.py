@@ -1,22 +1,8 @@
 """The AutoGPTQ on-disk layout of a GPTQ-quantized Linear ("gptq" v1 checkpoint format).
 
-Per Linear with weight `[out, in]`, `bits` in {2, 3, 4, 8} and `groups = ceil(in / group_size)`:
-
-    qweight  int32 [in * bits / 32, out]    q values packed along in_features
-    qzeros   int32 [groups, out * bits / 32] zero points packed along out_features, stored as zero - 1
-    scales   fp16  [groups, out]
-    g_idx    int32 [in]                     group of each input channel (a permutation of groups under act-order)
-
-    W[o, i] = scales[g_idx[i], o] * (q[o, i] - (stored_zero[g_idx[i], o] + 1))
-
-Packing is a little-endian bit stream per column: value j of a run sits at bit `bits * j`, lowest bits
-first. For 2/4/8 bits a value never crosses a word; for 3 bits 32 values fill 3 words and values 10 and 21
-straddle a word boundary (the GPTQ-for-LLaMa / AutoGPTQ pattern). The int32 words are signed, so a word
-with its top bit set is negative: everything here works on the two's complement bits, never on the sign.
-
-Zero points: v1 stores zero - 1 in `bits` bits, so a zero point can be 1 .. 2**bits (0 cannot be stored;
-the quantizer in gptq.py never produces it). All loops below run over bit positions (at most 32), never
-over rows or columns.
+`pack(intweight, zeros, scales, g_idx, bits)` gives {qweight, qzeros, scales, g_idx}; `unpack` inverts it and
+`dequantize` gives W. Shapes, bit packing and the zero - 1 convention:
+docs/ARCHITECTURE.md, "GPTQ (algorithm, file format, kernels)".
 """
 
 from __future__ import annotations

@@ -1,30 +1,9 @@
 """GPTQLinear: a Linear whose weight is stored in the AutoGPTQ layout (see gptq_format.py).
 
-Two ways to run it:
-- 4-bit fast path: torch's int4 "tinygemm" matmul. At `prepare()` (or the first forward) the weight is
-  repacked into the kernel's layout: CPU `_convert_weight_to_int4pack_for_cpu` / `_weight_int4pack_mm_for_cpu`
-  (bf16, fp16 or fp32 activations, out_features % 16 == 0), CUDA `_convert_weight_to_int4pack` /
-  `_weight_int4pack_mm` (bf16 activations, sm80+, out_features % 8 == 0). The kernel computes
-  w = (q - 8) * s + z per group, so the GPTQ zero point becomes z = (8 - zero) * s. Kernel groups must be
-  32, 64, 128 or 256 contiguous input channels: act-order layers are served by sorting the input channels
-  by g_idx (x and the weight columns get the same permutation), and larger groups (group_size=-1 included)
-  by repeating each group's scale over several kernel groups. On CPU the kernel is fast with bf16
-  activations (4096x4096, batch 1: ~2-3x faster than a bf16 nn.Linear); fp16/fp32 activations run it
-  too and stay exact, but several times slower than bf16 (still far faster than dequantizing per call).
-- Otherwise (2/3/8 bits, odd shapes, fp16 on CUDA, ...): dequantize then matmul. By default W is
-  dequantized on every call and dropped: memory stays at the packed size, at the price of an unpack per
-  call. `cache_dequantized=True` keeps W in the activation dtype: faster, but as big as a dense layer.
-
-Memory choice for the fast path: the repacked weight *replaces* `qweight` (`prepare(keep_source=False)`),
-so a 4-bit model runs at its file size instead of twice it. The price: without qweight, the module can
-neither save its state dict nor compute a gradient for its input (both need the AutoGPTQ layout, and the
-kernel layouts are opaque and device specific). So `prepare(keep_source=True)` keeps both, and a lazy
-prepare at the first forward drops qweight only under `torch.inference_mode()` (generation); training,
-`torch.no_grad()` validation loops and saving keep working.
-
-Backward: the weight is frozen; the gradient w.r.t. the input is grad_out @ W with W dequantized again in
-backward (a custom autograd.Function), so no dense weight is held between forward and backward (LoRA on a
-GPTQ base).
+On CPU litquant's kernel reads that layout as it is; 4-bit layers can run torch's int4 kernels after `prepare()`
+(the repacked weight replaces `qweight` unless `keep_source=True`); anything else dequantizes, then multiplies.
+The weight is frozen; gradients reach the input.
+Paths, memory and backward: docs/ARCHITECTURE.md, "GPTQ (algorithm, file format, kernels)".
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
 """`--quantize gptq.int4` (and gptq.int2 / int3 / int8): run a checkpoint quantized by `litquant quantize gptq`.
 
-A GPTQ checkpoint directory holds `lit_model_gptq.<bits>bit.safetensors` (the quantized Linears in the
-AutoGPTQ layout, everything else as it was saved) and `quantize_config.json`. The plugin reads that file
-instead of `lit_model.safetensors`, swaps the Linears it quantizes (the file says which: those with a
-`qweight`) for `GPTQLinear` on the meta device, lets the loader stream the tensors in, and repacks 4-bit
-layers for the int4 kernels (`GPTQLinear.prepare`). No full-precision weight is ever materialised.
-
-Modes: gptq.int4 runs torch's int4 tinygemm kernels (CPU and CUDA); gptq.int2 / gptq.int3 / gptq.int8
-dequantize the weight on every call and multiply (correct, not fast: no fused kernel for those widths).
-
-Options (`resolve(..., keep_source=True)`): `keep_source` keeps the AutoGPTQ `qweight` after repacking,
-which training through the layer (LoRA on a GPTQ base) and saving need; inference jobs leave it False so a
-4-bit model runs at its file size. `quantize_lm_head=True` insists that the file has a quantized lm_head.
+`resolve(precision, "gptq.int4", device)` gives the `GPTQPrecision` that loads `lit_model_gptq.<bits>bit.safetensors`
+into `GPTQLinear`s (options: `keep_source`, `quantize_lm_head`). File, loading, kernels and options:
+docs/ARCHITECTURE.md, "GPTQ (algorithm, file format, kernels)".
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The `--quantize` modes as typed objects (as torchao's per-mode configs): one object per mode owns everything known
 about it — its options, the bytes its Linears take, how a checkpoint loads under it, whether LoRA can train over
 it, how to dequantize it. Nothing else parses a mode's name: `get_mode(name)` is the one way from a name to a mode.
-The families live beside their Linear classes (bnb.py, gptq_plugin.py) and register their modes on import."""
+The families (bnb.py, gptq_plugin.py) live beside their Linear classes (bnb_linear.py, gptq_linear.py) and register
+their modes on import."""
 
 from __future__ import annotations
 

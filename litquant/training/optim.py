@@ -31,7 +31,8 @@ def make_optimizer(fabric, run: RunSpec, params: list[nn.Parameter]) -> torch.op
     try:
         import bitsandbytes as bnb
 
-        from litquant.quantization.bnb import MIN_BNB_CPU, bnb_version
+        from litquant.quantization.bnb import MIN_BNB_CPU
+        from litquant.quantization.bnb_linear import bnb_version
 
         if fabric.device.type == "cpu" and bnb_version() < MIN_BNB_CPU:
             raise ImportError(f"bitsandbytes {bnb.__version__} has no CPU optimizers")
