@@ -1,5 +1,5 @@
-<<<<<<< HEAD
-"""litquant: run, finetune and compress open LLMs with quantization. `from litquant import LLM` is the Python API."""
+"""litquant: LLM quantization on PyTorch (bitsandbytes, GPTQ), LoRA/QLoRA finetuning and the `litquant` CLI.
+`from litquant import LLM` is the Python API."""
 
 __version__ = "0.1.0"
 
@@ -10,6 +10,3 @@ def __getattr__(name: str):  # lazy: `litquant --help` and the scripts do not pa
 
         return LLM
     raise AttributeError(f"module 'litquant' has no attribute {name!r}")
-=======
-"""litquant: LLM quantization on PyTorch (bitsandbytes, GPTQ), LoRA/QLoRA finetuning and the `litquant` CLI."""
->>>>>>> renov-docs
