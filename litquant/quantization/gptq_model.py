@@ -183,7 +183,7 @@ def quantize_blocks(
         for i, block in enumerate(model.transformer.h):
             prefix = f"transformer.h.{i}."
             stored = _load_block(f, block, prefix, [k for k in keys if k.startswith(prefix)], device, dtype, source)
-            gate = [block(g, *_rope_for(cos, sin, mask, g), None, None) for g in gate]  # the base model's block
+            gate = [block(g, *_rope_for(cos, sin, mask, g), None) for g in gate]  # the base model's block
             tails = [_TailCache(block.attn, "attn.")]
             if n_tokens * block.mlp.proj.in_features * dtype.itemsize <= MLP_CACHE_BYTES:
                 tails.append(_TailCache(block.mlp, "mlp."))
@@ -200,7 +200,7 @@ def quantize_blocks(
                         for t in tails:
                             t.batch = b
                         try:
-                            block(x, cos, sin, mask, None, None)
+                            block(x, cos, sin, mask, None)
                         except _StopForward:
                             pass
                         hessians.next_forward()
@@ -225,10 +225,10 @@ def quantize_blocks(
             for b, x in enumerate(xs):  # the quantized block's outputs are the next block's inputs
                 for t in tails:
                     t.batch = b
-                xs[b] = block(x, cos, sin, mask, None, None)
+                xs[b] = block(x, cos, sin, mask, None)
             for t in tails:
                 t.stop()
-            gate_q = [block(g, *_rope_for(cos, sin, mask, g), None, None) for g in gate_q]
+            gate_q = [block(g, *_rope_for(cos, sin, mask, g), None) for g in gate_q]
             block.to("meta")  # free the block's weights
         bar.close()
         if gate_tokens is None:
