@@ -116,9 +116,9 @@ class LLM:
     def encode(self, prompt: str) -> list[int]:
         if not isinstance(prompt, str):
             raise UserError(f"a prompt must be a string, got {type(prompt).__name__}")
-        ids = self.tokenizer.encode(prompt).tolist()
+        ids = self.tokenizer.encode(prompt).tolist() if prompt else []
         if not ids:
-            raise UserError("the prompt is empty after tokenization")
+            raise UserError("the prompt is empty")
         return ids
 
     def format_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:

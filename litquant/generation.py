@@ -47,7 +47,8 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # generated ids, stop id included
     text: str = ""  # released text
     delta: str = ""  # text released by the last step
-    finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled"
+    finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
+    error: Optional[str] = None
     cancelled: bool = False  # set from any thread: the engine drops it before the next step
     generator: Optional[torch.Generator] = None  # default: one seeded with params.seed, else torch's global one
     t_added: float = 0.0
@@ -190,11 +191,11 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """One decode step for every active sequence; returns the sequences it advanced (finished ones left)."""
-        self._retire()
+        """One decode step for every active sequence; returns the sequences it advanced or dropped (cancelled)."""
+        dropped = self._retire()
         seqs = list(self.active)
         if not seqs:
-            return []
+            return dropped
         t0 = time.perf_counter()
         x = torch.tensor([[s.tokens[-1]] for s in seqs], device=self.device)
         positions = [s.position for s in seqs]
@@ -209,7 +210,7 @@ class BatchDecoder:
         self.decode_s += time.perf_counter() - t0
         self.decode_steps += 1
         self._retire()
-        return seqs
+        return dropped + seqs
 
     def _sample_and_push(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         params = [s.params for s in seqs]
@@ -225,13 +226,15 @@ class BatchDecoder:
             if s.on_update is not None:
                 s.on_update(s)
 
-    def _retire(self) -> None:
-        """Drop finished and cancelled sequences; the last active row moves into each freed row."""
-        i = 0
+    def _retire(self) -> list[Sequence]:
+        """Drop finished and cancelled sequences (returns the cancelled ones); the last active row moves into each
+        freed row."""
+        i, cancelled = 0, []
         while i < len(self.active):
             s = self.active[i]
             if s.cancelled and not s.finished:
                 s._finish("cancelled")
+                cancelled.append(s)
                 if s.on_update is not None:
                     s.on_update(s)
             if not s.finished:
@@ -243,6 +246,7 @@ class BatchDecoder:
                 self.model.move_kv_rows(last, i, moved.position + 1)
                 self.active[i] = moved
             self.active.pop()
+        return cancelled
 
     def cancel_all(self) -> None:
         for s in self.active:
