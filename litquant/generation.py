@@ -213,13 +213,16 @@ class BatchDecoder:
         return dropped + seqs
 
     def _sample_and_push(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        params = [s.params for s in seqs]
-        if all(p.key() == params[0].key() for p in params) and all(s.generator is None for s in seqs):
-            p = params[0]
-            tokens = sample(logits, p.temperature, p.top_k, p.top_p).view(-1).tolist()
-        else:
-            tokens = [int(sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, s.generator))
-                      for i, (s, p) in enumerate(zip(seqs, params))]
+        groups: dict[tuple, list[int]] = {}  # rows with the same settings sample together
+        for i, s in enumerate(seqs):
+            groups.setdefault(s.params.key(), []).append(i)
+        tokens = [0] * len(seqs)
+        for (temperature, top_k, top_p), rows in groups.items():
+            gens = [seqs[i].generator for i in rows]
+            rows_logits = logits if len(rows) == len(seqs) else logits[rows]
+            out = sample(rows_logits, temperature, top_k, top_p, gens if any(g is not None for g in gens) else None)
+            for i, t in zip(rows, out.view(-1).tolist()):
+                tokens[i] = t
         for s, t in zip(seqs, tokens):
             if not s.finished:
                 s._push(t, self.max_seq_length)

@@ -164,21 +164,21 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
         v = v.view(B, T, ng, hs).transpose(1, 2)
-        if n_rope > 0:
+        if n_rope == hs:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        elif n_rope > 0:  # partial rotary (Pythia, Phi): the rest of each head passes through
             q = torch.cat((apply_rope(q[..., :n_rope], cos, sin), q[..., n_rope:]), dim=-1)
             k = torch.cat((apply_rope(k[..., :n_rope], cos, sin), k[..., n_rope:]), dim=-1)
         if cache is not None:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.set_kv_cache() first")
             k, v = self.kv_cache(cache, k, v)  # (B, ng, max_seq or input_pos_maxp1, hs)
-        if ng != nh:  # grouped / multi-query: share each key/value head across nh // ng query heads
-            k = k.repeat_interleave(nh // ng, dim=1)
-            v = v.repeat_interleave(nh // ng, dim=1)
-        scale = 1.0 / math.sqrt(hs)
+        # grouped / multi-query attention: each key/value head serves nh // ng query heads (no copies)
+        scale, gqa = 1.0 / math.sqrt(hs), ng != nh
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 or cache is None, scale=scale)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 or cache is None, scale=scale, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)
         return self.proj(y)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -21,9 +21,10 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
 
 def sample(
     logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
-    generator: Optional[torch.Generator] = None,
+    generator: Union[None, torch.Generator, Sequence[Optional[torch.Generator]]] = None,
 ) -> torch.Tensor:
-    """logits (B, V) of the last position -> next token ids (B, 1). temperature 0 = greedy."""
+    """logits (B, V) of the last position -> next token ids (B, 1). temperature 0 = greedy. `generator`: one for
+    all rows, or one per row (None: torch's global one), so a row's draws do not depend on the other rows."""
     logits = logits.float()
     if temperature <= 0.0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -39,4 +40,11 @@ def sample(
         drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    # inverse transform: one uniform draw per row (its own generator's) against the row's cumulative distribution
+    if isinstance(generator, (list, tuple)):
+        u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generator])
+    else:
+        u = torch.rand(probs.size(0), generator=generator, device=probs.device)
+    cdf = probs.cumsum(dim=-1)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)
+    return idx.clamp_(max=probs.size(-1) - 1)

@@ -139,6 +139,20 @@ def test_top_k_top_p_sampling():
     assert int(sample(logits, 0.0)) == 3
 
 
+def test_sampling_draws_from_the_softmax_and_per_row_generators_are_independent():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
+    counts = torch.bincount(sample(logits, 1.0, generator=torch.Generator().manual_seed(1)).view(-1), minlength=4)
+    torch.testing.assert_close(counts / 4000, F.softmax(logits[0], -1), atol=0.025, rtol=0)
+    half = torch.bincount(sample(logits, 2.0, generator=torch.Generator().manual_seed(2)).view(-1), minlength=4)
+    torch.testing.assert_close(half / 4000, F.softmax(logits[0] / 2, -1), atol=0.025, rtol=0)
+    # row 1's draws are the same whatever row 0 is and whichever generator row 0 uses
+    g = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    a = [int(sample(logits[:2], 1.0, generator=g)[1]) for _ in range(20)]
+    g = [None, torch.Generator().manual_seed(6)]
+    b = [int(sample(torch.stack([logits[0].flip(0), logits[1]]), 1.0, generator=g)[1]) for _ in range(20)]
+    assert a == b and len(set(a)) > 1
+
+
 def test_generation_stops_at_stop_token_and_sequence():
     model = _model()
     prompt = torch.randint(0, 256, (5,))
