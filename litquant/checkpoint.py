@@ -4,6 +4,7 @@ quantized layer quantizes each weight as it lands), so no full-precision copy of
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import sys
@@ -91,8 +92,23 @@ def save_checkpoint(
 def build_model(config: Config, device: torch.device | str = "meta"):
     from litquant.model import GPT
 
-    with torch.device(device):
+    with torch.device(device), (_no_init() if torch.device(device).type == "meta" else contextlib.nullcontext()):
         return GPT(config)
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip weight init while building on the meta device: there is nothing to fill, and initializing meta
+    tensors goes through torch's reference implementations, which import torch._dynamo (~1 s of start-up)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_", "trunc_normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
 
 
 def load_weights(
