@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import OUT, REPO  # noqa: E402
 from litquant.errors import UserError, run_guarded  # noqa: E402
+
 DEFAULT_MODES = "bf16-true,bnb.nf4,bnb.nf4-dq,bnb.fp4,bnb.fp4-dq,bnb.int8,bnb.nf4+prequantized"
 
 _WORKER = r"""

@@ -294,8 +294,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UserError("the speed comparison is for gptq.int4: use --bits 4")
 
     from litquant.config import Config
-    from litquant.jobs.convert import convert_lit_checkpoint
     from litquant.data.calibration import calibration_tokens
+    from litquant.jobs.convert import convert_lit_checkpoint
     from litquant.tokenizer import Tokenizer
 
     if args.checkpoint_dir is not None:

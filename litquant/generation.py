@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
+from typing import Sequence as Seq
 
 import torch
 

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from litquant.config import WEIGHTS_FILE
-from litquant.io import open_safetensors, safetensors_metadata, save_safetensors
 from litquant.errors import UserError
+from litquant.io import open_safetensors, safetensors_metadata, save_safetensors
 from litquant.quantization.modes import get_mode
 
 LORA_FILE = "lit_model.lora.safetensors"

@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import REPO, run_cli
+
 from litquant.api import LLM
 from litquant.errors import UserError
 from litquant.generation import BatchDecoder, SamplingParams, Sequence, generate, run

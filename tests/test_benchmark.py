@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, make_checkpoint, run_cli
+
 from litquant.benchmark.measure import run_stats
 from litquant.benchmark.modes import default_modes
-from litquant.quantization.gptq_plugin import gptq_file
 from litquant.errors import UserError
 from litquant.jobs.benchmark import main
 from litquant.precision import quantize_modes
+from litquant.quantization.gptq_plugin import gptq_file
 
 SMALL = ["--prompt_tokens", "24", "--max_new_tokens", "8", "--ppl_tokens", "256", "--threads", "1"]
 
@@ -82,8 +82,8 @@ def test_cli_writes_table_json_markdown_and_chart(ckpt, tmp_path):
 
 def test_numbers_agree_with_generate_and_evaluate(ckpt, tmp_path):
     """Same generate() and perplexity() as the jobs: the same tokens and the same perplexity."""
-    from litquant.jobs.generate import main as generate_main
     from litquant.jobs.evaluate import main as evaluate_main
+    from litquant.jobs.generate import main as generate_main
     from litquant.tokenizer import Tokenizer
 
     report = main(ckpt, modes="32-true", prompt_tokens=24, max_new_tokens=8, runs=1, warmup=0, ppl_tokens=300,

@@ -4,25 +4,23 @@ and that loading never holds more than one layer's full-precision weight."""
 
 from __future__ import annotations
 
-import gc
 import dataclasses
+import gc
 import math
 import os
 
+import bitsandbytes.functional as BF  # noqa: E402
 import pytest
 import torch
 import torch.nn as nn
 
-from litquant.quantization import bnb as qb
-from litquant.quantization import bnb_linear as bl  # before bitsandbytes: it silences bnb's import-time warning
-
-import bitsandbytes.functional as BF  # noqa: E402
-
 from litquant.checkpoint import WEIGHTS_FILE, build_model, load_model, save_checkpoint
-from litquant.io import safetensors_metadata
 from litquant.config import Config
 from litquant.errors import UserError
+from litquant.io import safetensors_metadata
 from litquant.precision import fabric_plugin, quantize_modes, resolve
+from litquant.quantization import bnb as qb
+from litquant.quantization import bnb_linear as bl  # before bitsandbytes: it silences bnb's import-time warning
 from litquant.utils import weight_bytes_by_dtype
 
 FOUR_BIT = ["nf4", "nf4-dq", "fp4", "fp4-dq"]

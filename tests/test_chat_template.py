@@ -5,8 +5,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import REPO
+
 from litquant.chat_template import ChatTemplate, find_chat_template
 from litquant.errors import UserError
 

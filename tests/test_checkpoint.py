@@ -7,9 +7,9 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from litquant.checkpoint import WEIGHTS_FILE, Checkpoint, load_model
-from litquant.io import atomic_path, save_safetensors
 from litquant.config import Config
 from litquant.errors import UserError
+from litquant.io import atomic_path, save_safetensors
 from litquant.precision import resolve
 
 

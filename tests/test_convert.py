@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from litquant.config import Config  # noqa: E402
+from litquant.errors import UserError  # noqa: E402
 from litquant.hf.config import hf_config, hf_model_type  # noqa: E402
 from litquant.hf.weights import deinterleave_qkv, hf_to_lit, interleave_qkv, lit_to_hf  # noqa: E402
 from litquant.jobs.convert import convert_hf_checkpoint, convert_lit_checkpoint  # noqa: E402
-from litquant.errors import UserError  # noqa: E402
 from litquant.model import GPT  # noqa: E402
 
 T = transformers

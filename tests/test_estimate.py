@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SAMPLE_TEXT, make_checkpoint, run_cli
+
 from litquant.config import Config, n_params
 from litquant.errors import UserError
-from litquant.jobs.estimate import main
 from litquant.estimate import (
     GPU_HEADROOM,
     GPUS,
@@ -21,6 +20,7 @@ from litquant.estimate import (
     model_shapes,
     weight_bytes,
 )
+from litquant.jobs.estimate import main
 
 GB, GIB = 1e9, 2**30
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "litquant-tiny"
@@ -115,9 +115,9 @@ def test_estimate_matches_measured_gptq_int4(tmp_path):
     if "gptq.int4" not in quantize_modes():
         pytest.skip("gptq.int4 is not registered yet")
     from litquant.checkpoint import load_model
+    from litquant.jobs.quantize import gptq as quantize_gptq
     from litquant.precision import resolve
     from litquant.utils import weight_bytes_by_dtype
-    from litquant.jobs.quantize import gptq as quantize_gptq
 
     ckpt = make_checkpoint(tmp_path / "ckpt")  # GPTQ's cost grows with the width: the smallest config
     calib = tmp_path / "calib.txt"

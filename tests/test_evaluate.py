@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import SAMPLE_TEXT, make_checkpoint, run_cli
+
 from litquant.errors import UserError
 from litquant.evaluation import load_text, text_tokens
 from litquant.jobs.evaluate import main

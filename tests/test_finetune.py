@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, make_checkpoint, run_cli
+
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, WEIGHTS_FILE, load_model
 from litquant.data.instructions import (
     BUNDLED_TASK_FILE,

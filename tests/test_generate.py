@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import yaml
-
 from conftest import run_cli, run_script
+
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR
 
 

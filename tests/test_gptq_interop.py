@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from conftest import REPO, make_checkpoint
 from safetensors.torch import load_file, save_file
 
-from litquant.jobs import quantize as job
-from conftest import REPO, make_checkpoint
 from litquant.checkpoint import load_model
-from litquant.jobs.convert import convert_hf_checkpoint, convert_lit_checkpoint
 from litquant.errors import UserError
+from litquant.jobs import quantize as job
+from litquant.jobs.convert import convert_hf_checkpoint, convert_lit_checkpoint
 from litquant.precision import resolve
 from litquant.quantization import gptq_format as fmt
 

@@ -14,21 +14,20 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+from conftest import SAMPLE_TEXT, make_checkpoint, run_cli
 from safetensors.torch import load_file
 
 import litquant.quantization.gptq_model as gptq_model
-from litquant.jobs import quantize as job
-from conftest import SAMPLE_TEXT, make_checkpoint, run_cli
 from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, WEIGHTS_FILE, build_model, load_model
-from litquant.data.calibration import calibration_tokens, load_documents
 from litquant.config import Config
+from litquant.data.calibration import calibration_tokens, load_documents
 from litquant.errors import UserError
+from litquant.jobs import quantize as job
 from litquant.precision import quantize_modes, resolve
-from litquant.quantization.modes import get_mode
-from litquant.quantization import gptq_format
+from litquant.quantization import cpu_kernels, gptq_format
 from litquant.quantization.gptq import GPTQ, rtn_quantize
-from litquant.quantization import cpu_kernels
 from litquant.quantization.gptq_linear import GPTQLinear
+from litquant.quantization.modes import get_mode
 from litquant.tokenizer import Tokenizer
 
 QUIET = dict(accelerator="cpu")
@@ -441,9 +440,8 @@ def test_calibration_too_little_text(tiny, tmp_path):
 
 @pytest.mark.parametrize("name,model", [("gptq-litquant-tiny", "litquant-tiny"), ("gptq-llama-2-7b", "Llama-2-7b-hf")])
 def test_config_hub_files_parse_and_fit_their_model(name, model):
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
     from conftest import REPO
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser()
     parser.add_argument("--config", action=ActionConfigFile)
@@ -462,8 +460,7 @@ def test_config_hub_files_parse_and_fit_their_model(name, model):
 def test_defaults_sym_calibration_and_the_quality_gate(tiny, tmp_path, capsys):
     """Without flags: symmetric (AutoGPTQ's default), a calibration size chosen and said, and a quality gate whose
     two perplexities are those of the base model and of the written GPTQ file, scored independently."""
-    from litquant.evaluation import load_text, text_tokens
-    from litquant.evaluation import perplexity
+    from litquant.evaluation import load_text, perplexity, text_tokens
 
     job.gptq(tiny, output_dir=tmp_path, precision="32-true", eval_tokens=300, **QUIET)
     err = capsys.readouterr().err

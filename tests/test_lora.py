@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import math
 
+import bitsandbytes.functional as BF  # noqa: E402
 import pytest
 import torch
 import torch.nn as nn
-
-from litquant.quantization import bnb_linear  # noqa: F401  (silences bnb's import-time warning first)
-
-import bitsandbytes.functional as BF  # noqa: E402
-
 from conftest import make_checkpoint, run_cli  # noqa: E402
+
 from litquant.checkpoint import WEIGHTS_FILE, load_model  # noqa: E402
 from litquant.config import Config  # noqa: E402
 from litquant.errors import UserError  # noqa: E402
@@ -32,6 +29,7 @@ from litquant.lora import (  # noqa: E402
 )
 from litquant.model import GPT  # noqa: E402
 from litquant.precision import resolve  # noqa: E402
+from litquant.quantization import bnb_linear  # noqa: F401  (silences bnb's import-time warning first)
 from litquant.quantization import gptq_format as fmt  # noqa: E402
 from litquant.quantization.gptq_linear import GPTQLinear  # noqa: E402
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from litquant.config import Config, n_params
 from litquant.errors import UserError
 from litquant.generation import generate
-from litquant.sampling import sample
 from litquant.model import GPT, build_mask_cache, build_rope_cache
+from litquant.sampling import sample
 
 
 def _model(name="tiny-llama-test", seed=0, **overrides) -> GPT:

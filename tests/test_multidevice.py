@@ -8,9 +8,9 @@ import random
 
 import pytest
 import torch
+from conftest import make_checkpoint, run_cli
 from safetensors.torch import load_file
 
-from conftest import make_checkpoint, run_cli
 from litquant.lora import LORA_FILE
 
 pytestmark = pytest.mark.slow  # each case starts 2 Python processes (~15 s)

@@ -4,6 +4,7 @@ templating), the Alpaca strings of Stanford Alpaca's train.py, name lookup, and 
 from __future__ import annotations
 
 import pydoc_data.topics
+
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers

@@ -12,7 +12,6 @@ import time
 import urllib.request
 
 import pytest
-
 from conftest import REPO, run_cli
 
 pytest.importorskip("fastapi")

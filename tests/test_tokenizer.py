@@ -6,9 +6,9 @@ from __future__ import annotations
 import inspect
 import io
 import json
+import pydoc_data.topics
 from pathlib import Path
 
-import pydoc_data.topics
 import pytest
 import sentencepiece as spm
 import torch

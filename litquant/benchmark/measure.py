@@ -148,9 +148,9 @@ def run_stats(runs: list[dict]) -> dict:
 
 def measure_mode(spec: MeasureSpec) -> dict:
     """Load one mode and measure it (meant to run in a process of its own, see `measure_in_subprocess`)."""
+    from litquant.api import LLM
     from litquant.config import Config
     from litquant.estimate import kv_cache_bytes
-    from litquant.api import LLM
     from litquant.evaluation import DEFAULT_BATCH_SIZE, check_window, heldout_tokens, perplexity
     from litquant.generation import compiled_decode_step, generate
     from litquant.precision import resolve

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 from litquant.checkpoint import Checkpoint
 from litquant.config import Config
 from litquant.errors import UserError, read_json
-from litquant.estimate import DEFAULT_MODES, quant_mode, estimate, format_table
+from litquant.estimate import DEFAULT_MODES, estimate, format_table, quant_mode
 from litquant.io import atomic_write_text
 
 

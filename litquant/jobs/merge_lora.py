@@ -12,7 +12,12 @@ from litquant.checkpoint import Checkpoint, copy_side_files, load_model, save_ch
 from litquant.config import WEIGHTS_FILE
 from litquant.errors import UserError
 from litquant.lora import (
-    _file_float_dtype, _merge_load_precision, base_options, load_lora, merge_lora, read_lora_metadata,
+    _file_float_dtype,
+    _merge_load_precision,
+    base_options,
+    load_lora,
+    merge_lora,
+    read_lora_metadata,
     resolve_lora_path,
 )
 from litquant.precision import PRECISIONS, parse_precision, resolve

@@ -16,10 +16,10 @@ from litquant.data.corpus import DOC_SEPARATOR, corpus_documents, write_heldout
 from litquant.errors import UserError
 from litquant.evaluation import perplexity
 from litquant.io import atomic_write_text
-from litquant.training.optim import warmup_cosine
 from litquant.model import GPT
 from litquant.precision import setup_fabric
 from litquant.tokenizer import Tokenizer, train_bpe_tokenizer
+from litquant.training.optim import warmup_cosine
 from litquant.utils import memory_used_line, num_parameters
 
 

@@ -11,7 +11,14 @@ from typing import Optional
 
 import torch
 
-from litquant.checkpoint import DEFAULT_CHECKPOINT_DIR, SIDE_FILES, Checkpoint, build_model, copy_side_files, load_weights
+from litquant.checkpoint import (
+    DEFAULT_CHECKPOINT_DIR,
+    SIDE_FILES,
+    Checkpoint,
+    build_model,
+    copy_side_files,
+    load_weights,
+)
 from litquant.config import CONFIG_FILE
 from litquant.errors import UserError
 from litquant.io import atomic_write_text, save_safetensors

@@ -18,11 +18,10 @@ import torch.nn as nn
 from litquant.errors import UserError, read_json
 from litquant.io import file_keys, safetensors_metadata
 from litquant.precision import LitquantPrecision
-from litquant.quantization import gptq_format
-from litquant.quantization.modes import LoadPlan, QuantMode, register
+from litquant.quantization import cpu_kernels, gptq_format
 from litquant.quantization.gptq_format import SUPPORTED_BITS
-from litquant.quantization import cpu_kernels
 from litquant.quantization.gptq_linear import GEMV_MAX_ROWS, GPTQLinear
+from litquant.quantization.modes import LoadPlan, QuantMode, register
 
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 _HELP = {
