@@ -37,7 +37,18 @@ def _seq(llm, prompt, n=24, **kw):
 def test_batched_greedy_equals_one_at_a_time(bundled_with_gptq, mode):
     """Sequences of different lengths joining and leaving a batch of 3 decode the tokens they decode alone. In fp32:
     in bf16 the kernels' rounding depends on the batch (blocking by row count), so near-ties may differ."""
-    llm = LLM.load(bundled_with_gptq, quantize=mode, precision="32-true", progress=False)
+    _check_batched(bundled_with_gptq, mode, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", [None, "bnb.nf4", "bnb.int8", "gptq.int4"])
+def test_batched_greedy_equals_one_at_a_time_on_cuda(bundled_with_gptq, mode):
+    _check_batched(bundled_with_gptq, mode, "cuda")
+
+
+def _check_batched(checkpoint, mode, accelerator):
+    llm = LLM.load(checkpoint, quantize=mode, precision="32-true", accelerator=accelerator, progress=False)
     with llm.plugin.forward_context():
         alone = []
         for i, p in enumerate(PROMPTS):

@@ -55,8 +55,9 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(e):
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refusing to load, it holds more than tensors ({str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refusing to unpickle it, it holds more than tensors (a .bin may run code; "
+                        "use the model's .safetensors files)") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"{path} cannot be read (truncated or corrupt? {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

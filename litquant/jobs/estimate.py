@@ -13,6 +13,8 @@ from litquant.config import Config
 from litquant.errors import UserError, read_json
 from litquant.estimate import DEFAULT_MODES, estimate, format_table, quant_mode
 from litquant.io import atomic_write_text
+from litquant.quantization.gptq_plugin import GPTQMode
+from litquant.quantization.modes import all_modes
 
 
 def _gptq_settings(checkpoint_dir: Path) -> tuple[Optional[int], Optional[int]]:
@@ -72,7 +74,8 @@ def main(
         config = Config.from_name(model_name)
     mode_list = [m.strip() for m in modes.split(",") if m.strip()] if modes else list(DEFAULT_MODES)
     if file_bits and not modes:
-        mode_list = [f"gptq.int{file_bits}" if m == "gptq.int4" else m for m in mode_list]
+        file_mode = next(m.name for m in all_modes().values() if isinstance(m, GPTQMode) and m.bits == file_bits)
+        mode_list = [file_mode if m == "gptq.int4" else m for m in mode_list]
     for m in mode_list:
         quant_mode(m)  # unknown names fail before any work
     result = estimate(

@@ -168,10 +168,10 @@ def bnb(
     from litquant.quantization.bnb_linear import Linear4bit, Linear8bit
     from litquant.quantization.modes import all_modes
 
-    storable = {n: m for n, m in all_modes().items() if isinstance(m, BnbMode) and m.kind != "int8-training"}
-    bnb_mode = storable.get(mode if str(mode).startswith("bnb.") else f"bnb.{mode}")
+    storable = [m for m in all_modes().values() if isinstance(m, BnbMode) and m.kind != "int8-training"]
+    bnb_mode = next((m for m in storable if mode in (m.kind, m.name)), None)  # nf4 or bnb.nf4
     if bnb_mode is None:
-        valid = ", ".join(n.removeprefix("bnb.") for n in storable)
+        valid = ", ".join(m.kind for m in storable)
         raise UserError(f"unknown --mode {mode!r}; choose one of: {valid}")
     checkpoint = Checkpoint.open(checkpoint_dir)
     source = checkpoint.file()

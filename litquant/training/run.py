@@ -108,7 +108,7 @@ def validate_args(run: RunSpec) -> None:
 def launch(run: RunSpec, fn: Callable) -> dict:
     """Check everything that can be checked before any process starts, build Fabric, run `fn(fabric, run)` on every
     rank."""
-    import lightning as L
+    from lightning.fabric import Fabric
 
     from litquant.precision import fabric_plugin, pick_accelerator, resolve
     from litquant.training.checkpoints import check_resume_dir, find_resume_dir
@@ -122,7 +122,7 @@ def launch(run: RunSpec, fn: Callable) -> dict:
         check_resume_dir(run, run.resume_dir)
     strategy = build_strategy(run.strategy, run.world_size, accelerator)
     loggers = make_loggers(run.out_dir, run.logger)
-    fabric = L.Fabric(accelerator=accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=strategy,
+    fabric = Fabric(accelerator=accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=strategy,
                       plugins=fabric_plugin(run.plugin), loggers=loggers)
     return fabric.launch(fn, run)
 
