@@ -47,7 +47,9 @@ def qlora_step(model_name: str, device: str, micro_batch_size: int = 1, seq_len:
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, Linear4bit):
-                m.quantize_(torch.randn(m.out_features, m.in_features, device=device, dtype=plugin.dtype, generator=g) * 0.02)
+                m.quantize_(
+                    torch.randn(m.out_features, m.in_features, device=device, dtype=plugin.dtype, generator=g) * 0.02
+                )
         for p in model.parameters():
             p.fill_(1.0) if p.dim() == 1 else p.normal_(0, 0.02, generator=g)
     add_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05, query=True, key=True, value=True, projection=True,
@@ -83,7 +85,8 @@ def gptq_blocks(model_name: str, blocks: int, device: str, dry: bool) -> dict:
 
     full = Config.from_name(model_name)
     vocab = max(full.vocab_size, 4096)  # the bundled tokenizer's ids (the calibration text) must fit
-    config = Config.from_name(model_name, n_layer=blocks, vocab_size=vocab, padded_vocab_size=max(full.padded_vocab_size, vocab))
+    config = Config.from_name(model_name, n_layer=blocks, vocab_size=vocab,
+                              padded_vocab_size=max(full.padded_vocab_size, vocab))
     with tempfile.TemporaryDirectory(prefix="gpu-check-gptq-") as d:
         d = Path(d)
         torch.manual_seed(0)
@@ -98,7 +101,8 @@ def gptq_blocks(model_name: str, blocks: int, device: str, dry: bool) -> dict:
         args = ["--n_samples", "8", "--seq_len", "32"] if dry else []
         t0 = time.perf_counter()
         p = subprocess.run([sys.executable, "-m", "litquant.cli", "quantize", "gptq", "--checkpoint_dir", d,
-                            "--accelerator", "cuda" if device == "cuda" else "cpu", "--eval_tokens", "0", *map(str, args)],
+                            "--accelerator", "cuda" if device == "cuda" else "cpu", "--eval_tokens", "0",
+                            *map(str, args)],
                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         wall = time.perf_counter() - t0
     if p.returncode != 0:
@@ -145,9 +149,10 @@ def markdown(report: dict) -> str:
                 continue
             bw = dec.get("bandwidth")
             roof = bw / r["bytes_per_decode_step"] if bw else None
-            cells = [r["mode"], r["precision"], f"{r['decode_tokens_per_sec']:.1f}", "" if roof is None else f"{roof:.0f}",
-                     "" if roof is None else f"{r['decode_tokens_per_sec'] / roof:.0%}", f"{r['weight_bytes'] / 1e9:.2f}",
-                     f"{r['peak_memory_bytes'] / 1e9:.2f}"]
+            cells = [r["mode"], r["precision"], f"{r['decode_tokens_per_sec']:.1f}",
+                     "" if roof is None else f"{roof:.0f}",
+                     "" if roof is None else f"{r['decode_tokens_per_sec'] / roof:.0%}",
+                     f"{r['weight_bytes'] / 1e9:.2f}", f"{r['peak_memory_bytes'] / 1e9:.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     for name in ("qlora", "gptq"):
@@ -184,8 +189,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     bench_out = a.out / "decode"
     flags = ["--random_init", "true", "--model_name", name, "--modes", MODES, "--ppl_tokens", "0", "--runs", "2",
              "--out_dir", str(bench_out), "--accelerator", device, "--timeout", f"{left(0.5) / 5:.0f}"]
-    flags += ["--prompt_tokens", "8", "--max_new_tokens", "8"] if dry else ["--prompt_tokens", "128", "--max_new_tokens",
-                                                                            "128", "--compile", "true"]
+    flags += (["--prompt_tokens", "8", "--max_new_tokens", "8"] if dry
+              else ["--prompt_tokens", "128", "--max_new_tokens", "128", "--compile", "true"])
     code = ("import json, subprocess, sys; "
             f"p = subprocess.run([sys.executable, '-m', 'litquant.cli', 'benchmark', *{flags!r}]); "
             f"d = json.load(open({str(bench_out / 'benchmark.json')!r})); "

@@ -66,7 +66,8 @@ def _requirements(py: Path) -> list[str]:
             f"gptqmodel=={GPTQMODEL_VERSION}"], env=venv_env())
         sdist = next(Path(tmp).glob("*.tar.gz"))
         with tarfile.open(sdist) as tar:
-            member = next(m for m in tar.getmembers() if m.name.endswith("/requirements.txt") and m.name.count("/") == 1)
+            member = next(m for m in tar.getmembers()
+                          if m.name.endswith("/requirements.txt") and m.name.count("/") == 1)
             text = tar.extractfile(member).read().decode()
     reqs = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     return [r for r in reqs if not re.match(r"torch\b", r)]
@@ -224,7 +225,8 @@ with torch.inference_mode():
         t0 = time.perf_counter()
         y = m.model.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         rates.append((y.shape[1] - x.shape[1]) / (time.perf_counter() - t0))
-print(json.dumps(dict(rates=rates, kinds=sorted({type(q).__name__ for q in m.model.modules() if hasattr(q, "qweight")}))))
+print(json.dumps(dict(rates=rates,
+                      kinds=sorted({type(q).__name__ for q in m.model.modules() if hasattr(q, "qweight")}))))
 """
 TIMING = re.compile(r"Time for inference (\d+): ([\d.]+) sec total, ([\d.]+) tokens/sec")
 
@@ -274,7 +276,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="bundled", choices=["bundled", "200m", "1.1b"],
                     help="the bundled model, or a random Llama of benchmarks/scale.py (built and cached on first use)")
-    ap.add_argument("--checkpoint_dir", type=Path, default=None, help="any other litquant checkpoint (overrides --model)")
+    ap.add_argument("--checkpoint_dir", type=Path, default=None,
+                    help="any other litquant checkpoint (overrides --model)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group_size", type=int, default=128)
     ap.add_argument("--sym", type=lambda s: s.lower() == "true", default=True,

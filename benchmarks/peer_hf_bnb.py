@@ -191,7 +191,10 @@ def table(rows: list[dict]) -> str:
     head = ["mode", "new tokens", "tok/s litquant / HF", "ratio", "TTFT ms litquant / HF", "peak MB litquant / HF",
             "over baseline MB litquant / HF", "same greedy tokens"]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    mb = lambda r, k: r[k] / 1e6
+
+    def mb(r, k):
+        return r[k] / 1e6
+
     for r in rows:
         lq, hf = r["litquant"], r["hf"]
         out.append("| " + " | ".join([

@@ -182,7 +182,8 @@ def check_conversion(checkpoint_dir: Path, litgpt_dir: Path, venv_py: Path, prom
     if diff > 1e-4 * max(1.0, scale):
         raise UserError(f"the converted litgpt model does not match: max |logits diff| {diff:.3g}")
     if len(ours_new) != len(theirs["new"]):
-        raise UserError("the two tools would generate different numbers of tokens for this prompt; try another --prompt")
+        raise UserError("the two tools would generate different numbers of tokens for this prompt; "
+                        "try another --prompt")
     if len(ours_new) < n:
         print(f"warning: both stop at an end-of-sequence token after {len(ours_new)} of {n} tokens; "
               "the timing stays fair (same tokens) but is shorter; another --prompt may avoid it", flush=True)

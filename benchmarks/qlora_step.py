@@ -80,7 +80,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"commit {m['commit']}")
     print("| base | step s | tokens/sec | x LoRA step time |\n| --- | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['quantize']} | {r['step_s']:.2f} | {r['tokens_per_sec']:.1f} | {r['step_s'] / rows[0]['step_s']:.2f} |")
+        print(f"| {r['quantize']} | {r['step_s']:.2f} | {r['tokens_per_sec']:.1f} "
+              f"| {r['step_s'] / rows[0]['step_s']:.2f} |")
     return dict(machine=m, rows=rows)
 
 

@@ -102,8 +102,9 @@ def build(name: str) -> Path:
 def run_litquant(d: Path, mode: str, a: argparse.Namespace) -> dict:
     from litquant.benchmark.measure import MeasureSpec, measure_in_subprocess
 
-    spec = MeasureSpec(mode=mode, checkpoint_dir=str(d), precision=None, accelerator="cpu", prompt_tokens=a.prompt_tokens,
-                       max_new_tokens=a.max_new_tokens, runs=a.runs, warmup=1, ppl_tokens=0, threads=None)
+    spec = MeasureSpec(mode=mode, checkpoint_dir=str(d), precision=None, accelerator="cpu",
+                       prompt_tokens=a.prompt_tokens, max_new_tokens=a.max_new_tokens, runs=a.runs, warmup=1,
+                       ppl_tokens=0, threads=None)
     if mode == "full":  # no --quantize and no --precision: what `litquant generate` runs
         from litquant.precision import default_precision
 
@@ -128,7 +129,8 @@ def peer_hf_bnb(d: Path, ids: list[int], a: argparse.Namespace) -> dict:
     out = {}
     for mode in ("nf4", "int8"):
         r = hf.run_hf(py, d, mode, ids, a.max_new_tokens, a.runs, 1, None)
-        out[mode] = dict(tokens_per_sec=r["tokens_per_sec"], load_s=r["load_s"], peak_memory_bytes=r["peak_memory_bytes"],
+        out[mode] = dict(tokens_per_sec=r["tokens_per_sec"], load_s=r["load_s"],
+                         peak_memory_bytes=r["peak_memory_bytes"],
                          versions=dict(transformers=info.get("transformers"), bitsandbytes=info.get("bitsandbytes")))
         print(f"  transformers+bnb {mode}: {r['tokens_per_sec']:.2f} tok/s (whole generation)", flush=True)
     return out
@@ -162,7 +164,8 @@ with torch.inference_mode():
         y = m.model.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         if i:
             rates.append((y.shape[1] - x.shape[1]) / (time.perf_counter() - t0))
-print(json.dumps(dict(rates=rates, kinds=sorted({type(q).__name__ for q in m.model.modules() if hasattr(q, "qweight")}))))
+print(json.dumps(dict(rates=rates,
+                      kinds=sorted({type(q).__name__ for q in m.model.modules() if hasattr(q, "qweight")}))))
 """
 
 
@@ -178,7 +181,8 @@ def peer_gptqmodel(d: Path, ids: list[int], a: argparse.Namespace) -> dict:
            cwd=OUT)
     r = json.loads(p.stdout.strip().splitlines()[-1])
     res = dict(tokens_per_sec=statistics.median(r["rates"]), kernels=r["kinds"], version=gm.GPTQMODEL_VERSION)
-    print(f"  gptqmodel {gm.GPTQMODEL_VERSION}: {res['tokens_per_sec']:.2f} tok/s ({', '.join(r['kinds'])})", flush=True)
+    print(f"  gptqmodel {gm.GPTQMODEL_VERSION}: {res['tokens_per_sec']:.2f} tok/s ({', '.join(r['kinds'])})",
+          flush=True)
     return res
 
 

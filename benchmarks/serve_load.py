@@ -125,8 +125,8 @@ def run_mode(cmd: list[str], args, label: str) -> dict:
         for c in args.clients:
             row = asyncio.run(load("127.0.0.1", port, c, args.requests, args.max_tokens, mid))
             rows.append(row)
-            print(f"{label:>24}  {c:>3} clients  {row['tokens_per_s']:>8.1f} tok/s  TTFT p50 {row['ttft_p50_ms']:>7.1f} ms"
-                  f"  p95 {row['ttft_p95_ms']:>7.1f} ms", flush=True)
+            print(f"{label:>24}  {c:>3} clients  {row['tokens_per_s']:>8.1f} tok/s"
+                  f"  TTFT p50 {row['ttft_p50_ms']:>7.1f} ms  p95 {row['ttft_p95_ms']:>7.1f} ms", flush=True)
         base = rows[0]["tokens_per_s"]
         for row in rows:
             row["speedup_vs_first"] = round(row["tokens_per_s"] / base, 2)

@@ -130,7 +130,9 @@ def load_weights(
             try:
                 module = model.get_submodule(module_name)
             except AttributeError:
-                raise UserError(f"{path}: unexpected tensor {key!r} (does model_config.yaml match these weights?)") from None
+                raise UserError(
+                    f"{path}: unexpected tensor {key!r} (does model_config.yaml match these weights?)"
+                ) from None
             tensor = f.get_tensor(key)
             loader = getattr(module, "load_litquant_tensor", None)
             if loader is not None:

@@ -239,7 +239,9 @@ class Config:
                 intermediate_size=hf["intermediate_size"],
                 extra_hf={k: hf[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if k in hf},
             )
-        raise UserError(f"unsupported Hugging Face model_type {mt!r} (supported: llama, mistral, falcon, gpt_neox, phi)")
+        raise UserError(
+            f"unsupported Hugging Face model_type {mt!r} (supported: llama, mistral, falcon, gpt_neox, phi)"
+        )
 
 
 def _hf_rope(hf: dict, key: str, default: Any, *legacy: str) -> Any:

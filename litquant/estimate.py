@@ -203,7 +203,9 @@ def estimate(
             mode=mode,
             nominal_bytes=int(total_params * nominal_bits / 8),
             weight_bytes=w["bytes"],
-            bits_per_quantized_param=(8 * w["quantized_bytes"] / w["quantized_params"]) if w["quantized_params"] else None,
+            bits_per_quantized_param=(
+                (8 * w["quantized_bytes"] / w["quantized_params"]) if w["quantized_params"] else None
+            ),
             kv_cache_bytes=0 if finetune else kv_cache_bytes(config, context_length, batch_size, act_b),
             activation_bytes=0 if finetune else inference_activation_bytes(config, context_length, batch_size, act_b),
             total_bytes=0,
@@ -266,7 +268,8 @@ def format_table(result: dict) -> str:
     out.append("")
     out.append("bits/param: over the quantized Linears, with scales/zeros/absmax. 'before overheads': params x nominal "
                "bits, the rule of thumb.")
-    out.append("fits on: the smallest of " + ", ".join(n for n, _ in GPUS) + " that holds the total with 1 GiB to spare.")
+    out.append("fits on: the smallest of " + ", ".join(n for n, _ in GPUS)
+               + " that holds the total with 1 GiB to spare.")
     return "\n".join(out)
 
 

@@ -159,7 +159,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: Optional[_CacheAccess]):
         B, T, _ = x.shape
-        hs, nh, ng, n_rope = self.config.head_size, self.config.n_head, self.config.n_query_groups, self.config.rope_n_elem
+        hs, nh, ng, n_rope = (self.config.head_size, self.config.n_head, self.config.n_query_groups,
+                              self.config.rope_n_elem)
         q, k, v = self.qkv(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)

@@ -69,7 +69,9 @@ class LitquantPrecision:
         return model
 
     @staticmethod
-    def swap_linears(module: Module, wanted: Callable[[str], bool], make: Callable[[str, torch.nn.Linear], Module]) -> None:
+    def swap_linears(
+        module: Module, wanted: Callable[[str], bool], make: Callable[[str, torch.nn.Linear], Module]
+    ) -> None:
         """Replace, in place, each plain nn.Linear of `module` whose qualified name `wanted` accepts by
         `make(name, linear)`. LoRA adapter Linears are never swapped: they stay trainable full-precision layers.
         Already swapped layers are not nn.Linear any more, so a second call changes nothing."""

@@ -19,7 +19,9 @@ import pydoc_data.topics  # noqa: E402
 SAMPLE_TEXT = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)[:12])
 
 
-def make_checkpoint(path: Path, name: str = "tiny-llama-test", seed: int = 0, vocab_size: int = 320, **overrides) -> Path:
+def make_checkpoint(
+    path: Path, name: str = "tiny-llama-test", seed: int = 0, vocab_size: int = 320, **overrides
+) -> Path:
     """A litquant checkpoint dir with random weights (seeded) and a small trained BPE tokenizer."""
     from litquant.checkpoint import save_checkpoint
     from litquant.config import Config

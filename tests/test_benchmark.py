@@ -31,7 +31,8 @@ def _check_medians(result: dict) -> None:
     assert statistics.median(r["prompt_tokens"] / r["prefill_s"] for r in runs) == result["prefill_tokens_per_sec"]
     assert statistics.median(r["prefill_s"] for r in runs) == result["time_to_first_token_s"]
     # what `litquant generate` prints: new tokens / whole generation time
-    assert statistics.median(r["new_tokens"] / (r["prefill_s"] + r["decode_s"]) for r in runs) == result["tokens_per_sec"]
+    assert (statistics.median(r["new_tokens"] / (r["prefill_s"] + r["decode_s"]) for r in runs)
+            == result["tokens_per_sec"])
 
 
 def test_cli_writes_table_json_markdown_and_chart(ckpt, tmp_path):

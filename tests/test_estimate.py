@@ -171,7 +171,8 @@ def test_lora_finetune_state():
 
 def test_cli_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "est.json"
-    p = run_cli("estimate", "--model_name", "meta-llama/Llama-2-7b-hf", "--context_length", "2048", "--out_file", str(out))
+    p = run_cli("estimate", "--model_name", "meta-llama/Llama-2-7b-hf", "--context_length", "2048",
+                "--out_file", str(out))
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
     for mode in ("32-true", "bf16-true", "bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "gptq.int4"):
@@ -218,7 +219,8 @@ def test_bad_input_is_a_user_error(kwargs, message):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode,precision", [("bf16-true", "bf16-true"), ("bnb.nf4", "bf16-true"), ("bnb.int8", "bf16-true")])
+@pytest.mark.parametrize("mode,precision",
+                         [("bf16-true", "bf16-true"), ("bnb.nf4", "bf16-true"), ("bnb.int8", "bf16-true")])
 def test_estimate_matches_cuda_allocated_memory(tiny_model_dir, mode, precision):
     from litquant.checkpoint import load_model
     from litquant.precision import resolve

@@ -97,7 +97,8 @@ def test_unknown_model_name_is_one_line_error(tmp_path):
     assert "unknown model name 'Llama-9'" in out.stderr
 
 
-BUNDLED = pytest.mark.skipif(not (DEFAULT_CHECKPOINT_DIR / "lit_model.safetensors").is_file(), reason="bundled model missing")
+BUNDLED = pytest.mark.skipif(not (DEFAULT_CHECKPOINT_DIR / "lit_model.safetensors").is_file(),
+                             reason="bundled model missing")
 
 
 @BUNDLED

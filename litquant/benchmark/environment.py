@@ -56,7 +56,9 @@ def environment(device: torch.device) -> dict:
         "bitsandbytes": version("bitsandbytes"),
         "lightning": version("lightning"),
         "python": platform.python_version(),
-        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", CPU_MMAP_THRESHOLD) if device.type == "cpu" else None,
+        "malloc_mmap_threshold": (
+            os.environ.get("MALLOC_MMAP_THRESHOLD_", CPU_MMAP_THRESHOLD) if device.type == "cpu" else None
+        ),
         "commit": git_commit(),
     }
 

@@ -270,5 +270,6 @@ def measure_in_subprocess(spec: MeasureSpec, timeout: Optional[float]) -> dict:
         if result_file.is_file():
             return json.loads(result_file.read_text())
         tail = [l for l in (proc.stderr or "").strip().splitlines() if l.strip()]
-        why = "killed (out of memory?)" if proc.returncode in (-9, 137) else (tail[-1] if tail else f"exit {proc.returncode}")
+        why = ("killed (out of memory?)" if proc.returncode in (-9, 137)
+               else (tail[-1] if tail else f"exit {proc.returncode}"))
         return failed(spec.mode, f"failed: {why}")

@@ -16,7 +16,8 @@ PRECISION_MODES = ("32-true", "16-true", "bf16-true")
 
 
 def split_mode(mode: str, precision: Optional[str]) -> tuple[Optional[str], Optional[str]]:
-    """'bf16-true' -> ('bf16-true', None); 'bnb.nf4' -> (precision, 'bnb.nf4'); 'bnb.nf4@32-true' -> ('32-true', ...)."""
+    """'bf16-true' -> ('bf16-true', None); 'bnb.nf4' -> (precision, 'bnb.nf4');
+    'bnb.nf4@32-true' -> ('32-true', ...)."""
     if "@" in mode:
         quant, _, prec = mode.partition("@")
         return prec, (None if quant in PRECISION_MODES else quant)

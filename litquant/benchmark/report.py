@@ -47,7 +47,8 @@ def header(report: dict) -> str:
     what = f"{s['model_name']} (random init)" if s["random_init"] else s["checkpoint_dir"]
     return (f"{what} on {env['device_name']}; torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, "
             f"commit {env['commit']}, {env['date']}\n"
-            f"prompt {s['prompt_tokens']} tokens, {s['max_new_tokens']} new tokens (greedy), median of {s['runs']} runs "
+            f"prompt {s['prompt_tokens']} tokens, {s['max_new_tokens']} new tokens (greedy), "
+            f"median of {s['runs']} runs "
             f"after {s['warmup']} warm-up; perplexity: first {s['ppl_tokens']} held-out tokens"
             + (", compiled decode step (static KV cache)" if s["compile"] else ""))
 
@@ -57,7 +58,10 @@ def format_terminal(report: dict) -> str:
     failed = {i for i, r in enumerate(report["results"]) if "error" in r}
     widths = [max([len(c), *(len(r[i]) for j, r in enumerate(rows) if j not in failed or i == 0)])
               for i, c in enumerate(cols)]
-    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     out = [header(report), "", line(cols), line(["-" * w for w in widths])]
     out += [f"{r[0].ljust(widths[0])}  {r[1]}" if j in failed else line(r) for j, r in enumerate(rows)]
     return "\n".join(out)

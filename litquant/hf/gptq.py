@@ -223,12 +223,15 @@ def import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_name
                 yield f"{lit_module}.{a}", v
         if pending:
             qkv, parts = next(iter(pending.items()))
-            raise UserError(f"incomplete quantized attention: {qkv} lacks {', '.join(p for p in 'qkv' if p not in parts)}")
+            raise UserError(
+                f"incomplete quantized attention: {qkv} lacks {', '.join(p for p in 'qkv' if p not in parts)}"
+            )
 
     def plan() -> Iterator[tuple[str, torch.Tensor]]:
         for m in sorted(quantized, key=layer_order):
             out_features, in_features = shapes[m + ".weight"]
-            hf_bias = [headers[f"{h}.bias"].dtype for h in hf_modules if f"{h}.bias" in headers and lit_module_of(h)[0] == m]
+            hf_bias = [headers[f"{h}.bias"].dtype for h in hf_modules
+                       if f"{h}.bias" in headers and lit_module_of(h)[0] == m]
             bias = (torch_dtype or hf_bias[0]) if m + ".bias" in shapes and hf_bias else None
             yield from _gptq_plan(m, in_features, out_features, num_groups(in_features, group_size), bits, bias)
         yield from iter_hf_to_lit(((k, headers[k]) for k in plain), config, torch_dtype, tie, shapes=rest)
@@ -238,7 +241,8 @@ def import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_name
         yield from iter_hf_to_lit(iter_hf_files(files, only=set(plain)), config, torch_dtype, tie, shapes=rest)
 
     out = checkpoint_dir / gptq_file(bits)
-    write_safetensors(out, tensors(), plan(), metadata={"format": "pt", "litquant": "1", "quantize_config": json.dumps(qc)})
+    write_safetensors(out, tensors(), plan(),
+                      metadata={"format": "pt", "litquant": "1", "quantize_config": json.dumps(qc)})
     write_quantize_config(checkpoint_dir, qc)
     config.save(checkpoint_dir)
     print(f"Wrote {out} ({len(quantized)} GPTQ layers, {bits} bits, group_size {group_size}) and {CONFIG_FILE}; "

@@ -89,7 +89,8 @@ def main(
     if threads:
         torch.set_num_threads(threads)
     env = environment(device)
-    bandwidth = bandwidth_gbps * 1e9 if bandwidth_gbps else (peak_bandwidth(env["device_name"]) if device.type == "cuda" else None)
+    bandwidth = (bandwidth_gbps * 1e9 if bandwidth_gbps
+                 else (peak_bandwidth(env["device_name"]) if device.type == "cuda" else None))
     settings = dict(checkpoint_dir=spec.checkpoint_dir, model_name=model_name or config.name,
                     random_init=random_init, precision=precision, prompt_tokens=prompt_tokens,
                     max_new_tokens=max_new_tokens, runs=runs, warmup=warmup,

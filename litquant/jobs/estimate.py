@@ -83,7 +83,9 @@ def main(
         next(g for g in (gptq_group_size, file_group, 128) if g is not None), finetune, lora_r, lora_targets,
     )
     if checkpoint_dir is not None:
-        result["files_on_disk"] = {p.name: p.stat().st_size for p in sorted(checkpoint_dir.glob("lit_model*.safetensors"))}
+        result["files_on_disk"] = {
+            p.name: p.stat().st_size for p in sorted(checkpoint_dir.glob("lit_model*.safetensors"))
+        }
     print(format_table(result))
     if out_file is not None:
         atomic_write_text(out_file, json.dumps(result, indent=2))

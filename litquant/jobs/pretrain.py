@@ -78,7 +78,9 @@ def main(
     Config.from_name(model_name)  # fail fast on an unknown name, before any work
     out_dir = Path(out_dir)
     if not overwrite and any((out_dir / f).exists() for f in (CONFIG_FILE, WEIGHTS_FILE)):
-        raise UserError(f"{out_dir} already holds a checkpoint: pass --overwrite true to replace it, or another --out_dir")
+        raise UserError(
+            f"{out_dir} already holds a checkpoint: pass --overwrite true to replace it, or another --out_dir"
+        )
     fabric, plugin = setup_fabric(precision, None, accelerator=accelerator)
     fabric.seed_everything(seed)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +152,8 @@ def main(
     import json
 
     summary = {"model": config.name, "parameters": num_parameters(model), "max_steps": max_steps,
-               "micro_batch_size": micro_batch_size, "seq_len": seq_len, "seed": seed, "train_seconds": round(train_s, 1),
+               "micro_batch_size": micro_batch_size, "seq_len": seq_len, "seed": seed,
+               "train_seconds": round(train_s, 1),
                "heldout_perplexity": round(ppl, 3), "eval_precision": precision, "history": history}
     atomic_write_text(out_dir / "pretrain_summary.json", json.dumps(summary, indent=2))
     fabric.print(memory_used_line(fabric.device))

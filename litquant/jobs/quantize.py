@@ -142,7 +142,8 @@ def gptq(
     print(memory_used_line(device), file=sys.stderr)
     if gate is not None:
         base, quant = gate["base"], gate["quantized"]
-        print(f"Quality gate: held-out perplexity {quant:.4g} quantized vs {base:.4g} base ({(quant / base - 1) * 100:+.2f}%), "
+        print(f"Quality gate: held-out perplexity {quant:.4g} quantized vs {base:.4g} base "
+              f"({(quant / base - 1) * 100:+.2f}%), "
               f"{gate['tokens']} tokens of {gate_source}", file=sys.stderr)
     return out
 

@@ -351,8 +351,8 @@ class Linear8bit(_QuantLinear):
     """Int8 Linear (LLM.int8 storage): weight int8 (out, in), absmax fp32 (out,); W = weight * absmax / 127.
 
     `training=False` (bnb.int8): LLM.int8 forward. Input columns with any |x| >= threshold (within one sequence)
-    multiply in full precision with the dequantized weight; the rest of each input row is scaled by its absmax to int8, multiplied
-    in int32 (bnb's int8 matmul: cuBLASLt on CUDA, torch._int_mm on AVX512 CPUs) and rescaled in fp32, so
+    multiply in full precision with the dequantized weight; the rest of each input row is scaled by its absmax to int8,
+    multiplied in int32 (bnb's int8 matmul: cuBLASLt on CUDA, torch._int_mm on AVX512 CPUs) and rescaled in fp32, so
     nothing passes through fp16 (no overflow for bf16/fp32 activations).
     `training=True` (bnb.int8-training): dequantize the weight to the compute dtype and multiply (bnb's own
     choice for finetuning on CPU; gradients to the input either way)."""

@@ -125,7 +125,8 @@ def default_n_samples(config: Config, seq_len: int, device: torch.device, dtype:
     hessian = sum(m.in_features ** 2 for m in linears if m is not getattr(block.mlp, "fc_2", None))
     wide = max(linears, key=lambda m: m.in_features * m.out_features)
     rows = min(seq_len * 4, 1024)
-    x, w = torch.randn(rows, wide.in_features, dtype=dtype), torch.randn(wide.out_features, wide.in_features, dtype=dtype)
+    x = torch.randn(rows, wide.in_features, dtype=dtype)
+    w = torch.randn(wide.out_features, wide.in_features, dtype=dtype)
     xh, h = x.float(), torch.zeros(wide.in_features, wide.in_features)
     timings = []
     for fn in (lambda: F.linear(x, w), lambda: h.addmm_(xh.t(), xh)):
@@ -174,7 +175,8 @@ def quantize_blocks(
     with open_safetensors(source) as f:
         wte = f.get_tensor("transformer.wte.weight").to(device=device, dtype=dtype)
         xs = [F.embedding(b.to(device), wte) for b in tokens.split(batch_size)]  # this block's inputs, per batch
-        gate = [F.embedding(b.to(device), wte) for b in gate_tokens.split(batch_size)] if gate_tokens is not None else []
+        gate = ([F.embedding(b.to(device), wte) for b in gate_tokens.split(batch_size)]
+                if gate_tokens is not None else [])
         gate_q = [g.clone() for g in gate]  # the held-out windows through the quantized blocks; `gate`: the originals
         n_tokens = tokens.numel()
         del wte

@@ -27,7 +27,8 @@ QUANTIZE_CONFIG_FILE = "quantize_config.json"
 _HELP = {
     2: "GPTQ 2-bit (AutoGPTQ layout): dequantize + matmul per call, no fused kernel",
     3: "GPTQ 3-bit (AutoGPTQ layout): dequantize + matmul per call, no fused kernel",
-    4: "GPTQ 4-bit (AutoGPTQ layout), torch int4 tinygemm kernels on CPU and CUDA; make it with `litquant quantize gptq`",
+    4: "GPTQ 4-bit (AutoGPTQ layout), torch int4 tinygemm kernels on CPU and CUDA; "
+       "make it with `litquant quantize gptq`",
     8: "GPTQ 8-bit (AutoGPTQ layout): dequantize + matmul per call, no fused kernel",
 }
 
@@ -163,12 +164,16 @@ class GPTQPrecision(LitquantPrecision):
             )
         qc = read_quantize_config(path)
         if qc["bits"] != self.bits:
-            raise UserError(f"{path} was quantized with {qc['bits']} bits but --quantize {self.mode.name} needs {self.bits}")
+            raise UserError(
+                f"{path} was quantized with {qc['bits']} bits but --quantize {self.mode.name} needs {self.bits}"
+            )
         modules = quantized_modules(path)
         if not modules:
             raise UserError(f"{path} holds no GPTQ layers (no *.qweight tensors)")
         if self.quantize_lm_head and "lm_head" not in modules:
-            raise UserError(f"{path} has no quantized lm_head (GPTQ quantizes the blocks; run without --quantize_lm_head)")
+            raise UserError(
+                f"{path} has no quantized lm_head (GPTQ quantizes the blocks; run without --quantize_lm_head)"
+            )
         return LoadPlan(name, swap=modules.__contains__, extra={"group_size": qc["group_size"]})
 
     def convert_module(self, module: nn.Module, plan: Optional[LoadPlan] = None) -> nn.Module:
@@ -179,7 +184,8 @@ class GPTQPrecision(LitquantPrecision):
                 if not linear.weight.is_meta:
                     raise UserError(
                         f"--quantize {self.mode.name} loads GPTQ weights made ahead of time (`litquant quantize gptq`);"
-                        f" it cannot quantize the already-loaded layer {name}: load the model with litquant.checkpoint.load_model"
+                        f" it cannot quantize the already-loaded layer {name}:"
+                        " load the model with litquant.checkpoint.load_model"
                     )
                 return GPTQLinear(
                     linear.in_features, linear.out_features, bias=linear.bias is not None, bits=self.bits,
@@ -195,7 +201,8 @@ class GPTQPrecision(LitquantPrecision):
         if device.type == "cuda" or (self.dtype == torch.bfloat16 and self.bits == 4):
             return "torch int4 tinygemm (int4pack)"
         if cpu_kernels.lib() is None:
-            return f"torch int4 kernel / dequantize + matmul (litquant CPU kernels unavailable: {cpu_kernels.build_error})"
+            return ("torch int4 kernel / dequantize + matmul "
+                    f"(litquant CPU kernels unavailable: {cpu_kernels.build_error})")
         return (f"litquant {cpu_kernels.isa()} kernels: fused GPTQ matmul on the AutoGPTQ layout (<= "
                 f"{GEMV_MAX_ROWS} rows), tiled dequantize + matmul beyond")
 
