@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
+HEADER = SOURCE.with_name("cpu_simd.h")  # included by SOURCE
 TILE_ELEMENTS = 1 << 22  # wide inputs: dequantize this many weights at a time, then matmul (bounded scratch)
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -122,7 +123,7 @@ def load(flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as e:
         raise OSError(f"{cc} --version failed: {e}") from None
     cmd = _command(cc, flags)
-    key_src = SOURCE.read_bytes() + version.encode() + _cpu_id().encode() + " ".join(cmd).encode()
+    key_src = SOURCE.read_bytes() + HEADER.read_bytes() + version.encode() + _cpu_id().encode() + " ".join(cmd).encode()
     so = _cache_dir() / f"litquant_cpu_{hashlib.sha256(key_src).hexdigest()[:16]}.so"
     if not so.is_file():
         _build(cmd, so)
