@@ -124,7 +124,8 @@ def convert_ours(checkpoint_dir: Path, out_dir: Path, a: dict) -> dict:
            "--bits", a["bits"], "--group_size", a["group_size"], "--sym", str(a["sym"]).lower(),
            "--act_order", str(a["act_order"]).lower(), "--damp_percent", a["damp_percent"],
            "--n_samples", a["n_samples"], "--seq_len", a["seq_len"], "--batch_size", a["batch_size"],
-           "--seed", a["seed"], "--accelerator", a["accelerator"]]
+           "--seed", a["seed"], "--accelerator", a["accelerator"],
+           "--eval_tokens", 0]  # like for like: gptqmodel scores nothing (our quality gate is measured apart)
     p, wall = _timed(cmd, {**os.environ, "PYTHONPATH": str(REPO)}, REPO)
     quant_s = float(re.search(r"Time for quantization: ([\d.]+) sec total", p.stderr).group(1))
     peak = float(re.search(r"Memory used: ([\d.]+) GB", p.stderr).group(1))
@@ -237,7 +238,7 @@ def speed(py: Path, ours: Path, theirs: Path, prompt: str, n: int, runs: int, bi
     ids = Tokenizer(ours).encode(prompt).tolist()
     cmd = [sys.executable, "-m", "litquant.cli", "generate", "--checkpoint_dir", ours, "--quantize", f"gptq.int{bits}",
            "--precision", "bf16-true", "--prompt", prompt, "--max_new_tokens", n, "--temperature", "0",
-           "--num_samples", runs + 1, "--accelerator", "cpu"]
+           "--num_samples", runs + 1, "--batch_size", 1, "--accelerator", "cpu"]  # one at a time: timed alone
     p = sh(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     our_rates = [float(t) for _, _, t in TIMING.findall(p.stderr)][1:]  # the first sample is the warm-up
     r = json.loads(sh([py, "-c", _GENERATE, theirs, json.dumps(ids), n, runs], env=venv_env(), cwd=OUT)

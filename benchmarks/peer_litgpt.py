@@ -208,7 +208,8 @@ def time_both(checkpoint_dir: Path, litgpt_dir: Path, prompt: str, n: int, preci
               venv_py: Path) -> dict:
     common = ["--prompt", prompt, "--max_new_tokens", n, "--temperature", "0", "--top_k", "1",
               "--precision", precision, "--num_samples", warmup + 1]
-    ours_cmd = [sys.executable, "-m", "litquant.cli", "generate", "--checkpoint_dir", checkpoint_dir, *common]
+    ours_cmd = [sys.executable, "-m", "litquant.cli", "generate", "--checkpoint_dir", checkpoint_dir, *common,
+                "--batch_size", "1"]  # samples one after another, as litgpt runs them
     theirs_cmd = [VENVS / "litgpt" / "bin" / "litgpt", "generate", litgpt_dir, *common]
     ours_env = {**os.environ, "PYTHONPATH": str(REPO)}
     samples: dict[str, list[tuple[float, float]]] = {"litquant": [], "litgpt": []}

@@ -52,10 +52,7 @@ def current_rss_bytes() -> int:
 _libc = None
 
 
-def release_freed_memory() -> None:
-    """Hand memory that was freed back to the OS (glibc's malloc_trim). Streaming a checkpoint through quantization
-    frees a full-precision buffer per layer; glibc keeps such holes in its heap, and over a whole model they add up to
-    a large share of the quantized size. A no-op where there is no glibc."""
+def _glibc():
     global _libc
     if _libc is None:
         try:
@@ -63,10 +60,26 @@ def release_freed_memory() -> None:
 
             _libc = ctypes.CDLL("libc.so.6")
             _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+            _libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
+    return _libc
+
+
+def release_freed_memory() -> None:
+    """Hand memory that was freed back to the OS (glibc's malloc_trim). Streaming a checkpoint through quantization
+    frees a full-precision buffer per layer; glibc keeps such holes in its heap, and over a whole model they add up to
+    a large share of the quantized size. A no-op where there is no glibc."""
+    if _glibc():
         _libc.malloc_trim(0)
+
+
+def map_large_allocations(threshold: int = 32 << 20) -> None:
+    """Serve every allocation of `threshold` bytes or more with its own mmap, returned to the OS when freed. glibc
+    otherwise raises its mmap threshold to the largest block freed so far, after which big temporaries come from
+    the heap and stay resident: fine for a server, not for a one-shot conversion whose peak is the point."""
+    if _glibc():
+        _libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixing it also turns off the dynamic adjustment)
 
 
 def memory_used_line(device: torch.device | str) -> str:

@@ -196,7 +196,8 @@ def quantize_blocks(
                 for t in recording:
                     t.record()
                 hessians = _HessianCollector(layers, device)
-                handle = layers[group[-1]].register_forward_hook(_stop)
+                # stop the forward as the group's last Linear is about to run: its output is not needed
+                handle = layers[group[-1]].register_forward_pre_hook(_stop)
                 try:
                     for b, x in enumerate(xs):
                         for t in tails:
@@ -206,6 +207,9 @@ def quantize_blocks(
                         except _StopForward:
                             pass
                         hessians.next_forward()
+                        if b == 0 and len(group) > 1 and hessians.shared():  # e.g. fc_1 and fc_2: one input
+                            handle.remove()
+                            handle = layers[group[0]].register_forward_pre_hook(_stop)
                 finally:
                     hessians.remove()
                     handle.remove()
@@ -268,7 +272,7 @@ def _gate(f, config: Config, base: list, quant: list, tokens: torch.Tensor, devi
     return out
 
 
-def _stop(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+def _stop(module: nn.Module, args: tuple) -> None:
     raise _StopForward
 
 
@@ -277,7 +281,7 @@ def _linear_names(module: nn.Module, prefix: str) -> list[str]:
 
 
 class _HessianCollector:
-    """Forward hooks feeding each Linear's inputs to its own GPTQ, except that Linears handed the very same input
+    """Forward pre-hooks feeding each Linear's inputs to its own GPTQ, except that Linears handed the very same input
     tensor in one forward (the MLP's fc_1 and fc_2) share one GPTQ: one Hessian computed instead of two."""
 
     def __init__(self, layers: dict[str, nn.Module], device: torch.device) -> None:
@@ -286,10 +290,10 @@ class _HessianCollector:
         self.gptqs: dict[str, GPTQ] = {}
         self._seen: list[tuple[torch.Tensor, GPTQ]] = []  # inputs of the current forward, and where they went
         self._new = lambda layer: GPTQ(layer.in_features, device)  # an in_features² Hessian: made once per layer
-        self._handles = [layer.register_forward_hook(self._hook(name)) for name, layer in layers.items()]
+        self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in layers.items()]
 
     def _hook(self, name: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, args: tuple) -> None:
             x = args[0]
             for seen, gptq in self._seen:
                 if seen is x:
@@ -305,6 +309,10 @@ class _HessianCollector:
 
     def next_forward(self) -> None:
         self._seen.clear()
+
+    def shared(self) -> bool:
+        """Did every Linear get the same input (one GPTQ for all)? Then the first one's input is all we need."""
+        return len(self.gptqs) == len(self._handles) and len({id(g) for g in self.gptqs.values()}) == 1
 
     def remove(self) -> None:
         for h in self._handles:
