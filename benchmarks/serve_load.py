@@ -47,7 +47,7 @@ async def request(host: str, port: int, body: dict, path: str = "/v1/completions
         rest = await reader.read()
         writer.close()
         raise RuntimeError(f"{status.strip()}: {rest[-300:]!r}")
-    ttft, tokens, text = None, 0, ""
+    ttft, tokens, text, pieces = None, 0, "", 0
     async for raw in reader:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -60,18 +60,25 @@ async def request(host: str, port: int, body: dict, path: str = "/v1/completions
             if piece and ttft is None:
                 ttft = time.perf_counter() - t0
             text += piece
+            pieces += bool(piece)
     writer.close()
-    return dict(ttft=ttft if ttft is not None else time.perf_counter() - t0, tokens=tokens,
-                total=time.perf_counter() - t0)
+    return dict(ttft=ttft if ttft is not None else time.perf_counter() - t0, tokens=tokens or pieces,
+                total=time.perf_counter() - t0)  # a server without usage counts: one streamed piece per token
 
 
-async def load(host: str, port: int, clients: int, requests_per_client: int, max_tokens: int, model: str) -> dict:
+async def load(host: str, port: int, clients: int, requests_per_client: int, max_tokens: int, model: str,
+               chat: bool = False) -> dict:
     async def client(c: int) -> list[dict]:
         out = []
         for r in range(requests_per_client):
-            body = dict(model=model, prompt=PROMPTS[(c + r) % len(PROMPTS)], max_tokens=max_tokens, temperature=0.8,
-                        seed=c * 1000 + r, stream=True, stream_options={"include_usage": True})
-            out.append(await request(host, port, body))
+            prompt = PROMPTS[(c + r) % len(PROMPTS)]
+            body = dict(model=model, max_tokens=max_tokens, temperature=0.8, seed=c * 1000 + r, stream=True,
+                        stream_options={"include_usage": True})
+            if chat:  # LitServe's OpenAI spec has the chat endpoint only
+                body["messages"] = [{"role": "user", "content": prompt}]
+            else:
+                body["prompt"] = prompt
+            out.append(await request(host, port, body, "/v1/chat/completions" if chat else "/v1/completions"))
         return out
 
     t0 = time.perf_counter()
@@ -109,21 +116,24 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 600) -> Non
 def model_id(port: int) -> str:
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
-        return json.load(r)["data"][0]["id"]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as r:
+            return json.load(r)["data"][0]["id"]
+    except OSError:  # no model list (LitServe)
+        return "model"
 
 
-def run_mode(cmd: list[str], args, label: str) -> dict:
+def run_mode(cmd: list[str], args, label: str, chat: bool = False) -> dict:
     port = free_port()
     proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         wait_healthy(port, proc)
         mid = model_id(port)
-        asyncio.run(load("127.0.0.1", port, 1, 2, 8, mid))  # warm-up
+        asyncio.run(load("127.0.0.1", port, 1, 2, 8, mid, chat))  # warm-up
         rows = []
         for c in args.clients:
-            row = asyncio.run(load("127.0.0.1", port, c, args.requests, args.max_tokens, mid))
+            row = asyncio.run(load("127.0.0.1", port, c, args.requests, args.max_tokens, mid, chat))
             rows.append(row)
             print(f"{label:>24}  {c:>3} clients  {row['tokens_per_s']:>8.1f} tok/s"
                   f"  TTFT p50 {row['ttft_p50_ms']:>7.1f} ms  p95 {row['ttft_p95_ms']:>7.1f} ms", flush=True)
@@ -167,7 +177,11 @@ def main() -> None:
                    "--max_batch_size", str(args.max_batch_size)]
             report["results"].append(run_mode(cmd, args, f"litquant {mode}"))
         if args.peer == "litgpt":
-            report["results"].append(peer_litgpt(ckpt, args))
+            try:
+                report["results"].append(peer_litgpt(ckpt, args))
+            except Exception as e:  # the peer did not start or did not answer: say so, keep our figures
+                print(f"litgpt serve: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+                report["results"].append(dict(label="litgpt serve", error=str(e)[:500]))
     OUT.mkdir(exist_ok=True)
     out = OUT / "serve_load.json"
     out.write_text(json.dumps(report, indent=1))
@@ -195,7 +209,7 @@ def peer_litgpt(ckpt: Path, args) -> dict:
     lit_dir = convert(ckpt, py)
     cmd = [str(py), "-m", "litgpt", "serve", str(lit_dir), "--max_new_tokens", str(args.max_tokens), "--stream",
            "true", "--openai_spec", "true"]
-    return run_mode(cmd, args, "litgpt serve")
+    return run_mode(cmd, args, "litgpt serve", chat=True)
 
 
 if __name__ == "__main__":

@@ -74,14 +74,6 @@ def release_freed_memory() -> None:
         _libc.malloc_trim(0)
 
 
-def map_large_allocations(threshold: int = 32 << 20) -> None:
-    """Serve every allocation of `threshold` bytes or more with its own mmap, returned to the OS when freed. glibc
-    otherwise raises its mmap threshold to the largest block freed so far, after which big temporaries come from
-    the heap and stay resident: fine for a server, not for a one-shot conversion whose peak is the point."""
-    if _glibc():
-        _libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (fixing it also turns off the dynamic adjustment)
-
-
 def memory_used_line(device: torch.device | str) -> str:
     return f"Memory used: {peak_memory_bytes(device) / 1e9:.02f} GB"
 
