@@ -30,7 +30,8 @@ def sh(cmd: list, *, env: Optional[dict] = None, cwd: Path = REPO, timeout: int 
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
     if p.returncode != 0:
         tail = (p.stdout + p.stderr)[-3000:]
-        raise UserError(f"command failed ({p.returncode}): {' '.join(map(str, cmd))[:300]}\n{tail}")
+        shown = " ".join("<script>" if "\n" in str(c) else str(c) for c in cmd)[:300]
+        raise UserError(f"command failed ({p.returncode}): {shown}\n{tail}")
     return p
 
 

@@ -91,7 +91,8 @@ def run(args: list) -> dict:
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise UserError(f"{' '.join(map(str, args))} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        said = [line for line in (p.stdout + p.stderr).splitlines() if line.strip() and not line.startswith("PEAK")]
+        raise UserError(f"{' '.join(map(str, args))} failed: {(said or ['?'])[-1]}")
     peak_kb = int(next(l for l in p.stderr.splitlines() if l.startswith("PEAK")).split()[1])
     return dict(seconds=wall, peak_rss_gb=peak_kb * 1024 / 1e9)
 
@@ -125,13 +126,18 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
         out = d.with_name(d.name + "-export")
         shutil.rmtree(out, ignore_errors=True)
+        if name == "13b":  # the HF shards are not needed any more: the export needs their 26 GB of disk
+            for f in d.glob("model*.safetensors*"):
+                f.unlink()
         print(f"[{name}] convert_lit_checkpoint", flush=True)
-        r = run(["convert_lit_checkpoint", "--checkpoint_dir", d, "--output_dir", out])
+        try:
+            r = run(["convert_lit_checkpoint", "--checkpoint_dir", d, "--output_dir", out])
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+            if name == "13b" and a.keep == "false":
+                shutil.rmtree(d, ignore_errors=True)
         rows.append(dict(model=name, job="convert_lit_checkpoint", gb=hf_bytes / 1e9, **r))
         print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
-        shutil.rmtree(out, ignore_errors=True)
-        if name == "13b" and a.keep == "false":
-            shutil.rmtree(d, ignore_errors=True)
     m = machine()
     print(f"\n{m['cpu']} ({m['cores']} cores), commit {m['commit']}\n")
     print("| model | job | weights GB | seconds | peak RSS GB (runtime included) |\n| --- | --- | ---: | ---: | ---: |")

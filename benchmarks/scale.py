@@ -89,11 +89,19 @@ def build(name: str) -> Path:
            env={**os.environ, "PYTHONPATH": str(REPO)})
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)
-    if not (d / "lit_model_gptq.4bit.safetensors").is_file():
+    gptq = d / "lit_model_gptq.4bit.safetensors"
+    if not gptq.is_file() or not _symmetric(gptq):  # files from before --sym true became the default: made again
         print(f"[{name}] litquant quantize gptq (8 x 128 calibration tokens: for speed only)", flush=True)
         sh([sys.executable, "-m", "litquant.cli", "quantize", "gptq", "--checkpoint_dir", d, "--n_samples", "8",
             "--seq_len", "128"], env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=7200)
     return d
+
+
+def _symmetric(path: Path) -> bool:
+    from litquant.io import open_safetensors
+
+    with open_safetensors(path) as f:
+        return json.loads((f.metadata() or {}).get("quantize_config", "{}")).get("sym") is True
 
 
 # ---- 2. litquant ----------------------------------------------------------------------------------------------
@@ -174,7 +182,8 @@ def peer_gptqmodel(d: Path, ids: list[int], a: argparse.Namespace) -> dict:
 
     py = gm.ensure_venv()
     export = d.with_name(d.name + "-gptq-hf")
-    if not (export / "config.json").is_file():
+    source = d / "lit_model_gptq.4bit.safetensors"
+    if not (export / "config.json").is_file() or (export / "config.json").stat().st_mtime < source.stat().st_mtime:
         sh([sys.executable, "-m", "litquant.cli", "convert_lit_checkpoint", "--checkpoint_dir", d, "--output_dir",
             export, "--quantize", "gptq.int4"], env={**os.environ, "PYTHONPATH": str(REPO)})
     p = sh([py, "-c", _GPTQMODEL_GENERATE, export, json.dumps(ids), a.max_new_tokens, a.runs], env=gm.venv_env(),
@@ -264,7 +273,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                     "gptqmodel": lambda: peer_gptqmodel(d, ids, a)}[peer]()
             except UserError as e:  # a peer that does not install or run here: say so, keep the rest
                 print(f"  {peer} failed: {str(e).splitlines()[0]}", flush=True)
-                r["peers"][peer] = {"error": str(e).splitlines()[0]}
+                lines = str(e).strip().splitlines()
+                r["peers"][peer] = {"error": " / ".join(dict.fromkeys([lines[0], lines[-1]]))}  # command, last line
     out = OUT / "scale"
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
     (out / f"results-{stamp}.json").write_text(json.dumps(report, indent=2))

@@ -103,7 +103,8 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 600) -> Non
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode})")
+            said = [line for line in (proc.stderr.read() if proc.stderr else "").splitlines() if line.strip()]
+            raise RuntimeError(f"the server exited ({proc.returncode}): {(said or ['?'])[-1][:300]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:

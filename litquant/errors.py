@@ -7,6 +7,7 @@ never a traceback. Bugs still show their traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -41,6 +42,13 @@ def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: no space left on the device{where}; what was there before is unchanged (writes are atomic)",
+              file=sys.stderr)
+        raise SystemExit(1) from None
     except MemoryError:
         print("error: out of memory (try --quantize bnb.nf4, a lower --precision or a smaller batch)", file=sys.stderr)
         raise SystemExit(1) from None

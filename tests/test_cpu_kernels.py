@@ -55,7 +55,7 @@ def bnb_reference(layer: bl.Linear4bit) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("quant_type,dq", [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)])
-@pytest.mark.parametrize("n,k", [(48, 128), (37, 320)])
+@pytest.mark.parametrize("n,k", [(48, 128), (37, 320), (24, 2560)])  # the last: crosses nested-absmax blocks
 def test_bnb4_matmul_matches_bnb_dequantize_then_matmul(build, quant_type, dq, n, k):
     layer = bnb_layer(n, k, quant_type, dq)
     W = bnb_reference(layer)
@@ -68,13 +68,15 @@ def test_bnb4_matmul_matches_bnb_dequantize_then_matmul(build, quant_type, dq, n
         torch.testing.assert_close(y16, x.bfloat16().float() @ W.t(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("quant_type,dq", [("nf4", False), ("fp4", True)])
-def test_bnb4_dequantize_is_bitsandbytes_bit_for_bit(build, quant_type, dq):
-    layer = bnb_layer(40, 192, quant_type, dq, seed=1)
+@pytest.mark.parametrize("quant_type,dq,k", [("nf4", False, 192), ("fp4", True, 192), ("nf4", True, 2560)])
+def test_bnb4_dequantize_is_bitsandbytes_bit_for_bit(build, quant_type, dq, k):
+    """k = 2560: 40 blocks per row, so the vectorised double-quant undo runs, from row starts that are not multiples
+    of the vector width, across boundaries of the nested blocks of 256."""
+    layer = bnb_layer(40, k, quant_type, dq, seed=1)
     lut = bl._code(quant_type, torch.device("cpu"))
     ref = bnb_reference(layer)
-    assert torch.equal(ck.bnb4_dequantize(layer.weight, 40, 192, layer.absmax, lut, layer._dq()), ref)
-    rows = ck.bnb4_dequantize(layer.weight, 40, 192, layer.absmax, lut, layer._dq(), rows=(7, 23), dtype=torch.bfloat16)
+    assert torch.equal(ck.bnb4_dequantize(layer.weight, 40, k, layer.absmax, lut, layer._dq()), ref)
+    rows = ck.bnb4_dequantize(layer.weight, 40, k, layer.absmax, lut, layer._dq(), rows=(7, 23), dtype=torch.bfloat16)
     assert torch.equal(rows, ref[7:23].bfloat16())
     # the layer's dequantize (used by merge and the backward) is bnb's too, in every dtype
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

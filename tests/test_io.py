@@ -80,3 +80,42 @@ def test_write_safetensors_from_a_stream(tmp_path):
     assert made == list(ts) and n == sum(v.numel() for v in ts.values())
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
         assert all(torch.equal(f.get_tensor(k), v) for k, v in ts.items())
+
+
+def test_a_full_disk_is_one_error_line_and_keeps_the_previous_file(tmp_path, capsys):
+    """ENOSPC in the middle of a write (what a full disk raises): the old file stays, no temp file is left, and the
+    job guard prints one line instead of a traceback."""
+    import errno
+    import os
+
+    from litquant.errors import run_guarded
+
+    class FullDisk:  # the writer's file, refusing any write of more than 32 bytes
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            if memoryview(data).nbytes > 32:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    ts = _tensors()
+    path = tmp_path / "x.safetensors"
+    path.write_text("the previous file")
+
+    def job():
+        with SafetensorsWriter(path, list(ts.items())) as w:
+            w._f = FullDisk(w._f)
+            for k, v in ts.items():
+                w.write(k, v)
+
+    with pytest.raises(SystemExit) as e:
+        run_guarded(job)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no space left on the device"), err
+    assert path.read_text() == "the previous file"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]

@@ -13,8 +13,19 @@
 
 #define BNB_BLOCK 64
 #define BNB_NESTED 256
+// RUN(1), RUN(2), RUN(3) or RUN(4) for mb rows: with a constant row count the loops over rows unroll and their
+// accumulators stay in registers
+#define BY_ROWS(mb, RUN)                    \
+    do {                                    \
+        switch (mb) {                       \
+            case 1: RUN(1); break;          \
+            case 2: RUN(2); break;          \
+            case 3: RUN(3); break;          \
+            default: RUN(4);                \
+        }                                   \
+    } while (0)
 
-int lq_version(void) { return 5; }
+int lq_version(void) { return 6; }
 int lq_lanes(void) { return V; }
 int lq_vnni(void) {  // int8 dot-product instructions: torch's int8 matmul is fast for many rows
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
@@ -41,12 +52,23 @@ static inline void bnb_absmax(float *out, int64_t b0, int64_t nb, const float *a
     }
 }
 
-static inline __attribute__((always_inline)) void bnb4_row(const uint8_t *row, const float *am, int64_t K, const float *xr, int mb, vlut lut,
-                            float *out) {
+// `am`: the row's fp32 absmax; or with double quantization (DQ, a constant) its uint8 codes `qam`, undone as each
+// block is reached (scalar work that overlaps the vector loop, where a separate pass over the row's blocks costs ~20%)
+static inline __attribute__((always_inline)) void bnb4_row(const uint8_t *row, const float *am, const uint8_t *qam,
+                                                           const float *ncode, const float *nabsmax, float offset,
+                                                           int64_t b0, const int DQ, int64_t K, const float *xr,
+                                                           int mb, vlut lut, float *out) {
     vf acc[4][2];
     for (int m = 0; m < 4; m++) acc[m][0] = acc[m][1] = vzero();
+    float s = 0.0f;
     for (int64_t k = 0; k < K; k += 2 * V) {
-        const vf a = vset1(am[k / BNB_BLOCK]);
+        if (!DQ) {
+            s = am[k / BNB_BLOCK];
+        } else if (k % BNB_BLOCK == 0) {
+            const int64_t b = b0 + k / BNB_BLOCK;
+            s = ncode[qam[b]] * nabsmax[b / BNB_NESTED] + offset;
+        }
+        const vf a = vset1(s);
         vi codes = vbytes(row + k / 2);
 #if V == 1
         vi hi = codes >> 4;
@@ -78,25 +100,26 @@ void lq_bnb4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_
             }
 #pragma omp parallel num_threads(nthreads_for(N * K * M, nthreads))
     {
-        float *am = malloc(bpr * sizeof(float));
         const vlut t = lut_load(lut);
         float out[4];
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            bnb_absmax(am, n * bpr, bpr, absmax, qabsmax, ncode, nabsmax, offset);
+            const uint8_t *row = w + n * (K / 2);
+            const float *am = qabsmax ? NULL : absmax + n * bpr;
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
                 int mb = (int)(M - m0 < 4 ? M - m0 : 4);
-                const uint8_t *row = w + n * (K / 2);
-                switch (mb) {  // constant mb: the accumulators stay in registers
-                    case 1: bnb4_row(row, am, K, xr + m0 * K, 1, t, out); break;
-                    case 2: bnb4_row(row, am, K, xr + m0 * K, 2, t, out); break;
-                    case 3: bnb4_row(row, am, K, xr + m0 * K, 3, t, out); break;
-                    default: bnb4_row(row, am, K, xr + m0 * K, 4, t, out);
-                }
+                const float *xm = xr + m0 * K;
+#define DQ_ROW(MB) bnb4_row(row, am, qabsmax, ncode, nabsmax, offset, n * bpr, 1, K, xm, MB, t, out)
+#define ROW(MB) bnb4_row(row, am, NULL, NULL, NULL, 0.0f, n * bpr, 0, K, xm, MB, t, out)
+                if (qabsmax)  // DQ a constant too: no branch on it inside the row
+                    BY_ROWS(mb, DQ_ROW);
+                else
+                    BY_ROWS(mb, ROW);
+#undef DQ_ROW
+#undef ROW
                 for (int m = 0; m < mb; m++) y[(m0 + m) * N + n] = out[m];
             }
         }
-        free(am);
     }
 }
 
@@ -237,12 +260,9 @@ void lq_int8_gemm(const float *x, int64_t M, int64_t K, const int8_t *w, const f
         int32_t acc[4];
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int mb = (int)(M - m0 < 4 ? M - m0 : 4);
-            switch (mb) {  // constant mb: the accumulators stay in registers
-                case 1: dot_i8_rows(xw + m0 * K, row, K, 1, acc); break;
-                case 2: dot_i8_rows(xw + m0 * K, row, K, 2, acc); break;
-                case 3: dot_i8_rows(xw + m0 * K, row, K, 3, acc); break;
-                default: dot_i8_rows(xw + m0 * K, row, K, 4, acc);
-            }
+#define RUN(MB) dot_i8_rows(xw + m0 * K, row, K, MB, acc)
+            BY_ROWS(mb, RUN);
+#undef RUN
             for (int m = 0; m < mb; m++) {
                 float v = (float)acc[m] * (xabs[m0 + m] * absmax[n] / 16129.0f);
                 const int32_t *ol = outl + ((m0 + m) / group) * K;
@@ -381,12 +401,7 @@ void lq_gptq_gemm(const float *x, int64_t M, int64_t K, const int32_t *qweight, 
                 memset(yp, 0, mb * N * sizeof(float));
 #define RUN(MB) gptq_ordered(x + m0 * K, MB, K, qweight, N, g0, g1, qzeros, scales, group_size, G, bits, xsum + m0 * G, \
                              mine, yp)
-                switch (mb) {  // constant mb: the loops over rows of x unroll
-                    case 1: RUN(1); break;
-                    case 2: RUN(2); break;
-                    case 3: RUN(3); break;
-                    default: RUN(4);
-                }
+                BY_ROWS(mb, RUN);
 #undef RUN
 #pragma omp barrier
                 const int64_t e1 = tid == nth - 1 ? N : c1;
@@ -400,12 +415,7 @@ void lq_gptq_gemm(const float *x, int64_t M, int64_t K, const int32_t *qweight, 
                 const int64_t r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth;
                 memset(mine, 0, mb * G * N * sizeof(float));
 #define RUN(MB) gptq_any_order(x + m0 * K, MB, K, qweight, N, r0, r1, g_idx, G, bits, mine)
-                switch (mb) {
-                    case 1: RUN(1); break;
-                    case 2: RUN(2); break;
-                    case 3: RUN(3); break;
-                    default: RUN(4);
-                }
+                BY_ROWS(mb, RUN);
 #undef RUN
 #pragma omp barrier
                 const int64_t e1 = tid == nth - 1 ? N : c1;

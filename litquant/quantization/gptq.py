@@ -148,20 +148,10 @@ class GPTQ:
         """A forward hook: `linear.register_forward_hook(gptq.hook)` feeds every call's input to add_batch."""
         self.add_batch(args[0])
 
-    def quantize(
-        self,
-        weight: torch.Tensor,
-        bits: int,
-        group_size: int = 128,
-        sym: bool = False,
-        act_order: bool = False,
-        damp_percent: float = 0.01,
-        block_size: int = 128,
-        static_groups: bool = False,
-        release: bool = False,
-    ) -> GPTQResult:
-        """GPTQ of `weight` with the collected Hessian; release=True drops the accumulator first (the last layer
-        it serves), so that only GPTQ's own working copies are alive."""
+    def quantize(self, weight: torch.Tensor, bits: int, release: bool = False, **options: Any) -> GPTQResult:
+        """GPTQ of `weight` with the collected Hessian; `options` are gptq_quantize's (group_size, sym, act_order,
+        damp_percent, block_size, static_groups). release=True drops the accumulator first (the last layer it
+        serves), so that only GPTQ's own working copies are alive."""
         if self.nsamples == 0:
             raise UserError("GPTQ: no calibration inputs were collected for this layer (did the forward reach it?)")
         if release:  # the accumulator becomes H in place: no second in_features^2 matrix
@@ -169,9 +159,7 @@ class GPTQ:
             H.add_(H.triu(1).mT)
         else:
             H = self.H
-        return gptq_quantize(
-            weight, H, bits, group_size, sym, act_order, damp_percent, block_size, static_groups, _consume_h=True
-        )
+        return gptq_quantize(weight, H, bits, **options, _consume_h=True)
 
     def free(self) -> None:
         """Drop the Hessian (in_features^2 floats) once the layer is done."""
