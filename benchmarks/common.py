@@ -25,9 +25,13 @@ sys.path.insert(0, str(REPO))
 from litquant.errors import UserError  # noqa: E402
 
 
-def sh(cmd: list, *, env: Optional[dict] = None, cwd: Path = REPO, timeout: int = 3600) -> subprocess.CompletedProcess:
+def sh(
+    cmd: list, *, env: Optional[dict] = None, cwd: Path = REPO, timeout: int = 3600
+) -> subprocess.CompletedProcess:
     """Run a command, capture its output; a failure is a UserError with the output's tail."""
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    p = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
     if p.returncode != 0:
         tail = (p.stdout + p.stderr)[-3000:]
         shown = " ".join("<script>" if "\n" in str(c) else str(c) for c in cmd)[:300]
@@ -46,9 +50,12 @@ def venv_env(**defaults: str) -> dict:
 def probe(py: Path, imports: str, versions: dict[str, str], env: dict) -> Optional[dict]:
     """Run `imports` in the venv and report torch's version/file/CUDA build and the named distributions' versions
     ({key: distribution name}); None when anything fails to import."""
-    code = (f"import json, torch, importlib.metadata as m; {imports}; print(json.dumps(dict(torch=torch.__version__, "
-            f"torch_file=torch.__file__, cuda=torch.version.cuda, "
-            + ", ".join(f"{k}=m.version({d!r})" for k, d in versions.items()) + ")))")
+    code = (
+        f"import json, torch, importlib.metadata as m; {imports}; print(json.dumps(dict(torch=torch.__version__, "
+        f"torch_file=torch.__file__, cuda=torch.version.cuda, "
+        + ", ".join(f"{k}=m.version({d!r})" for k, d in versions.items())
+        + ")))"
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     p = subprocess.run([str(py), "-c", code], capture_output=True, text=True, env=env, cwd=OUT)
     lines = p.stdout.strip().splitlines()
@@ -77,12 +84,21 @@ def ensure_venv(
         install(py, constraints)
         info = probe(py, imports, versions, env)
     if info is None or not ready(info):
-        raise UserError(f"{imports!r} does not work in {venv} after installing; delete that folder and run again")
-    if info["torch"] != torch.__version__ or Path(info["torch_file"]).resolve() != Path(torch.__file__).resolve():
-        raise UserError(f"{venv} has its own torch {info['torch']} at {info['torch_file']} (expected the system's "
-                        f"{torch.__version__}); delete that folder and run again")
+        raise UserError(
+            f"{imports!r} does not work in {venv} after installing; delete that folder and run again"
+        )
+    if (
+        info["torch"] != torch.__version__
+        or Path(info["torch_file"]).resolve() != Path(torch.__file__).resolve()
+    ):
+        raise UserError(
+            f"{venv} has its own torch {info['torch']} at {info['torch_file']} (expected the system's "
+            f"{torch.__version__}); delete that folder and run again"
+        )
     if info["cuda"] != torch.version.cuda:
-        raise UserError(f"{venv}: torch CUDA build {info['cuda']} differs from the system's {torch.version.cuda}")
+        raise UserError(
+            f"{venv}: torch CUDA build {info['cuda']} differs from the system's {torch.version.cuda}"
+        )
     return py, info
 
 
@@ -91,5 +107,11 @@ def machine() -> dict:
     (the CPU name and commit as `litquant benchmark` reports them)."""
     from litquant.benchmark.environment import cpu_name, git_commit
 
-    return dict(cpu=cpu_name(), cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                commit=git_commit() or "uncommitted", loadavg_1m_at_start=round(os.getloadavg()[0], 2))
+    return dict(
+        cpu=cpu_name(),
+        cores=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        commit=git_commit() or "uncommitted",
+        loadavg_1m_at_start=round(os.getloadavg()[0], 2),
+    )

@@ -29,14 +29,28 @@ from benchmarks.common import OUT, REPO, machine  # noqa: E402
 from benchmarks.scale import build  # noqa: E402
 from litquant.errors import UserError, run_guarded  # noqa: E402
 
-LLAMA_13B = dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
-                 intermediate_size=13824, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                 rope_theta=10000.0, tie_word_embeddings=False, model_type="llama", architectures=["LlamaForCausalLM"],
-                 torch_dtype="bfloat16", hidden_act="silu")
+LLAMA_13B = dict(
+    hidden_size=5120,
+    num_hidden_layers=40,
+    num_attention_heads=40,
+    num_key_value_heads=40,
+    intermediate_size=13824,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    torch_dtype="bfloat16",
+    hidden_act="silu",
+)
 
 # The child reports its own peak: VmHWM of the process that converted (after exec, so not inherited).
-_PEAK = "import atexit, sys; atexit.register(lambda: print('PEAK', [l for l in open('/proc/self/status') " \
-        "if l.startswith('VmHWM')][0].split()[1], file=sys.stderr)); from litquant.cli import main; main()"
+_PEAK = (
+    "import atexit, sys; atexit.register(lambda: print('PEAK', [l for l in open('/proc/self/status') "
+    "if l.startswith('VmHWM')][0].split()[1], file=sys.stderr)); from litquant.cli import main; main()"
+)
 
 
 def write_hf_13b(d: Path) -> None:
@@ -53,11 +67,17 @@ def write_hf_13b(d: Path) -> None:
     names = [("model.embed_tokens.weight", (v, h))]
     for i in range(n):
         p = f"model.layers.{i}."
-        names += [(p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (h, h)),
-                  (p + "self_attn.v_proj.weight", (h, h)), (p + "self_attn.o_proj.weight", (h, h)),
-                  (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
-                  (p + "mlp.down_proj.weight", (h, f)), (p + "input_layernorm.weight", (h,)),
-                  (p + "post_attention_layernorm.weight", (h,))]
+        names += [
+            (p + "self_attn.q_proj.weight", (h, h)),
+            (p + "self_attn.k_proj.weight", (h, h)),
+            (p + "self_attn.v_proj.weight", (h, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "mlp.gate_proj.weight", (f, h)),
+            (p + "mlp.up_proj.weight", (f, h)),
+            (p + "mlp.down_proj.weight", (h, f)),
+            (p + "input_layernorm.weight", (h,)),
+            (p + "post_attention_layernorm.weight", (h,)),
+        ]
     names += [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
     shards, size = [[]], 0
     for name, shape in names:
@@ -87,11 +107,19 @@ def write_hf_13b(d: Path) -> None:
 
 def run(args: list) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", _PEAK, *map(str, args)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    p = subprocess.run(
+        [sys.executable, "-c", _PEAK, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        said = [line for line in (p.stdout + p.stderr).splitlines() if line.strip() and not line.startswith("PEAK")]
+        said = [
+            line
+            for line in (p.stdout + p.stderr).splitlines()
+            if line.strip() and not line.startswith("PEAK")
+        ]
         raise UserError(f"{' '.join(map(str, args))} failed: {(said or ['?'])[-1]}")
     peak_kb = int(next(l for l in p.stderr.splitlines() if l.startswith("PEAK")).split()[1])
     return dict(seconds=wall, peak_rss_gb=peak_kb * 1024 / 1e9)
@@ -140,7 +168,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         print(f"  {r['seconds']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
     m = machine()
     print(f"\n{m['cpu']} ({m['cores']} cores), commit {m['commit']}\n")
-    print("| model | job | weights GB | seconds | peak RSS GB (runtime included) |\n| --- | --- | ---: | ---: | ---: |")
+    print(
+        "| model | job | weights GB | seconds | peak RSS GB (runtime included) |\n| --- | --- | ---: | ---: | ---: |"
+    )
     for r in rows:
         print(f"| {r['model']} | {r['job']} | {r['gb']:.1f} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} |")
     return rows

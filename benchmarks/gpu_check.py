@@ -27,7 +27,9 @@ sys.path.insert(0, str(REPO))
 MODES = "bf16-true,bnb.nf4,bnb.nf4-dq,bnb.int8,gptq.int4"
 
 
-def qlora_step(model_name: str, device: str, micro_batch_size: int = 1, seq_len: int = 512, steps: int = 3) -> dict:
+def qlora_step(
+    model_name: str, device: str, micro_batch_size: int = 1, seq_len: int = 512, steps: int = 3
+) -> dict:
     """Peak memory and step time of QLoRA training steps on a random model of the named config (nf4 base in the
     device's default precision, adapters on every attention and MLP Linear, r=8, AdamW)."""
     from litquant.checkpoint import build_model
@@ -48,12 +50,16 @@ def qlora_step(model_name: str, device: str, micro_batch_size: int = 1, seq_len:
         for m in model.modules():
             if isinstance(m, Linear4bit):
                 m.quantize_(
-                    torch.randn(m.out_features, m.in_features, device=device, dtype=plugin.dtype, generator=g) * 0.02
+                    torch.randn(m.out_features, m.in_features, device=device, dtype=plugin.dtype, generator=g)
+                    * 0.02
                 )
         for p in model.parameters():
             p.fill_(1.0) if p.dim() == 1 else p.normal_(0, 0.02, generator=g)
-    add_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05, query=True, key=True, value=True, projection=True,
-                               mlp=True), dtype=plugin.dtype)
+    add_lora(
+        model,
+        LoRAConfig(r=8, alpha=16, dropout=0.05, query=True, key=True, value=True, projection=True, mlp=True),
+        dtype=plugin.dtype,
+    )
     mark_only_lora_as_trainable(model)
     model.train()
     model.max_seq_length = seq_len
@@ -65,16 +71,25 @@ def qlora_step(model_name: str, device: str, micro_batch_size: int = 1, seq_len:
         sync()
         t0 = time.perf_counter()
         logits = model(x[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)
+        )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - t0)
     step = min(times[1:]) if len(times) > 1 else times[0]
-    return {"model": model_name, "precision": plugin.precision, "micro_batch_size": micro_batch_size,
-            "seq_len": seq_len, "peak_gb": peak_memory_bytes(device) / 1e9, "step_s": step,
-            "tokens_per_sec": micro_batch_size * seq_len / step, "loss": loss.item()}
+    return {
+        "model": model_name,
+        "precision": plugin.precision,
+        "micro_batch_size": micro_batch_size,
+        "seq_len": seq_len,
+        "peak_gb": peak_memory_bytes(device) / 1e9,
+        "step_s": step,
+        "tokens_per_sec": micro_batch_size * seq_len / step,
+        "loss": loss.item(),
+    }
 
 
 def gptq_blocks(model_name: str, blocks: int, device: str, dry: bool) -> dict:
@@ -85,8 +100,9 @@ def gptq_blocks(model_name: str, blocks: int, device: str, dry: bool) -> dict:
 
     full = Config.from_name(model_name)
     vocab = max(full.vocab_size, 4096)  # the bundled tokenizer's ids (the calibration text) must fit
-    config = Config.from_name(model_name, n_layer=blocks, vocab_size=vocab,
-                              padded_vocab_size=max(full.padded_vocab_size, vocab))
+    config = Config.from_name(
+        model_name, n_layer=blocks, vocab_size=vocab, padded_vocab_size=max(full.padded_vocab_size, vocab)
+    )
     with tempfile.TemporaryDirectory(prefix="gpu-check-gptq-") as d:
         d = Path(d)
         torch.manual_seed(0)
@@ -100,19 +116,44 @@ def gptq_blocks(model_name: str, blocks: int, device: str, dry: bool) -> dict:
             (d / f).write_bytes((REPO / "checkpoints" / "litquant-tiny" / f).read_bytes())
         args = ["--n_samples", "8", "--seq_len", "32"] if dry else []
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "litquant.cli", "quantize", "gptq", "--checkpoint_dir", d,
-                            "--accelerator", "cuda" if device == "cuda" else "cpu", "--eval_tokens", "0",
-                            *map(str, args)],
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "litquant.cli",
+                "quantize",
+                "gptq",
+                "--checkpoint_dir",
+                d,
+                "--accelerator",
+                "cuda" if device == "cuda" else "cpu",
+                "--eval_tokens",
+                "0",
+                *map(str, args),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError((p.stderr.strip().splitlines() or ["?"])[-1])
-    quant_s = float(next(l for l in p.stderr.splitlines() if l.startswith("Time for quantization")).split()[3])
+    quant_s = float(
+        next(l for l in p.stderr.splitlines() if l.startswith("Time for quantization")).split()[3]
+    )
     peak = float(next(l for l in p.stderr.splitlines() if l.startswith("Memory used")).split()[2])
     calib = next((l for l in p.stderr.splitlines() if l.startswith("Quantized ")), "")
-    return {"model": model_name, "blocks": blocks, "quantize_s": quant_s, "process_s": wall, "peak_gb": peak,
-            "per_block_s": quant_s / blocks, "extrapolated_s": quant_s / blocks * full.n_layer,
-            "n_layer": full.n_layer, "detail": calib}
+    return {
+        "model": model_name,
+        "blocks": blocks,
+        "quantize_s": quant_s,
+        "process_s": wall,
+        "peak_gb": peak,
+        "per_block_s": quant_s / blocks,
+        "extrapolated_s": quant_s / blocks * full.n_layer,
+        "n_layer": full.n_layer,
+        "detail": calib,
+    }
 
 
 def _stage(name: str, code: str, seconds: float, out: Path) -> dict:
@@ -121,12 +162,20 @@ def _stage(name: str, code: str, seconds: float, out: Path) -> dict:
         return {"stage": name, "skipped": f"only {seconds:.0f} s left"}
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds,
-                           env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+        p = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=seconds,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+        )
     except subprocess.TimeoutExpired as e:
-        (out / f"{name}.log").write_text(((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes)
-                                          else (e.stdout or "")) + "\n" + (e.stderr.decode(errors="replace")
-                                          if isinstance(e.stderr, bytes) else (e.stderr or "")))
+        (out / f"{name}.log").write_text(
+            ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or ""))
+            + "\n"
+            + (e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""))
+        )
         return {"stage": name, "error": f"stopped after {seconds:.0f} s"}
     (out / f"{name}.log").write_text(p.stdout + "\n" + p.stderr)
     if p.returncode != 0:
@@ -137,28 +186,40 @@ def _stage(name: str, code: str, seconds: float, out: Path) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"### gpu_check {report['date']}: {report['device']}, torch {report['torch']}, commit {report['commit']}"
-             + (" (dry run, CPU, tiny model)" if report["dry_run"] else ""), ""]
+    lines = [
+        f"### gpu_check {report['date']}: {report['device']}, torch {report['torch']}, commit {report['commit']}"
+        + (" (dry run, CPU, tiny model)" if report["dry_run"] else ""),
+        "",
+    ]
     dec = report["stages"].get("decode", {})
     if "results" in dec:
-        lines += ["| mode | compute | decode tok/s | roofline tok/s | share of roofline | weights GB | peak GB |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            "| mode | compute | decode tok/s | roofline tok/s | share of roofline | weights GB | peak GB |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for r in dec["results"]:
             if "error" in r:
                 lines.append(f"| {r['mode']} | {r['error']} | | | | | |")
                 continue
             bw = dec.get("bandwidth")
             roof = bw / r["bytes_per_decode_step"] if bw else None
-            cells = [r["mode"], r["precision"], f"{r['decode_tokens_per_sec']:.1f}",
-                     "" if roof is None else f"{roof:.0f}",
-                     "" if roof is None else f"{r['decode_tokens_per_sec'] / roof:.0%}",
-                     f"{r['weight_bytes'] / 1e9:.2f}", f"{r['peak_memory_bytes'] / 1e9:.2f}"]
+            cells = [
+                r["mode"],
+                r["precision"],
+                f"{r['decode_tokens_per_sec']:.1f}",
+                "" if roof is None else f"{roof:.0f}",
+                "" if roof is None else f"{r['decode_tokens_per_sec'] / roof:.0%}",
+                f"{r['weight_bytes'] / 1e9:.2f}",
+                f"{r['peak_memory_bytes'] / 1e9:.2f}",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     for name in ("qlora", "gptq"):
         r = report["stages"].get(name, {})
         lines.append(f"- **{name}**: " + json.dumps({k: v for k, v in r.items() if k != "stage"}))
-    lines.append("- **decode**: " + json.dumps({k: v for k, v in dec.items() if k not in ("results", "stage")}))
+    lines.append(
+        "- **decode**: " + json.dumps({k: v for k, v in dec.items() if k not in ("results", "stage")})
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -175,9 +236,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     name = "tiny-llama-test" if dry else "Llama-2-7b-hf"
     from litquant.benchmark.environment import git_commit
 
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": dry, "torch": torch.__version__,
-              "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not dry else "cpu",
-              "commit": git_commit() or "uncommitted", "stages": {}}
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "dry_run": dry,
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not dry else "cpu",
+        "commit": git_commit() or "uncommitted",
+        "stages": {},
+    }
 
     def left(share: float) -> float:
         return max(0.0, (deadline - time.monotonic()) * share)
@@ -187,22 +253,47 @@ def main(argv: Optional[list[str]] = None) -> dict:
         (a.out / "gpu_check.md").write_text(markdown(report))
 
     bench_out = a.out / "decode"
-    flags = ["--random_init", "true", "--model_name", name, "--modes", MODES, "--ppl_tokens", "0", "--runs", "2",
-             "--out_dir", str(bench_out), "--accelerator", device, "--timeout", f"{left(0.5) / 5:.0f}"]
-    flags += (["--prompt_tokens", "8", "--max_new_tokens", "8"] if dry
-              else ["--prompt_tokens", "128", "--max_new_tokens", "128", "--compile", "true"])
-    code = ("import json, subprocess, sys; "
-            f"p = subprocess.run([sys.executable, '-m', 'litquant.cli', 'benchmark', *{flags!r}]); "
-            f"d = json.load(open({str(bench_out / 'benchmark.json')!r})); "
-            "print(json.dumps({'results': d['results'], 'bandwidth': d['bandwidth']}))")
+    flags = [
+        "--random_init",
+        "true",
+        "--model_name",
+        name,
+        "--modes",
+        MODES,
+        "--ppl_tokens",
+        "0",
+        "--runs",
+        "2",
+        "--out_dir",
+        str(bench_out),
+        "--accelerator",
+        device,
+        "--timeout",
+        f"{left(0.5) / 5:.0f}",
+    ]
+    flags += (
+        ["--prompt_tokens", "8", "--max_new_tokens", "8"]
+        if dry
+        else ["--prompt_tokens", "128", "--max_new_tokens", "128", "--compile", "true"]
+    )
+    code = (
+        "import json, subprocess, sys; "
+        f"p = subprocess.run([sys.executable, '-m', 'litquant.cli', 'benchmark', *{flags!r}]); "
+        f"d = json.load(open({str(bench_out / 'benchmark.json')!r})); "
+        "print(json.dumps({'results': d['results'], 'bandwidth': d['bandwidth']}))"
+    )
     report["stages"]["decode"] = _stage("decode", code, left(0.5), a.out)
     save()
-    code = (f"import json; from benchmarks.gpu_check import qlora_step; "
-            f"print(json.dumps(qlora_step({name!r}, {device!r}, 1, {64 if dry else 512}, 3)))")
+    code = (
+        f"import json; from benchmarks.gpu_check import qlora_step; "
+        f"print(json.dumps(qlora_step({name!r}, {device!r}, 1, {64 if dry else 512}, 3)))"
+    )
     report["stages"]["qlora"] = _stage("qlora", code, left(0.35), a.out)
     save()
-    code = (f"import json; from benchmarks.gpu_check import gptq_blocks; "
-            f"print(json.dumps(gptq_blocks({name!r}, 2, {device!r}, {dry})))")
+    code = (
+        f"import json; from benchmarks.gpu_check import gptq_blocks; "
+        f"print(json.dumps(gptq_blocks({name!r}, 2, {device!r}, {dry})))"
+    )
     report["stages"]["gptq"] = _stage("gptq", code, left(0.95), a.out)
     save()
     print(markdown(report))

@@ -70,8 +70,12 @@ def make_checkpoint(name: str, directory: Path) -> None:
 
 
 def measure(checkpoint: Path, mode: str, precision: str, device: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _WORKER, str(checkpoint), mode, precision, device],
-                          capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WORKER, str(checkpoint), mode, precision, device],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     if proc.returncode != 0:
         raise UserError(f"{mode}: the load failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -80,8 +84,11 @@ def measure(checkpoint: Path, mode: str, precision: str, device: str) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model_name", default="TinyLlama-1.1B-Chat-v1.0")
-    ap.add_argument("--modes", default=DEFAULT_MODES,
-                    help="comma list; `MODE+prequantized` loads the file `litquant quantize bnb` wrote")
+    ap.add_argument(
+        "--modes",
+        default=DEFAULT_MODES,
+        help="comma list; `MODE+prequantized` loads the file `litquant quantize bnb` wrote",
+    )
     ap.add_argument("--precision", default="bf16-true", help="compute dtype of every mode")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args(argv)
@@ -95,7 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         mode, _, variant = spec.partition("+")
         if variant not in ("", "prequantized") or (variant and not mode.startswith("bnb.")):
             raise UserError(f"--modes: {spec!r}: only a bnb mode takes '+prequantized'")
-        resolve(args.precision, None if mode == args.precision else mode, args.device)  # unknown names fail here
+        resolve(
+            args.precision, None if mode == args.precision else mode, args.device
+        )  # unknown names fail here
 
     base = OUT / f"load-{args.model_name}"
     make_checkpoint(args.model_name, base)
@@ -103,27 +112,47 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for spec in specs:
         mode, _, variant = spec.partition("+")
         checkpoint = base
-        if variant == "prequantized":  # a second directory (hard links to the same files) with the bnb file in it
+        if (
+            variant == "prequantized"
+        ):  # a second directory (hard links to the same files) with the bnb file in it
             checkpoint = OUT / f"load-{args.model_name}-{mode}"
             if not any(checkpoint.glob("lit_model_bnb*.safetensors")):
                 checkpoint.mkdir(parents=True, exist_ok=True)
                 for f in base.iterdir():
                     if f.is_file() and not (checkpoint / f.name).exists():
                         os.link(f, checkpoint / f.name)
-                subprocess.run([sys.executable, "-m", "litquant.cli", "quantize", "bnb", "--checkpoint_dir",
-                                str(checkpoint), "--mode", mode.removeprefix("bnb.")], check=True, cwd=REPO)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "litquant.cli",
+                        "quantize",
+                        "bnb",
+                        "--checkpoint_dir",
+                        str(checkpoint),
+                        "--mode",
+                        mode.removeprefix("bnb."),
+                    ],
+                    check=True,
+                    cwd=REPO,
+                )
         r = measure(checkpoint, mode, args.precision, args.device)
         r.update(mode=spec, over=r["peak"] - r["before"])
         r["ratio"] = r["over"] / r["weights"]
         results.append(r)
-        print(f"{spec:24s} weights {r['weights'] / 1e9:6.3f} GB  before {r['before'] / 1e9:5.2f}  peak "
-              f"{r['peak'] / 1e9:5.2f}  over baseline {r['over'] / 1e9:6.3f} GB = {r['ratio']:.2f}x weights  "
-              f"load {r['seconds']:.1f} s  ({Path(r['file']).name})", flush=True)
+        print(
+            f"{spec:24s} weights {r['weights'] / 1e9:6.3f} GB  before {r['before'] / 1e9:5.2f}  peak "
+            f"{r['peak'] / 1e9:5.2f}  over baseline {r['over'] / 1e9:6.3f} GB = {r['ratio']:.2f}x weights  "
+            f"load {r['seconds']:.1f} s  ({Path(r['file']).name})",
+            flush=True,
+        )
     print("\n| mode | weights GB | peak over baseline GB | / weights | load s | file read |")
     print("|---|---:|---:|---:|---:|---|")
     for r in results:
-        print(f"| {r['mode']} | {r['weights'] / 1e9:.3f} | {r['over'] / 1e9:.3f} | {r['ratio']:.2f}x | "
-              f"{r['seconds']:.1f} | {Path(r['file']).name} |")
+        print(
+            f"| {r['mode']} | {r['weights'] / 1e9:.3f} | {r['over'] / 1e9:.3f} | {r['ratio']:.2f}x | "
+            f"{r['seconds']:.1f} | {Path(r['file']).name} |"
+        )
     (OUT / f"load_memory-{args.model_name}.json").write_text(json.dumps(results, indent=2))
     return results
 

@@ -59,15 +59,31 @@ def venv_env() -> dict:
 # 1. the gptqmodel venv
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _requirements(py: Path) -> list[str]:
     """gptqmodel's own requirements.txt (from its sdist), without torch: the system's torch must stay."""
     with tempfile.TemporaryDirectory() as tmp:
-        sh([py, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", tmp,
-            f"gptqmodel=={GPTQMODEL_VERSION}"], env=venv_env())
+        sh(
+            [
+                py,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-d",
+                tmp,
+                f"gptqmodel=={GPTQMODEL_VERSION}",
+            ],
+            env=venv_env(),
+        )
         sdist = next(Path(tmp).glob("*.tar.gz"))
         with tarfile.open(sdist) as tar:
-            member = next(m for m in tar.getmembers()
-                          if m.name.endswith("/requirements.txt") and m.name.count("/") == 1)
+            member = next(
+                m for m in tar.getmembers() if m.name.endswith("/requirements.txt") and m.name.count("/") == 1
+            )
             text = tar.extractfile(member).read().decode()
     reqs = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     return [r for r in reqs if not re.match(r"torch\b", r)]
@@ -75,14 +91,39 @@ def _requirements(py: Path) -> list[str]:
 
 def ensure_venv() -> Path:
     def install(py: Path, constraints: Path) -> None:
-        print(f"Installing gptqmodel=={GPTQMODEL_VERSION}'s requirements into {VENVS / 'gptqmodel'}", flush=True)
-        sh([py, "-m", "pip", "install", "-q", "-c", constraints, *_requirements(py)], env=venv_env(), timeout=3600)
+        print(
+            f"Installing gptqmodel=={GPTQMODEL_VERSION}'s requirements into {VENVS / 'gptqmodel'}", flush=True
+        )
+        sh(
+            [py, "-m", "pip", "install", "-q", "-c", constraints, *_requirements(py)],
+            env=venv_env(),
+            timeout=3600,
+        )
         print(f"Installing gptqmodel=={GPTQMODEL_VERSION} (--no-deps: it asks for torch>=2.14)", flush=True)
-        sh([py, "-m", "pip", "install", "-q", "--no-deps", "-c", constraints, f"gptqmodel=={GPTQMODEL_VERSION}"],
-           env=venv_env(), timeout=3600)
+        sh(
+            [
+                py,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "-c",
+                constraints,
+                f"gptqmodel=={GPTQMODEL_VERSION}",
+            ],
+            env=venv_env(),
+            timeout=3600,
+        )
 
-    py, _ = peer_venv("gptqmodel", "import gptqmodel", {"gptqmodel": "gptqmodel"},
-                      lambda i: i["gptqmodel"] == GPTQMODEL_VERSION, install, venv_env())
+    py, _ = peer_venv(
+        "gptqmodel",
+        "import gptqmodel",
+        {"gptqmodel": "gptqmodel"},
+        lambda i: i["gptqmodel"] == GPTQMODEL_VERSION,
+        install,
+        venv_env(),
+    )
     return py
 
 
@@ -120,12 +161,36 @@ def _timed(cmd: list, env: dict, cwd: Path) -> tuple[subprocess.CompletedProcess
 
 
 def convert_ours(checkpoint_dir: Path, out_dir: Path, a: dict) -> dict:
-    cmd = [sys.executable, REPO / "quantize" / "gptq.py", "--checkpoint_dir", checkpoint_dir, "--output_dir", out_dir,
-           "--bits", a["bits"], "--group_size", a["group_size"], "--sym", str(a["sym"]).lower(),
-           "--act_order", str(a["act_order"]).lower(), "--damp_percent", a["damp_percent"],
-           "--n_samples", a["n_samples"], "--seq_len", a["seq_len"], "--batch_size", a["batch_size"],
-           "--seed", a["seed"], "--accelerator", a["accelerator"],
-           "--eval_tokens", 0]  # like for like: gptqmodel scores nothing (our quality gate is measured apart)
+    cmd = [
+        sys.executable,
+        REPO / "quantize" / "gptq.py",
+        "--checkpoint_dir",
+        checkpoint_dir,
+        "--output_dir",
+        out_dir,
+        "--bits",
+        a["bits"],
+        "--group_size",
+        a["group_size"],
+        "--sym",
+        str(a["sym"]).lower(),
+        "--act_order",
+        str(a["act_order"]).lower(),
+        "--damp_percent",
+        a["damp_percent"],
+        "--n_samples",
+        a["n_samples"],
+        "--seq_len",
+        a["seq_len"],
+        "--batch_size",
+        a["batch_size"],
+        "--seed",
+        a["seed"],
+        "--accelerator",
+        a["accelerator"],
+        "--eval_tokens",
+        0,
+    ]  # like for like: gptqmodel scores nothing (our quality gate is measured apart)
     p, wall = _timed(cmd, {**os.environ, "PYTHONPATH": str(REPO)}, REPO)
     quant_s = float(re.search(r"Time for quantization: ([\d.]+) sec total", p.stderr).group(1))
     peak = float(re.search(r"Memory used: ([\d.]+) GB", p.stderr).group(1))
@@ -133,8 +198,13 @@ def convert_ours(checkpoint_dir: Path, out_dir: Path, a: dict) -> dict:
 
 
 def convert_theirs(py: Path, hf_dir: Path, out_dir: Path, calibration: Path, a: dict) -> dict:
-    args = dict(a, hf_dir=str(hf_dir), out_dir=str(out_dir), calibration=str(calibration),
-                device="cuda" if a["accelerator"] == "cuda" else "cpu")
+    args = dict(
+        a,
+        hf_dir=str(hf_dir),
+        out_dir=str(out_dir),
+        calibration=str(calibration),
+        device="cuda" if a["accelerator"] == "cuda" else "cpu",
+    )
     p, wall = _timed([py, "-c", _QUANTIZE, json.dumps(args)], venv_env(), OUT)
     r = json.loads(p.stdout.strip().splitlines()[-1])
     return dict(process_s=wall, quantize_s=r["load_quantize_s"], peak_memory_gb=r["peak_rss_gb"], detail=r)
@@ -184,10 +254,15 @@ def check_import(py: Path, their_dir: Path, imported: Path, ids: list[int]) -> d
     with torch.inference_mode():
         ours = model(torch.tensor([ids]))[0].float()
     diff, scale = float((ours - theirs).abs().max()), float(ours.abs().max())
-    print(f"Import check (bf16): max |logits diff| litquant vs gptqmodel on gptqmodel's file = {diff:.3g} "
-          f"(logits up to {scale:.3g})", flush=True)
+    print(
+        f"Import check (bf16): max |logits diff| litquant vs gptqmodel on gptqmodel's file = {diff:.3g} "
+        f"(logits up to {scale:.3g})",
+        flush=True,
+    )
     if diff > 0.05 * scale:
-        raise UserError(f"litquant's import of gptqmodel's checkpoint does not compute the same model ({diff:.3g})")
+        raise UserError(
+            f"litquant's import of gptqmodel's checkpoint does not compute the same model ({diff:.3g})"
+        )
     return dict(max_abs_logits_diff=diff, max_abs_logits=scale)
 
 
@@ -200,8 +275,11 @@ def perplexities(checkpoint_dir: Path, ours: Path, theirs: Path, bits: int, wind
 
     tokens = Tokenizer(checkpoint_dir).encode(heldout_text(), bos=False)
     out = {}
-    for name, d, mode in (("fp", checkpoint_dir, None), ("litquant", ours, f"gptq.int{bits}"),
-                          ("gptqmodel", theirs, f"gptq.int{bits}")):
+    for name, d, mode in (
+        ("fp", checkpoint_dir, None),
+        ("litquant", ours, f"gptq.int{bits}"),
+        ("gptqmodel", theirs, f"gptq.int{bits}"),
+    ):
         model = load_model(d, resolve("32-true", mode), progress=False)
         out[name] = perplexity(model, tokens, window=window, batch_size=8)["perplexity"]
         print(f"  perplexity {name}: {out[name]:.3f}", flush=True)
@@ -236,18 +314,51 @@ def speed(py: Path, ours: Path, theirs: Path, prompt: str, n: int, runs: int, bi
     from litquant.tokenizer import Tokenizer
 
     ids = Tokenizer(ours).encode(prompt).tolist()
-    cmd = [sys.executable, "-m", "litquant.cli", "generate", "--checkpoint_dir", ours, "--quantize", f"gptq.int{bits}",
-           "--precision", "bf16-true", "--prompt", prompt, "--max_new_tokens", n, "--temperature", "0",
-           "--num_samples", runs + 1, "--batch_size", 1, "--accelerator", "cpu"]  # one at a time: timed alone
+    cmd = [
+        sys.executable,
+        "-m",
+        "litquant.cli",
+        "generate",
+        "--checkpoint_dir",
+        ours,
+        "--quantize",
+        f"gptq.int{bits}",
+        "--precision",
+        "bf16-true",
+        "--prompt",
+        prompt,
+        "--max_new_tokens",
+        n,
+        "--temperature",
+        "0",
+        "--num_samples",
+        runs + 1,
+        "--batch_size",
+        1,
+        "--accelerator",
+        "cpu",
+    ]  # one at a time: timed alone
     p = sh(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
     our_rates = [float(t) for _, _, t in TIMING.findall(p.stderr)][1:]  # the first sample is the warm-up
-    r = json.loads(sh([py, "-c", _GENERATE, theirs, json.dumps(ids), n, runs], env=venv_env(), cwd=OUT)
-                   .stdout.strip().splitlines()[-1])
-    res = dict(litquant_tok_s=statistics.median(our_rates), gptqmodel_tok_s=statistics.median(r["rates"]),
-               samples=dict(litquant=our_rates, gptqmodel=r["rates"]), gptqmodel_kernels=r["kinds"],
-               prompt_tokens=len(ids), new_tokens=n, precision="bf16")
-    print(f"  tokens/sec: litquant {res['litquant_tok_s']:.1f}, gptqmodel {res['gptqmodel_tok_s']:.1f} "
-          f"({', '.join(r['kinds'])})", flush=True)
+    r = json.loads(
+        sh([py, "-c", _GENERATE, theirs, json.dumps(ids), n, runs], env=venv_env(), cwd=OUT)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    res = dict(
+        litquant_tok_s=statistics.median(our_rates),
+        gptqmodel_tok_s=statistics.median(r["rates"]),
+        samples=dict(litquant=our_rates, gptqmodel=r["rates"]),
+        gptqmodel_kernels=r["kinds"],
+        prompt_tokens=len(ids),
+        new_tokens=n,
+        precision="bf16",
+    )
+    print(
+        f"  tokens/sec: litquant {res['litquant_tok_s']:.1f}, gptqmodel {res['gptqmodel_tok_s']:.1f} "
+        f"({', '.join(r['kinds'])})",
+        flush=True,
+    )
     return res
 
 
@@ -265,24 +376,39 @@ def table(meta: dict, conv: dict, ppl: dict, spd: dict) -> str:
         (f"held-out perplexity (fp {ppl['fp']:.3f})", ppl["litquant"], ppl["gptqmodel"]),
         ("gptq.int4 decode, bf16 (tokens/s)", spd["litquant_tok_s"], spd["gptqmodel_tok_s"]),
     ]
-    lines = [f"{meta['date']} · {meta['cpu']} ({meta['cores']} cores) · torch {meta['torch']} · commit {meta['commit']}"
-             f" · gptqmodel {GPTQMODEL_VERSION} · load average at start {meta['loadavg_1m_at_start']}", "",
-             "| measure | litquant | gptqmodel | litquant/gptqmodel |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        f"{meta['date']} · {meta['cpu']} ({meta['cores']} cores) · torch {meta['torch']} · commit {meta['commit']}"
+        f" · gptqmodel {GPTQMODEL_VERSION} · load average at start {meta['loadavg_1m_at_start']}",
+        "",
+        "| measure | litquant | gptqmodel | litquant/gptqmodel |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for name, a, b in rows:
         lines.append(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f} |")
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model", default="bundled", choices=["bundled", "200m", "1.1b"],
-                    help="the bundled model, or a random Llama of benchmarks/scale.py (built and cached on first use)")
-    ap.add_argument("--checkpoint_dir", type=Path, default=None,
-                    help="any other litquant checkpoint (overrides --model)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    ap.add_argument(
+        "--model",
+        default="bundled",
+        choices=["bundled", "200m", "1.1b"],
+        help="the bundled model, or a random Llama of benchmarks/scale.py (built and cached on first use)",
+    )
+    ap.add_argument(
+        "--checkpoint_dir", type=Path, default=None, help="any other litquant checkpoint (overrides --model)"
+    )
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group_size", type=int, default=128)
-    ap.add_argument("--sym", type=lambda s: s.lower() == "true", default=True,
-                    help="true (gptqmodel's default, and what it loads without a producer tag) or false")
+    ap.add_argument(
+        "--sym",
+        type=lambda s: s.lower() == "true",
+        default=True,
+        help="true (gptqmodel's default, and what it loads without a producer tag) or false",
+    )
     ap.add_argument("--act_order", type=lambda s: s.lower() == "true", default=False)
     ap.add_argument("--damp_percent", type=float, default=0.01)
     ap.add_argument("--n_samples", type=int, default=128)
@@ -318,9 +444,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     meta = dict(date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **machine())
     py = ensure_venv()
 
-    a = dict(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order,
-             damp_percent=args.damp_percent, n_samples=args.n_samples, seq_len=seq_len, batch_size=args.batch_size,
-             seed=args.seed, accelerator=args.accelerator)
+    a = dict(
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=args.sym,
+        act_order=args.act_order,
+        damp_percent=args.damp_percent,
+        n_samples=args.n_samples,
+        seq_len=seq_len,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        accelerator=args.accelerator,
+    )
     convert_lit_checkpoint(checkpoint_dir, work / "hf-fp")
     windows = calibration_tokens(Tokenizer(checkpoint_dir), args.n_samples, seq_len, None, args.seed)
     (work / "calibration.json").write_text(json.dumps(windows.tolist()))
@@ -337,13 +472,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     print("Perplexity on the held-out text (litquant's evaluator, fp32 compute)", flush=True)
     ppl = perplexities(checkpoint_dir, work / "litquant", imported, args.bits, window=seq_len)
     print("Decoding speed", flush=True)
-    spd = speed(py, work / "litquant", work / "gptqmodel", args.prompt, args.max_new_tokens, args.runs, args.bits)
+    spd = speed(
+        py, work / "litquant", work / "gptqmodel", args.prompt, args.max_new_tokens, args.runs, args.bits
+    )
 
     md = table(meta, conv, ppl, spd)
     print()
     print(md)
-    record = dict(meta, gptqmodel_version=GPTQMODEL_VERSION, checkpoint=str(checkpoint_dir), settings=a,
-                  conversion=conv, import_check=check, perplexity=ppl, speed=spd, markdown=md)
+    record = dict(
+        meta,
+        gptqmodel_version=GPTQMODEL_VERSION,
+        checkpoint=str(checkpoint_dir),
+        settings=a,
+        conversion=conv,
+        import_check=check,
+        perplexity=ppl,
+        speed=spd,
+        markdown=md,
+    )
     (OUT / "peer_gptqmodel.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"Wrote {OUT / 'peer_gptqmodel.json'}")
 

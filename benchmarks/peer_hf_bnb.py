@@ -52,10 +52,13 @@ LITQUANT_MODE = {"bf16": "bf16-true", "nf4": "bnb.nf4@bf16-true", "int8": "bnb.i
 def venv_env() -> dict:
     from litquant.benchmark.environment import CPU_MMAP_THRESHOLD
 
-    return common_venv_env(MALLOC_MMAP_THRESHOLD_=CPU_MMAP_THRESHOLD)  # the allocator setting litquant's runs get
+    return common_venv_env(
+        MALLOC_MMAP_THRESHOLD_=CPU_MMAP_THRESHOLD
+    )  # the allocator setting litquant's runs get
 
 
 # ---- 1. the venv ----------------------------------------------------------------------------------------------
+
 
 def ensure_venv() -> tuple[Path, dict]:
     """The venv's python (system torch/transformers/bitsandbytes + accelerate) and its package versions."""
@@ -65,8 +68,14 @@ def ensure_venv() -> tuple[Path, dict]:
         sh([py, "-m", "pip", "install", "-q", "-c", constraints, ACCELERATE], env=venv_env())
 
     versions = {k: k for k in ("transformers", "bitsandbytes", "accelerate")}
-    return peer_venv("hf-bnb", "import transformers, bitsandbytes, accelerate", versions, lambda i: True, install,
-                     venv_env())
+    return peer_venv(
+        "hf-bnb",
+        "import transformers, bitsandbytes, accelerate",
+        versions,
+        lambda i: True,
+        install,
+        venv_env(),
+    )
 
 
 # ---- 2. export ----------------------------------------------------------------------------------------------
@@ -141,10 +150,25 @@ print(json.dumps(dict(
 """
 
 
-def run_hf(py: Path, model_dir: Path, mode: str, ids: list[int], n: int, runs: int, warmup: int,
-           threads: Optional[int]) -> dict:
-    spec = dict(model_dir=str(model_dir), mode=mode, ids=ids, max_new_tokens=n, runs=runs, warmup=warmup,
-                threads=threads)
+def run_hf(
+    py: Path,
+    model_dir: Path,
+    mode: str,
+    ids: list[int],
+    n: int,
+    runs: int,
+    warmup: int,
+    threads: Optional[int],
+) -> dict:
+    spec = dict(
+        model_dir=str(model_dir),
+        mode=mode,
+        ids=ids,
+        max_new_tokens=n,
+        runs=runs,
+        warmup=warmup,
+        threads=threads,
+    )
     p = sh([py, "-c", _HF, json.dumps(spec)], env=venv_env(), cwd=OUT)
     res = json.loads(p.stdout.strip().splitlines()[-1])
     res["tokens_per_sec"] = statistics.median(r["new_tokens"] / r["total_s"] for r in res["runs"])
@@ -163,13 +187,29 @@ def prompt_ids(checkpoint_dir: Path, prompt_tokens: int) -> list[int]:
     return benchmark_prompt(Tokenizer(checkpoint_dir), prompt_tokens)[1]
 
 
-def run_litquant(checkpoint_dir: Path, mode: str, prompt_tokens: int, n: int, runs: int, warmup: int,
-                 threads: Optional[int]) -> dict:
+def run_litquant(
+    checkpoint_dir: Path,
+    mode: str,
+    prompt_tokens: int,
+    n: int,
+    runs: int,
+    warmup: int,
+    threads: Optional[int],
+) -> dict:
     from litquant.benchmark.measure import MeasureSpec, measure_in_subprocess
 
-    spec = MeasureSpec(mode=LITQUANT_MODE[mode], checkpoint_dir=str(checkpoint_dir), precision="bf16-true",
-                       accelerator="cpu", prompt_tokens=prompt_tokens, max_new_tokens=n, runs=runs, warmup=warmup,
-                       ppl_tokens=0, threads=threads)
+    spec = MeasureSpec(
+        mode=LITQUANT_MODE[mode],
+        checkpoint_dir=str(checkpoint_dir),
+        precision="bf16-true",
+        accelerator="cpu",
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=n,
+        runs=runs,
+        warmup=warmup,
+        ppl_tokens=0,
+        threads=threads,
+    )
     res = measure_in_subprocess(spec, None)
     if "error" in res:
         raise UserError(f"litquant {mode}: {res['error']}")
@@ -188,8 +228,16 @@ def _agree(a: list[int], b: list[int]) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["mode", "new tokens", "tok/s litquant / HF", "ratio", "TTFT ms litquant / HF", "peak MB litquant / HF",
-            "over baseline MB litquant / HF", "same greedy tokens"]
+    head = [
+        "mode",
+        "new tokens",
+        "tok/s litquant / HF",
+        "ratio",
+        "TTFT ms litquant / HF",
+        "peak MB litquant / HF",
+        "over baseline MB litquant / HF",
+        "same greedy tokens",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
 
     def mb(r, k):
@@ -197,16 +245,23 @@ def table(rows: list[dict]) -> str:
 
     for r in rows:
         lq, hf = r["litquant"], r["hf"]
-        out.append("| " + " | ".join([
-            r["mode"], str(r["max_new_tokens"]),
-            f"{lq['tokens_per_sec']:.1f} / {hf['tokens_per_sec']:.1f}",
-            f"{lq['tokens_per_sec'] / hf['tokens_per_sec']:.2f}x",
-            f"{lq['time_to_first_token_s'] * 1e3:.1f} / {hf['time_to_first_token_s'] * 1e3:.1f}",
-            f"{mb(lq, 'peak_memory_bytes'):.0f} / {mb(hf, 'peak_memory_bytes'):.0f}",
-            f"{mb(lq, 'peak_memory_bytes') - mb(lq, 'baseline_memory_bytes'):.0f} / "
-            f"{mb(hf, 'peak_memory_bytes') - mb(hf, 'baseline_memory_bytes'):.0f}",
-            f"{r['agree']}/{r['max_new_tokens']}",
-        ]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    r["mode"],
+                    str(r["max_new_tokens"]),
+                    f"{lq['tokens_per_sec']:.1f} / {hf['tokens_per_sec']:.1f}",
+                    f"{lq['tokens_per_sec'] / hf['tokens_per_sec']:.2f}x",
+                    f"{lq['time_to_first_token_s'] * 1e3:.1f} / {hf['time_to_first_token_s'] * 1e3:.1f}",
+                    f"{mb(lq, 'peak_memory_bytes'):.0f} / {mb(hf, 'peak_memory_bytes'):.0f}",
+                    f"{mb(lq, 'peak_memory_bytes') - mb(lq, 'baseline_memory_bytes'):.0f} / "
+                    f"{mb(hf, 'peak_memory_bytes') - mb(hf, 'baseline_memory_bytes'):.0f}",
+                    f"{r['agree']}/{r['max_new_tokens']}",
+                ]
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 
@@ -243,15 +298,31 @@ def main(argv: Optional[list[str]] = None) -> dict:
         lq = run_litquant(ckpt, mode, args.prompt_tokens, n, args.runs, args.warmup, args.threads)
         print(f"[{mode}] transformers ...", file=sys.stderr, flush=True)
         hf = run_hf(py, model_dir, mode, ids, n, args.runs, args.warmup, args.threads)
-        rows.append(dict(mode=mode, max_new_tokens=n, litquant=lq, hf=hf,
-                         agree=_agree(lq["new_token_ids"], hf["new_token_ids"])))
+        rows.append(
+            dict(
+                mode=mode,
+                max_new_tokens=n,
+                litquant=lq,
+                hf=hf,
+                agree=_agree(lq["new_token_ids"], hf["new_token_ids"]),
+            )
+        )
     env = environment(torch.device("cpu"))
     env.update({f"peer_{k}": v for k, v in versions.items() if k != "torch_file"})
-    report = dict(environment=env, checkpoint_dir=str(ckpt), prompt_tokens=len(ids), runs=args.runs,
-                  warmup=args.warmup, threads=args.threads, rows=rows)
-    print(f"{ckpt.name} on {env['device_name']}, {env['date']}, commit {env['commit']}; torch {env['torch']}, "
-          f"transformers {versions['transformers']}, bitsandbytes {versions['bitsandbytes']}, "
-          f"accelerate {versions['accelerate']}; prompt {len(ids)} tokens, greedy, median of {args.runs} runs")
+    report = dict(
+        environment=env,
+        checkpoint_dir=str(ckpt),
+        prompt_tokens=len(ids),
+        runs=args.runs,
+        warmup=args.warmup,
+        threads=args.threads,
+        rows=rows,
+    )
+    print(
+        f"{ckpt.name} on {env['device_name']}, {env['date']}, commit {env['commit']}; torch {env['torch']}, "
+        f"transformers {versions['transformers']}, bitsandbytes {versions['bitsandbytes']}, "
+        f"accelerate {versions['accelerate']}; prompt {len(ids)} tokens, greedy, median of {args.runs} runs"
+    )
     print()
     print(table(rows))
     (OUT / "peer_hf_bnb.json").write_text(json.dumps(report, indent=2))

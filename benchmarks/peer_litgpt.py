@@ -56,11 +56,30 @@ def ensure_venv() -> Path:
 
     def install(py: Path, constraints: Path) -> None:
         print(f"Installing litgpt=={LITGPT_VERSION} into {VENVS / 'litgpt'}", flush=True)
-        sh([py, "-m", "pip", "install", "-q", "--no-deps", "-c", constraints, f"litgpt=={LITGPT_VERSION}",
-            *LITGPT_EXTRA], env=venv_env())
+        sh(
+            [
+                py,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--no-deps",
+                "-c",
+                constraints,
+                f"litgpt=={LITGPT_VERSION}",
+                *LITGPT_EXTRA,
+            ],
+            env=venv_env(),
+        )
 
-    py, _ = peer_venv("litgpt", "import litgpt", {"litgpt": "litgpt"}, lambda i: i["litgpt"] == LITGPT_VERSION,
-                      install, venv_env())
+    py, _ = peer_venv(
+        "litgpt",
+        "import litgpt",
+        {"litgpt": "litgpt"},
+        lambda i: i["litgpt"] == LITGPT_VERSION,
+        install,
+        venv_env(),
+    )
     return py
 
 
@@ -165,8 +184,10 @@ def check_conversion(checkpoint_dir: Path, litgpt_dir: Path, venv_py: Path, prom
     tokenizer = Tokenizer(checkpoint_dir)
     ids = tokenizer.encode(prompt)
     if ids.tolist() != theirs["ids"]:
-        raise UserError(f"the tokenizers disagree on the prompt: litquant {ids.tolist()} vs litgpt {theirs['ids']} "
-                        f"(litgpt prompt style {theirs['prompt_style']})")
+        raise UserError(
+            f"the tokenizers disagree on the prompt: litquant {ids.tolist()} vs litgpt {theirs['ids']} "
+            f"(litgpt prompt style {theirs['prompt_style']})"
+        )
     model = load_model(checkpoint_dir, None, "cpu", progress=False)  # None = 32-true
     with torch.inference_mode():
         our_logits = model(ids.view(1, -1))[0].float()
@@ -176,19 +197,31 @@ def check_conversion(checkpoint_dir: Path, litgpt_dir: Path, venv_py: Path, prom
     scale = our_logits.abs().max().item()
     ours_new = result.new_tokens.tolist()
     same_tokens = ours_new == theirs["new"]
-    print(f"Conversion check (fp32, {ids.numel()} prompt tokens): max |logits diff| = {diff:.3g} "
-          f"(logits up to {scale:.3g}); greedy {n} tokens identical: {same_tokens} "
-          f"(litquant {len(ours_new)}, litgpt {len(theirs['new'])} new tokens)", flush=True)
+    print(
+        f"Conversion check (fp32, {ids.numel()} prompt tokens): max |logits diff| = {diff:.3g} "
+        f"(logits up to {scale:.3g}); greedy {n} tokens identical: {same_tokens} "
+        f"(litquant {len(ours_new)}, litgpt {len(theirs['new'])} new tokens)",
+        flush=True,
+    )
     if diff > 1e-4 * max(1.0, scale):
         raise UserError(f"the converted litgpt model does not match: max |logits diff| {diff:.3g}")
     if len(ours_new) != len(theirs["new"]):
-        raise UserError("the two tools would generate different numbers of tokens for this prompt; "
-                        "try another --prompt")
+        raise UserError(
+            "the two tools would generate different numbers of tokens for this prompt; try another --prompt"
+        )
     if len(ours_new) < n:
-        print(f"warning: both stop at an end-of-sequence token after {len(ours_new)} of {n} tokens; "
-              "the timing stays fair (same tokens) but is shorter; another --prompt may avoid it", flush=True)
-    return dict(max_abs_logits_diff=diff, max_abs_logits=scale, greedy_tokens_identical=same_tokens,
-                prompt_tokens=ids.numel(), new_tokens=len(ours_new))
+        print(
+            f"warning: both stop at an end-of-sequence token after {len(ours_new)} of {n} tokens; "
+            "the timing stays fair (same tokens) but is shorter; another --prompt may avoid it",
+            flush=True,
+        )
+    return dict(
+        max_abs_logits_diff=diff,
+        max_abs_logits=scale,
+        greedy_tokens_identical=same_tokens,
+        prompt_tokens=ids.numel(),
+        new_tokens=len(ours_new),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,27 +237,64 @@ def _timings(p: subprocess.CompletedProcess, warmup: int) -> list[tuple[float, f
     return found[warmup:]
 
 
-def time_both(checkpoint_dir: Path, litgpt_dir: Path, prompt: str, n: int, precision: str, runs: int, warmup: int,
-              venv_py: Path) -> dict:
-    common = ["--prompt", prompt, "--max_new_tokens", n, "--temperature", "0", "--top_k", "1",
-              "--precision", precision, "--num_samples", warmup + 1]
-    ours_cmd = [sys.executable, "-m", "litquant.cli", "generate", "--checkpoint_dir", checkpoint_dir, *common,
-                "--batch_size", "1"]  # samples one after another, as litgpt runs them
+def time_both(
+    checkpoint_dir: Path,
+    litgpt_dir: Path,
+    prompt: str,
+    n: int,
+    precision: str,
+    runs: int,
+    warmup: int,
+    venv_py: Path,
+) -> dict:
+    common = [
+        "--prompt",
+        prompt,
+        "--max_new_tokens",
+        n,
+        "--temperature",
+        "0",
+        "--top_k",
+        "1",
+        "--precision",
+        precision,
+        "--num_samples",
+        warmup + 1,
+    ]
+    ours_cmd = [
+        sys.executable,
+        "-m",
+        "litquant.cli",
+        "generate",
+        "--checkpoint_dir",
+        checkpoint_dir,
+        *common,
+        "--batch_size",
+        "1",
+    ]  # samples one after another, as litgpt runs them
     theirs_cmd = [VENVS / "litgpt" / "bin" / "litgpt", "generate", litgpt_dir, *common]
     ours_env = {**os.environ, "PYTHONPATH": str(REPO)}
     samples: dict[str, list[tuple[float, float]]] = {"litquant": [], "litgpt": []}
     jobs = [("litquant", ours_cmd, ours_env, REPO), ("litgpt", theirs_cmd, venv_env(), OUT)]
     for r in range(runs):  # interleaved, first one then the other first, so outside load hits both alike
-        for name, cmd, env, cwd in (jobs if r % 2 == 0 else jobs[::-1]):
+        for name, cmd, env, cwd in jobs if r % 2 == 0 else jobs[::-1]:
             samples[name] += _timings(sh(cmd, env=env, cwd=cwd), warmup)
-        print(f"  {precision} run {r + 1}/{runs}: litquant {samples['litquant'][-1][1]:.1f} tok/s, "
-              f"litgpt {samples['litgpt'][-1][1]:.1f} tok/s", flush=True)
+        print(
+            f"  {precision} run {r + 1}/{runs}: litquant {samples['litquant'][-1][1]:.1f} tok/s, "
+            f"litgpt {samples['litgpt'][-1][1]:.1f} tok/s",
+            flush=True,
+        )
     med = {k: statistics.median(t for _, t in v) for k, v in samples.items()}
     # tokens implied by each line (time is printed with 2 decimals, so this is approximate)
     implied = {k: round(statistics.median(s * t for s, t in v)) for k, v in samples.items()}
-    return dict(precision=precision, litquant_tok_s=med["litquant"], litgpt_tok_s=med["litgpt"],
-                ratio=med["litquant"] / med["litgpt"], implied_new_tokens=implied,
-                samples={k: [t for _, t in v] for k, v in samples.items()})
+    return dict(
+        precision=precision,
+        litquant_tok_s=med["litquant"],
+        litgpt_tok_s=med["litgpt"],
+        ratio=med["litquant"] / med["litgpt"],
+        implied_new_tokens=implied,
+        samples={k: [t for _, t in v] for k, v in samples.items()},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,16 +303,22 @@ def time_both(checkpoint_dir: Path, litgpt_dir: Path, prompt: str, n: int, preci
 
 
 def table(meta: dict, rows: list[dict]) -> str:
-    lines = ["| date | machine | torch | commit | precision | litquant tok/s | litgpt tok/s | litquant/litgpt |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    lines = [
+        "| date | machine | torch | commit | precision | litquant tok/s | litgpt tok/s | litquant/litgpt |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        lines.append(f"| {meta['date']} | {meta['cpu']} ({meta['cores']} cores) | {meta['torch']} | {meta['commit']} "
-                     f"| {r['precision']} | {r['litquant_tok_s']:.1f} | {r['litgpt_tok_s']:.1f} | {r['ratio']:.2f} |")
+        lines.append(
+            f"| {meta['date']} | {meta['cpu']} ({meta['cores']} cores) | {meta['torch']} | {meta['commit']} "
+            f"| {r['precision']} | {r['litquant_tok_s']:.1f} | {r['litgpt_tok_s']:.1f} | {r['ratio']:.2f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     ap.add_argument("--checkpoint_dir", type=Path, default=REPO / "checkpoints" / "litquant-tiny")
     ap.add_argument("--prompt", default="The Python standard library")
     ap.add_argument("--max_new_tokens", type=int, default=200)
@@ -260,22 +336,43 @@ def main(argv: Optional[list[str]] = None) -> None:
     litgpt_dir = convert(checkpoint_dir, venv_py)
     print(f"litgpt checkpoint: {litgpt_dir}", flush=True)
     check = check_conversion(checkpoint_dir, litgpt_dir, venv_py, args.prompt, args.max_new_tokens)
-    rows = [time_both(checkpoint_dir, litgpt_dir, args.prompt, args.max_new_tokens, p, args.runs, args.warmup, venv_py)
-            for p in args.precision]
+    rows = [
+        time_both(
+            checkpoint_dir, litgpt_dir, args.prompt, args.max_new_tokens, p, args.runs, args.warmup, venv_py
+        )
+        for p in args.precision
+    ]
     for r in rows:
-        if any(abs(v - check["new_tokens"]) > 0.02 * check["new_tokens"] + 1 for v in r["implied_new_tokens"].values()):
-            print(f"warning: {r['precision']}: tokens implied by the timing lines {r['implied_new_tokens']} differ "
-                  f"from the {check['new_tokens']} expected", flush=True)
+        if any(
+            abs(v - check["new_tokens"]) > 0.02 * check["new_tokens"] + 1
+            for v in r["implied_new_tokens"].values()
+        ):
+            print(
+                f"warning: {r['precision']}: tokens implied by the timing lines {r['implied_new_tokens']} differ "
+                f"from the {check['new_tokens']} expected",
+                flush=True,
+            )
 
     md = table(meta, rows)
     print()
     print(md)
-    print(f"\nlitgpt {LITGPT_VERSION}; {check['new_tokens']} new tokens after a {check['prompt_tokens']}-token prompt; "
-          f"greedy; median of {args.runs} runs per tool (each after {args.warmup} warm-up sample); "
-          f"load average at start {meta['loadavg_1m_at_start']}")
-    record = dict(meta, litgpt_version=LITGPT_VERSION, checkpoint=str(checkpoint_dir), prompt=args.prompt,
-                  max_new_tokens=args.max_new_tokens, runs=args.runs, warmup=args.warmup, conversion_check=check,
-                  results=rows, markdown=md)
+    print(
+        f"\nlitgpt {LITGPT_VERSION}; {check['new_tokens']} new tokens after a {check['prompt_tokens']}-token prompt; "
+        f"greedy; median of {args.runs} runs per tool (each after {args.warmup} warm-up sample); "
+        f"load average at start {meta['loadavg_1m_at_start']}"
+    )
+    record = dict(
+        meta,
+        litgpt_version=LITGPT_VERSION,
+        checkpoint=str(checkpoint_dir),
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        runs=args.runs,
+        warmup=args.warmup,
+        conversion_check=check,
+        results=rows,
+        markdown=md,
+    )
     (OUT / "peer_litgpt.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"Wrote {OUT / 'peer_litgpt.json'}")
 

@@ -41,18 +41,46 @@ def make_data(d: Path, seq_len: int, n: int, path: Path) -> None:
     ids = tok.encode(text).tolist()
     rows, step = [], seq_len - 24
     for i in range(n):
-        piece = ids[(i * step) % (len(ids) - step):][:step]
+        piece = ids[(i * step) % (len(ids) - step) :][:step]
         rows.append({"instruction": "Continue the module.", "input": "", "output": tok.decode(piece)})
     path.write_text("\n".join(json.dumps(r) for r in rows))
 
 
 def run(d: Path, data: Path, quantize: Optional[str], a: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="litquant-qlora-") as out:
-        cmd = [sys.executable, "-m", "litquant.cli", "finetune", "lora", "--checkpoint_dir", d, "--out_dir", out,
-               "--data.path", data, "--data.max_seq_length", a.seq_len, "--data.val_split_fraction", "0.1",
-               "--train.micro_batch_size", "1", "--train.global_batch_size", "1", "--train.max_steps", a.steps,
-               "--train.lr_warmup_steps", "1", "--eval.interval", "100000", "--eval.max_iters", "1",
-               "--eval.sample_max_new_tokens", "0", "--logger", "csv"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "litquant.cli",
+            "finetune",
+            "lora",
+            "--checkpoint_dir",
+            d,
+            "--out_dir",
+            out,
+            "--data.path",
+            data,
+            "--data.max_seq_length",
+            a.seq_len,
+            "--data.val_split_fraction",
+            "0.1",
+            "--train.micro_batch_size",
+            "1",
+            "--train.global_batch_size",
+            "1",
+            "--train.max_steps",
+            a.steps,
+            "--train.lr_warmup_steps",
+            "1",
+            "--eval.interval",
+            "100000",
+            "--eval.max_iters",
+            "1",
+            "--eval.sample_max_new_tokens",
+            "0",
+            "--logger",
+            "csv",
+        ]
         if quantize:
             cmd += ["--quantize", quantize]
         p = sh(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=7200)
@@ -76,12 +104,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for q in a.quantize.split(","):
         rows.append(run(d, data, q, a))
     m = machine()
-    print(f"\n{a.model}, micro-batch 1, seq {a.seq_len}, {m['cpu']} ({m['cores']} cores), flags {cpu_flags()}, "
-          f"commit {m['commit']}")
+    print(
+        f"\n{a.model}, micro-batch 1, seq {a.seq_len}, {m['cpu']} ({m['cores']} cores), flags {cpu_flags()}, "
+        f"commit {m['commit']}"
+    )
     print("| base | step s | tokens/sec | x LoRA step time |\n| --- | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['quantize']} | {r['step_s']:.2f} | {r['tokens_per_sec']:.1f} "
-              f"| {r['step_s'] / rows[0]['step_s']:.2f} |")
+        print(
+            f"| {r['quantize']} | {r['step_s']:.2f} | {r['tokens_per_sec']:.1f} "
+            f"| {r['step_s'] / rows[0]['step_s']:.2f} |"
+        )
     return dict(machine=m, rows=rows)
 
 

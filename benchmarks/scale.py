@@ -39,17 +39,35 @@ from benchmarks.common import OUT, REPO, machine, sh  # noqa: E402
 from litquant.errors import UserError, run_guarded  # noqa: E402
 
 MODELS = {  # LlamaConfig fields
-    "200m": dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=4,
-                 intermediate_size=2816, vocab_size=32000, max_position_embeddings=2048),
-    "1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
-                 intermediate_size=5632, vocab_size=32000, max_position_embeddings=2048),  # TinyLlama-1.1B
+    "200m": dict(
+        hidden_size=1024,
+        num_hidden_layers=12,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=2816,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),
+    "1.1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        intermediate_size=5632,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+    ),  # TinyLlama-1.1B
 }
 DEFAULT_MODES = ("full", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "gptq.int4")
 EMULATE = {
     "none": {},
     "no-bf16": {"LITQUANT_NATIVE_BF16": "0", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
-    "avx2": {"LITQUANT_NATIVE_BF16": "0", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
-             "LITQUANT_KERNEL_CFLAGS": "-mno-avx512f"},
+    "avx2": {
+        "LITQUANT_NATIVE_BF16": "0",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "LITQUANT_KERNEL_CFLAGS": "-mno-avx512f",
+    },
 }
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile")
 
@@ -85,15 +103,34 @@ def build(name: str) -> Path:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(bundled / f, tmp / f)
         print(f"[{name}] converting with litquant convert_hf_checkpoint", flush=True)
-        sh([sys.executable, "-m", "litquant.cli", "convert_hf_checkpoint", "--checkpoint_dir", tmp],
-           env={**os.environ, "PYTHONPATH": str(REPO)})
+        sh(
+            [sys.executable, "-m", "litquant.cli", "convert_hf_checkpoint", "--checkpoint_dir", tmp],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)
     gptq = d / "lit_model_gptq.4bit.safetensors"
-    if not gptq.is_file() or not _symmetric(gptq):  # files from before --sym true became the default: made again
+    if not gptq.is_file() or not _symmetric(
+        gptq
+    ):  # files from before --sym true became the default: made again
         print(f"[{name}] litquant quantize gptq (8 x 128 calibration tokens: for speed only)", flush=True)
-        sh([sys.executable, "-m", "litquant.cli", "quantize", "gptq", "--checkpoint_dir", d, "--n_samples", "8",
-            "--seq_len", "128"], env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=7200)
+        sh(
+            [
+                sys.executable,
+                "-m",
+                "litquant.cli",
+                "quantize",
+                "gptq",
+                "--checkpoint_dir",
+                d,
+                "--n_samples",
+                "8",
+                "--seq_len",
+                "128",
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=7200,
+        )
     return d
 
 
@@ -110,9 +147,18 @@ def _symmetric(path: Path) -> bool:
 def run_litquant(d: Path, mode: str, a: argparse.Namespace) -> dict:
     from litquant.benchmark.measure import MeasureSpec, measure_in_subprocess
 
-    spec = MeasureSpec(mode=mode, checkpoint_dir=str(d), precision=None, accelerator="cpu",
-                       prompt_tokens=a.prompt_tokens, max_new_tokens=a.max_new_tokens, runs=a.runs, warmup=1,
-                       ppl_tokens=0, threads=None)
+    spec = MeasureSpec(
+        mode=mode,
+        checkpoint_dir=str(d),
+        precision=None,
+        accelerator="cpu",
+        prompt_tokens=a.prompt_tokens,
+        max_new_tokens=a.max_new_tokens,
+        runs=a.runs,
+        warmup=1,
+        ppl_tokens=0,
+        threads=None,
+    )
     if mode == "full":  # no --quantize and no --precision: what `litquant generate` runs
         from litquant.precision import default_precision
 
@@ -121,9 +167,12 @@ def run_litquant(d: Path, mode: str, a: argparse.Namespace) -> dict:
     if "error" in res:
         print(f"  {mode}: {res['error']}", flush=True)
     else:
-        print(f"  {mode:12s} {res['description']:32s} load {res['load_s']:5.1f} s  prefill "
-              f"{res['prefill_tokens_per_sec']:6.1f}  decode {res['decode_tokens_per_sec']:6.2f} tok/s  peak "
-              f"{res['peak_memory_bytes'] / 1e9:.2f} GB", flush=True)
+        print(
+            f"  {mode:12s} {res['description']:32s} load {res['load_s']:5.1f} s  prefill "
+            f"{res['prefill_tokens_per_sec']:6.1f}  decode {res['decode_tokens_per_sec']:6.2f} tok/s  peak "
+            f"{res['peak_memory_bytes'] / 1e9:.2f} GB",
+            flush=True,
+        )
     return res
 
 
@@ -137,10 +186,18 @@ def peer_hf_bnb(d: Path, ids: list[int], a: argparse.Namespace) -> dict:
     out = {}
     for mode in ("nf4", "int8"):
         r = hf.run_hf(py, d, mode, ids, a.max_new_tokens, a.runs, 1, None)
-        out[mode] = dict(tokens_per_sec=r["tokens_per_sec"], load_s=r["load_s"],
-                         peak_memory_bytes=r["peak_memory_bytes"],
-                         versions=dict(transformers=info.get("transformers"), bitsandbytes=info.get("bitsandbytes")))
-        print(f"  transformers+bnb {mode}: {r['tokens_per_sec']:.2f} tok/s (whole generation)", flush=True)
+        decode = statistics.median((x["new_tokens"] - 1) / (x["total_s"] - x["ttft_s"]) for x in r["runs"])
+        out[mode] = dict(
+            tokens_per_sec=r["tokens_per_sec"],
+            decode_tokens_per_sec=decode,
+            load_s=r["load_s"],
+            peak_memory_bytes=r["peak_memory_bytes"],
+            versions=dict(transformers=info.get("transformers"), bitsandbytes=info.get("bitsandbytes")),
+        )
+        print(
+            f"  transformers+bnb {mode}: {r['tokens_per_sec']:.2f} tok/s (whole generation), decode {decode:.2f}",
+            flush=True,
+        )
     return out
 
 
@@ -154,8 +211,11 @@ def peer_litgpt(d: Path, a: argparse.Namespace) -> dict:
     litgpt_dir = lg.convert(d, py)
     prompt, _ = benchmark_prompt(Tokenizer(d), a.prompt_tokens)
     r = lg.time_both(d, litgpt_dir, prompt, a.max_new_tokens, default_precision("cpu"), a.runs, 1, py)
-    print(f"  litgpt {lg.LITGPT_VERSION} {r['precision']}: {r['litgpt_tok_s']:.2f} tok/s, litquant "
-          f"{r['litquant_tok_s']:.2f}", flush=True)
+    print(
+        f"  litgpt {lg.LITGPT_VERSION} {r['precision']}: {r['litgpt_tok_s']:.2f} tok/s, litquant "
+        f"{r['litquant_tok_s']:.2f}",
+        flush=True,
+    )
     return r
 
 
@@ -165,14 +225,19 @@ from gptqmodel import GPTQModel
 d, ids, n, runs = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 m = GPTQModel.load(d, device="cpu")
 x = torch.tensor([ids])
-rates = []
+rates, decode = [], []
+def timed(k):
+    t0 = time.perf_counter()
+    y = m.model.generate(input_ids=x, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+    return y.shape[1] - x.shape[1], time.perf_counter() - t0
 with torch.inference_mode():
     for i in range(runs + 1):
-        t0 = time.perf_counter()
-        y = m.model.generate(input_ids=x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        _, t1 = timed(1)  # prefill and the first token
+        new, t = timed(n)
         if i:
-            rates.append((y.shape[1] - x.shape[1]) / (time.perf_counter() - t0))
-print(json.dumps(dict(rates=rates,
+            rates.append(new / t)
+            decode.append((new - 1) / (t - t1))
+print(json.dumps(dict(rates=rates, decode=decode,
                       kinds=sorted({type(q).__name__ for q in m.model.modules() if hasattr(q, "qweight")}))))
 """
 
@@ -183,15 +248,42 @@ def peer_gptqmodel(d: Path, ids: list[int], a: argparse.Namespace) -> dict:
     py = gm.ensure_venv()
     export = d.with_name(d.name + "-gptq-hf")
     source = d / "lit_model_gptq.4bit.safetensors"
-    if not (export / "config.json").is_file() or (export / "config.json").stat().st_mtime < source.stat().st_mtime:
-        sh([sys.executable, "-m", "litquant.cli", "convert_lit_checkpoint", "--checkpoint_dir", d, "--output_dir",
-            export, "--quantize", "gptq.int4"], env={**os.environ, "PYTHONPATH": str(REPO)})
-    p = sh([py, "-c", _GPTQMODEL_GENERATE, export, json.dumps(ids), a.max_new_tokens, a.runs], env=gm.venv_env(),
-           cwd=OUT)
+    if (
+        not (export / "config.json").is_file()
+        or (export / "config.json").stat().st_mtime < source.stat().st_mtime
+    ):
+        sh(
+            [
+                sys.executable,
+                "-m",
+                "litquant.cli",
+                "convert_lit_checkpoint",
+                "--checkpoint_dir",
+                d,
+                "--output_dir",
+                export,
+                "--quantize",
+                "gptq.int4",
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    p = sh(
+        [py, "-c", _GPTQMODEL_GENERATE, export, json.dumps(ids), a.max_new_tokens, a.runs],
+        env=gm.venv_env(),
+        cwd=OUT,
+    )
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    res = dict(tokens_per_sec=statistics.median(r["rates"]), kernels=r["kinds"], version=gm.GPTQMODEL_VERSION)
-    print(f"  gptqmodel {gm.GPTQMODEL_VERSION}: {res['tokens_per_sec']:.2f} tok/s ({', '.join(r['kinds'])})",
-          flush=True)
+    res = dict(
+        tokens_per_sec=statistics.median(r["rates"]),
+        decode_tokens_per_sec=statistics.median(r["decode"]),
+        kernels=r["kinds"],
+        version=gm.GPTQMODEL_VERSION,
+    )
+    print(
+        f"  gptqmodel {gm.GPTQMODEL_VERSION}: {res['tokens_per_sec']:.2f} tok/s (whole generation), decode "
+        f"{res['decode_tokens_per_sec']:.2f} ({', '.join(r['kinds'])})",
+        flush=True,
+    )
     return res
 
 
@@ -201,33 +293,54 @@ def peer_gptqmodel(d: Path, ids: list[int], a: argparse.Namespace) -> dict:
 def markdown(report: dict) -> str:
     m = report["machine"]
     flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in report["cpu_flags"].items())
-    lines = [f"### {report['date']}: {m['cpu']} ({m['cores']} cores), emulate={report['emulate']}",
-             "", f"CPU flags: {flags}. torch {m['torch']}, commit {m['commit']}. Prompt {report['prompt_tokens']} "
-             f"tokens, {report['max_new_tokens']} new tokens (greedy), median of {report['runs']} runs after a "
-             "warm-up; tok/s (whole) = new tokens / (prefill + decode), as the peers count it.", ""]
+    lines = [
+        f"### {report['date']}: {m['cpu']} ({m['cores']} cores), emulate={report['emulate']}",
+        "",
+        f"CPU flags: {flags}. torch {m['torch']}, commit {m['commit']}. Prompt {report['prompt_tokens']} "
+        f"tokens, {report['max_new_tokens']} new tokens (greedy), median of {report['runs']} runs after a "
+        "warm-up; tok/s (whole) = new tokens / (prefill + decode), as the peers count it.",
+        "",
+    ]
     for name, r in report["models"].items():
-        lines += [f"**{name}**", "",
-                  "| mode (default flags) | compute | load s | peak RSS GB | prefill tok/s | decode tok/s | x full | "
-                  "tok/s (whole) | peer | peer tok/s | x peer |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
+        lines += [
+            f"**{name}**",
+            "",
+            "| mode (default flags) | compute | load s | peak RSS GB | prefill tok/s | decode tok/s | x full | "
+            "tok/s (whole) | peer | peer tok/s (whole) | x peer (whole) | peer decode tok/s | x peer (decode) |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        ]
         full = r["litquant"].get("full", {}).get("decode_tokens_per_sec")
-        peers = {"bnb.nf4": ("transformers+bnb nf4", r.get("peers", {}).get("hf_bnb", {}).get("nf4")),
-                 "bnb.int8": ("transformers+bnb int8", r.get("peers", {}).get("hf_bnb", {}).get("int8")),
-                 "gptq.int4": ("gptqmodel", r.get("peers", {}).get("gptqmodel"))}
+        peers = {
+            "bnb.nf4": ("transformers+bnb nf4", r.get("peers", {}).get("hf_bnb", {}).get("nf4")),
+            "bnb.int8": ("transformers+bnb int8", r.get("peers", {}).get("hf_bnb", {}).get("int8")),
+            "gptq.int4": ("gptqmodel", r.get("peers", {}).get("gptqmodel")),
+        }
         lit = r.get("peers", {}).get("litgpt")
         for mode, x in r["litquant"].items():
             if "error" in x:
-                lines.append(f"| {mode} | {x['error']} | | | | | | | | | |")
+                lines.append(f"| {mode} | {x['error']} | | | | | | | | | | | |")
                 continue
-            peer, ptok = peers.get(mode, ("", None))
-            ptok = ptok.get("tokens_per_sec") if ptok else None
+            peer, p = peers.get(mode, ("", None))
+            p = p if p and "error" not in p else {}
+            ptok, pdec = p.get("tokens_per_sec"), p.get("decode_tokens_per_sec")
             ratio = x["tokens_per_sec"] / ptok if ptok else None
             if mode == "full" and lit and "error" not in lit:  # both CLIs timed alike, interleaved
                 peer, ptok, ratio = f"litgpt {lit['precision']} (CLIs)", lit["litgpt_tok_s"], lit["ratio"]
-            cells = [mode, x["precision"], f"{x['load_s']:.1f}", f"{x['peak_memory_bytes'] / 1e9:.2f}",
-                     f"{x['prefill_tokens_per_sec']:.1f}", f"{x['decode_tokens_per_sec']:.2f}",
-                     f"{x['decode_tokens_per_sec'] / full:.2f}" if full else "", f"{x['tokens_per_sec']:.2f}", peer,
-                     "" if ptok is None else f"{ptok:.2f}", "" if ratio is None else f"{ratio:.2f}"]
+            cells = [
+                mode,
+                x["precision"],
+                f"{x['load_s']:.1f}",
+                f"{x['peak_memory_bytes'] / 1e9:.2f}",
+                f"{x['prefill_tokens_per_sec']:.1f}",
+                f"{x['decode_tokens_per_sec']:.2f}",
+                f"{x['decode_tokens_per_sec'] / full:.2f}" if full else "",
+                f"{x['tokens_per_sec']:.2f}",
+                peer,
+                "" if ptok is None else f"{ptok:.2f}",
+                "" if ratio is None else f"{ratio:.2f}",
+                "" if pdec is None else f"{pdec:.2f}",
+                "" if pdec is None else f"{x['decode_tokens_per_sec'] / pdec:.2f}",
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -236,7 +349,9 @@ def markdown(report: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="200m,1.1b")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="'full' = no --quantize, default --precision")
+    p.add_argument(
+        "--modes", default=",".join(DEFAULT_MODES), help="'full' = no --quantize, default --precision"
+    )
     p.add_argument("--peers", default="hf_bnb,litgpt,gptqmodel", help="comma list, or 'none'")
     p.add_argument("--emulate", default="none", choices=sorted(EMULATE))
     p.add_argument("--prompt_tokens", type=int, default=64)
@@ -252,8 +367,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if unknown:
         raise UserError(f"unknown --peers {', '.join(sorted(unknown))}")
 
-    report = dict(date=dt.date.today().isoformat(), machine=machine(), cpu_flags=cpu_flags(), emulate=a.emulate,
-                  prompt_tokens=a.prompt_tokens, max_new_tokens=a.max_new_tokens, runs=a.runs, models={})
+    report = dict(
+        date=dt.date.today().isoformat(),
+        machine=machine(),
+        cpu_flags=cpu_flags(),
+        emulate=a.emulate,
+        prompt_tokens=a.prompt_tokens,
+        max_new_tokens=a.max_new_tokens,
+        runs=a.runs,
+        models={},
+    )
     for name in models:
         d = build(name)
         os.environ.update(EMULATE[a.emulate])  # litquant's runs only (subprocesses read it)
@@ -269,12 +392,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for peer in peers:
             print(f"[{name}] peer {peer}", flush=True)
             try:
-                r["peers"][peer] = {"hf_bnb": lambda: peer_hf_bnb(d, ids, a), "litgpt": lambda: peer_litgpt(d, a),
-                                    "gptqmodel": lambda: peer_gptqmodel(d, ids, a)}[peer]()
+                r["peers"][peer] = {
+                    "hf_bnb": lambda: peer_hf_bnb(d, ids, a),
+                    "litgpt": lambda: peer_litgpt(d, a),
+                    "gptqmodel": lambda: peer_gptqmodel(d, ids, a),
+                }[peer]()
             except UserError as e:  # a peer that does not install or run here: say so, keep the rest
                 print(f"  {peer} failed: {str(e).splitlines()[0]}", flush=True)
                 lines = str(e).strip().splitlines()
-                r["peers"][peer] = {"error": " / ".join(dict.fromkeys([lines[0], lines[-1]]))}  # command, last line
+                r["peers"][peer] = {
+                    "error": " / ".join(dict.fromkeys([lines[0], lines[-1]]))
+                }  # command, last line
     out = OUT / "scale"
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M")
     (out / f"results-{stamp}.json").write_text(json.dumps(report, indent=2))

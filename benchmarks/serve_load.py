@@ -29,9 +29,16 @@ REPO = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE))
 
-PROMPTS = ["def fib(", "import os\nimport sys\n\ndef main(", "class Stack:\n    def __init__(self", "for i in range(",
-           "# read a file and count its lines\ndef count_lines(path):\n", "x = [", "def quicksort(items):\n",
-           "with open(path) as f:\n"]
+PROMPTS = [
+    "def fib(",
+    "import os\nimport sys\n\ndef main(",
+    "class Stack:\n    def __init__(self",
+    "for i in range(",
+    "# read a file and count its lines\ndef count_lines(path):\n",
+    "x = [",
+    "def quicksort(items):\n",
+    "with open(path) as f:\n",
+]
 
 
 async def request(host: str, port: int, body: dict, path: str = "/v1/completions") -> dict:
@@ -39,8 +46,11 @@ async def request(host: str, port: int, body: dict, path: str = "/v1/completions
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     data = json.dumps(body).encode()
-    writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+        + data
+    )
     await writer.drain()
     status = (await reader.readline()).decode()
     if " 200 " not in status:
@@ -62,18 +72,34 @@ async def request(host: str, port: int, body: dict, path: str = "/v1/completions
             text += piece
             pieces += bool(piece)
     writer.close()
-    return dict(ttft=ttft if ttft is not None else time.perf_counter() - t0, tokens=tokens or pieces,
-                total=time.perf_counter() - t0)  # a server without usage counts: one streamed piece per token
+    return dict(
+        ttft=ttft if ttft is not None else time.perf_counter() - t0,
+        tokens=tokens or pieces,
+        total=time.perf_counter() - t0,
+    )  # a server without usage counts: one streamed piece per token
 
 
-async def load(host: str, port: int, clients: int, requests_per_client: int, max_tokens: int, model: str,
-               chat: bool = False) -> dict:
+async def load(
+    host: str,
+    port: int,
+    clients: int,
+    requests_per_client: int,
+    max_tokens: int,
+    model: str,
+    chat: bool = False,
+) -> dict:
     async def client(c: int) -> list[dict]:
         out = []
         for r in range(requests_per_client):
             prompt = PROMPTS[(c + r) % len(PROMPTS)]
-            body = dict(model=model, max_tokens=max_tokens, temperature=0.8, seed=c * 1000 + r, stream=True,
-                        stream_options={"include_usage": True})
+            body = dict(
+                model=model,
+                max_tokens=max_tokens,
+                temperature=0.8,
+                seed=c * 1000 + r,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
             if chat:  # LitServe's OpenAI spec has the chat endpoint only
                 body["messages"] = [{"role": "user", "content": prompt}]
             else:
@@ -86,9 +112,15 @@ async def load(host: str, port: int, clients: int, requests_per_client: int, max
     wall = time.perf_counter() - t0
     ttfts = sorted(r["ttft"] for r in results)
     tokens = sum(r["tokens"] for r in results)
-    return dict(clients=clients, requests=len(results), tokens=tokens, wall_s=round(wall, 3),
-                tokens_per_s=round(tokens / wall, 1), ttft_p50_ms=round(1000 * statistics.median(ttfts), 1),
-                ttft_p95_ms=round(1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 1))
+    return dict(
+        clients=clients,
+        requests=len(results),
+        tokens=tokens,
+        wall_s=round(wall, 3),
+        tokens_per_s=round(tokens / wall, 1),
+        ttft_p50_ms=round(1000 * statistics.median(ttfts), 1),
+        ttft_p95_ms=round(1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 1),
+    )
 
 
 def free_port() -> int:
@@ -126,8 +158,9 @@ def model_id(port: int) -> str:
 
 def run_mode(cmd: list[str], args, label: str, chat: bool = False) -> dict:
     port = free_port()
-    proc = subprocess.Popen([*cmd, "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_healthy(port, proc)
         mid = model_id(port)
@@ -136,8 +169,11 @@ def run_mode(cmd: list[str], args, label: str, chat: bool = False) -> dict:
         for c in args.clients:
             row = asyncio.run(load("127.0.0.1", port, c, args.requests, args.max_tokens, mid, chat))
             rows.append(row)
-            print(f"{label:>24}  {c:>3} clients  {row['tokens_per_s']:>8.1f} tok/s"
-                  f"  TTFT p50 {row['ttft_p50_ms']:>7.1f} ms  p95 {row['ttft_p95_ms']:>7.1f} ms", flush=True)
+            print(
+                f"{label:>24}  {c:>3} clients  {row['tokens_per_s']:>8.1f} tok/s"
+                f"  TTFT p50 {row['ttft_p50_ms']:>7.1f} ms  p95 {row['ttft_p95_ms']:>7.1f} ms",
+                flush=True,
+            )
         base = rows[0]["tokens_per_s"]
         for row in rows:
             row["speedup_vs_first"] = round(row["tokens_per_s"] / base, 2)
@@ -152,36 +188,67 @@ def run_mode(cmd: list[str], args, label: str, chat: bool = False) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="bundled", help="bundled, 200m or 1.1b (the random Llamas of scale.py)")
+    ap.add_argument(
+        "--model", default="bundled", help="bundled, 200m or 1.1b (the random Llamas of scale.py)"
+    )
     ap.add_argument("--modes", default="32-true,bnb.nf4", help="comma list: a precision or a --quantize mode")
     ap.add_argument("--clients", default="1,4,8,16", help="comma list of concurrent clients")
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--max_batch_size", type=int, default=16)
     ap.add_argument("--url", default=None, help="measure a running server instead")
-    ap.add_argument("--peer", default=None, help="litgpt: also measure `litgpt serve` (its venv, see peer_litgpt.py)")
+    ap.add_argument(
+        "--peer", default=None, help="litgpt: also measure `litgpt serve` (its venv, see peer_litgpt.py)"
+    )
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     from common import machine
 
-    report = dict(machine=machine(), model=args.model, max_tokens=args.max_tokens, requests_per_client=args.requests,
-                  date=time.strftime("%Y-%m-%d"), results=[])
+    report = dict(
+        machine=machine(),
+        model=args.model,
+        max_tokens=args.max_tokens,
+        requests_per_client=args.requests,
+        date=time.strftime("%Y-%m-%d"),
+        results=[],
+    )
     if args.url:
         host, _, port = args.url.split("//")[-1].partition(":")
-        report["results"].append(dict(label=args.url, rows=[
-            asyncio.run(load(host, int(port or 80), c, args.requests, args.max_tokens, "")) for c in args.clients]))
+        report["results"].append(
+            dict(
+                label=args.url,
+                rows=[
+                    asyncio.run(load(host, int(port or 80), c, args.requests, args.max_tokens, ""))
+                    for c in args.clients
+                ],
+            )
+        )
     else:
         ckpt = checkpoint_for(args.model)
         for mode in args.modes.split(","):
-            flag = ["--precision", mode] if mode in ("32-true", "16-true", "bf16-true") else ["--quantize", mode]
-            cmd = [sys.executable, "-m", "litquant.cli", "serve", "--checkpoint_dir", str(ckpt), *flag,
-                   "--max_batch_size", str(args.max_batch_size)]
+            flag = (
+                ["--precision", mode] if mode in ("32-true", "16-true", "bf16-true") else ["--quantize", mode]
+            )
+            cmd = [
+                sys.executable,
+                "-m",
+                "litquant.cli",
+                "serve",
+                "--checkpoint_dir",
+                str(ckpt),
+                *flag,
+                "--max_batch_size",
+                str(args.max_batch_size),
+            ]
             report["results"].append(run_mode(cmd, args, f"litquant {mode}"))
         if args.peer == "litgpt":
             try:
                 report["results"].append(peer_litgpt(ckpt, args))
             except Exception as e:  # the peer did not start or did not answer: say so, keep our figures
-                print(f"litgpt serve: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+                print(
+                    f"litgpt serve: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                    flush=True,
+                )
                 report["results"].append(dict(label="litgpt serve", error=str(e)[:500]))
     OUT.mkdir(exist_ok=True)
     out = OUT / "serve_load.json"
@@ -207,9 +274,28 @@ def peer_litgpt(ckpt: Path, args) -> dict:
         py = ensure_venv()
     except Exception as e:  # no litgpt 0.5.13 wheel for this torch / Python, or no package index
         return dict(label="litgpt serve", skipped=f"litgpt does not install here: {str(e).splitlines()[0]}")
+    if subprocess.run([str(py), "-c", "import litserve"], capture_output=True).returncode != 0:
+        from benchmarks.common import sh, venv_env
+
+        print(
+            "Installing litserve (litgpt's `extra` requirement for `litgpt serve`) into the litgpt venv",
+            flush=True,
+        )
+        sh([py, "-m", "pip", "install", "-q", "litserve>0.2"], env=venv_env())
     lit_dir = convert(ckpt, py)
-    cmd = [str(py), "-m", "litgpt", "serve", str(lit_dir), "--max_new_tokens", str(args.max_tokens), "--stream",
-           "true", "--openai_spec", "true"]
+    cmd = [
+        str(py),
+        "-m",
+        "litgpt",
+        "serve",
+        str(lit_dir),
+        "--max_new_tokens",
+        str(args.max_tokens),
+        "--stream",
+        "true",
+        "--openai_spec",
+        "true",
+    ]
     return run_mode(cmd, args, "litgpt serve", chat=True)
 
 

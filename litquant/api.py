@@ -33,8 +33,9 @@ class LLM:
     a conversation (`chat_template` from the checkpoint, else the `prompt_style` its name implies).
     One thread at a time: the methods share the model's KV cache."""
 
-    def __init__(self, model: torch.nn.Module, checkpoint: Checkpoint, plugin: LitquantPrecision,
-                 device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, checkpoint: Checkpoint, plugin: LitquantPrecision, device: torch.device
+    ) -> None:
         self.model, self.checkpoint, self.plugin, self.device = model, checkpoint, plugin, device
         self.tokenizer = checkpoint.tokenizer
         self.chat_template = ChatTemplate.from_checkpoint(checkpoint.path)
@@ -56,7 +57,9 @@ class LLM:
         `quantize` (a `--quantize` mode), with a LoRA adapter on top (`lora_path`: the file or a finetune out_dir)."""
         device = torch.device(pick_accelerator(accelerator))
         checkpoint = Checkpoint.open(checkpoint_dir)
-        plugin = resolve(precision, quantize, device, **({"quantize_lm_head": True} if quantize_lm_head else {}))
+        plugin = resolve(
+            precision, quantize, device, **({"quantize_lm_head": True} if quantize_lm_head else {})
+        )
         checkpoint.tokenizer  # a missing or broken tokenizer fails before a (possibly long, quantizing) load
         ChatTemplate.from_checkpoint(checkpoint.path)  # and so does a broken chat template
         if lora_path is not None:
@@ -78,34 +81,68 @@ class LLM:
 
     # ---- text in, text out ------------------------------------------------------------------------------------
 
-    def generate(self, prompt: Prompts, max_new_tokens: int = 50, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: float = 1.0, stop: Stop = None, seed: Optional[int] = None,
-                 batch_size: int = 8) -> Union[str, list[str]]:
+    def generate(
+        self,
+        prompt: Prompts,
+        max_new_tokens: int = 50,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: float = 1.0,
+        stop: Stop = None,
+        seed: Optional[int] = None,
+        batch_size: int = 8,
+    ) -> Union[str, list[str]]:
         """The completion of `prompt` (a string), or of each of `prompt` (a list: run `batch_size` at a time, a new
         one starting whenever one finishes). `stop`: strings that end a completion (left out of it). `seed`: prompt
         i samples with its own generator seeded `seed + i`, so results do not depend on the batch."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        seqs = self.sequences([self.encode(p) for p in prompts], max_new_tokens, temperature, top_k, top_p, stop, seed)
+        seqs = self.sequences(
+            [self.encode(p) for p in prompts], max_new_tokens, temperature, top_k, top_p, stop, seed
+        )
         self.run(seqs, batch_size)
         texts = [s.text for s in seqs]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def stream(self, prompt: str, max_new_tokens: int = 50, temperature: float = 1.0, top_k: Optional[int] = None,
-               top_p: float = 1.0, stop: Stop = None, seed: Optional[int] = None) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        max_new_tokens: int = 50,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: float = 1.0,
+        stop: Stop = None,
+        seed: Optional[int] = None,
+    ) -> Iterator[str]:
         """The completion of `prompt`, piece by piece as it is sampled."""
         seqs = self.sequences([self.encode(prompt)], max_new_tokens, temperature, top_k, top_p, stop, seed)
         yield from self._stream(seqs[0])
 
-    def chat(self, messages: Union[str, Messages], max_new_tokens: int = 256, temperature: float = 1.0,
-             top_k: Optional[int] = None, top_p: float = 1.0, stop: Stop = None, seed: Optional[int] = None,
-             stream: bool = False) -> Union[str, Iterator[str]]:
+    def chat(
+        self,
+        messages: Union[str, Messages],
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: float = 1.0,
+        stop: Stop = None,
+        seed: Optional[int] = None,
+        stream: bool = False,
+    ) -> Union[str, Iterator[str]]:
         """The assistant's reply to `messages` ([{"role": "system"|"user"|"assistant", "content": ...}, ...], or
         one user message as a string), formatted with the checkpoint's chat template (else its prompt style)."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         ids = self.encode_chat(messages)
-        seqs = self.sequences([ids], max_new_tokens, temperature, top_k, top_p, stop, seed,
-                              stop_sequences=self.prompt_style.stop_tokens(self.tokenizer))
+        seqs = self.sequences(
+            [ids],
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            stop,
+            seed,
+            stop_sequences=self.prompt_style.stop_tokens(self.tokenizer),
+        )
         if stream:
             return self._stream(seqs[0])
         self.run(seqs, 1)
@@ -151,9 +188,17 @@ class LLM:
             raise UserError("the conversation is empty after tokenization")
         return ids
 
-    def sequences(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                  top_k: Optional[int] = None, top_p: float = 1.0, stop: Stop = None, seed: Optional[int] = None,
-                  stop_sequences: list[list[int]] = ()) -> list[Sequence]:
+    def sequences(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: float = 1.0,
+        stop: Stop = None,
+        seed: Optional[int] = None,
+        stop_sequences: list[list[int]] = (),
+    ) -> list[Sequence]:
         """One `Sequence` per prompt (token ids), checked against the context; text decoded as it is sampled."""
         check_sampling(max_new_tokens, temperature, top_p)
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
@@ -163,11 +208,20 @@ class LLM:
         seqs = []
         for i, ids in enumerate(prompts):
             if len(ids) + max_new_tokens > context:
-                raise UserError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
-                                f"model's context of {context} tokens")
-            params = SamplingParams(max_new_tokens, temperature, top_k, top_p,
-                                    None if seed is None else seed + i, frozenset(self.tokenizer.stop_ids),
-                                    tuple(tuple(s) for s in stop_sequences), stop)
+                raise UserError(
+                    f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                    f"model's context of {context} tokens"
+                )
+            params = SamplingParams(
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                None if seed is None else seed + i,
+                frozenset(self.tokenizer.stop_ids),
+                tuple(tuple(s) for s in stop_sequences),
+                stop,
+            )
             seqs.append(Sequence(list(ids), params, decoder=self.tokenizer.stream_decoder(ids[-1:])))
         return seqs
 
@@ -201,4 +255,3 @@ class LLM:
 
     def __repr__(self) -> str:
         return f"LLM({self.checkpoint.path}, {self.plugin.describe()}, {self.device})"
-

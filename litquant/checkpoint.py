@@ -38,8 +38,14 @@ class Checkpoint:
         if not path.is_dir():
             raise UserError(f"checkpoint directory {str(path)!r} does not exist")
         if not (path / CONFIG_FILE).is_file():
-            hint = (" (it looks like a Hugging Face download: run `litquant convert_hf_checkpoint "
-                    f"--checkpoint_dir {path}` first)") if (path / "config.json").is_file() else ""
+            hint = (
+                (
+                    " (it looks like a Hugging Face download: run `litquant convert_hf_checkpoint "
+                    f"--checkpoint_dir {path}` first)"
+                )
+                if (path / "config.json").is_file()
+                else ""
+            )
             raise UserError(f"{path} has no {CONFIG_FILE}{hint}")
         return cls(path, Config.from_file(path / CONFIG_FILE))
 
@@ -49,7 +55,9 @@ class Checkpoint:
         if not path.is_file():
             present = sorted(p.name for p in self.path.glob("lit_model*.safetensors"))
             hint = f"; {hint}" if hint else ""
-            raise UserError(f"{self.path} has no {name} (found: {', '.join(present) or 'no weight files'}){hint}")
+            raise UserError(
+                f"{self.path} has no {name} (found: {', '.join(present) or 'no weight files'}){hint}"
+            )
         return path
 
     def has(self, name: str) -> bool:
@@ -67,8 +75,14 @@ class Checkpoint:
 
 # Files of a checkpoint directory besides its weights that a derived checkpoint (GPTQ into another directory,
 # merged adapters, full finetuning) copies as they are.
-SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json",
-              "special_tokens_map.json", "config.json")
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "config.json",
+)
 
 
 def copy_side_files(src: str | Path, dst: str | Path, names: tuple[str, ...] = SIDE_FILES) -> None:
@@ -82,7 +96,10 @@ def copy_side_files(src: str | Path, dst: str | Path, names: tuple[str, ...] = S
 
 
 def save_checkpoint(
-    state_dict: dict[str, torch.Tensor], config: Config, checkpoint_dir: str | Path, weights_file: str = WEIGHTS_FILE
+    state_dict: dict[str, torch.Tensor],
+    config: Config,
+    checkpoint_dir: str | Path,
+    weights_file: str = WEIGHTS_FILE,
 ) -> None:
     checkpoint_dir = Path(checkpoint_dir)
     save_safetensors(state_dict, checkpoint_dir / weights_file, metadata={"format": "pt", "litquant": "1"})
@@ -92,7 +109,10 @@ def save_checkpoint(
 def build_model(config: Config, device: torch.device | str = "meta"):
     from litquant.model import GPT
 
-    with torch.device(device), (_no_init() if torch.device(device).type == "meta" else contextlib.nullcontext()):
+    with (
+        torch.device(device),
+        _no_init() if torch.device(device).type == "meta" else contextlib.nullcontext(),
+    ):
         return GPT(config)
 
 
@@ -125,7 +145,9 @@ def load_weights(
     device = torch.device(device)
     with open_safetensors(path) as f:
         keys = f.keys()
-        for key in tqdm(keys, desc=f"Loading {Path(path).name}", disable=not progress, leave=False, unit="tensor"):
+        for key in tqdm(
+            keys, desc=f"Loading {Path(path).name}", disable=not progress, leave=False, unit="tensor"
+        ):
             module_name, _, attr = key.rpartition(".")
             try:
                 module = model.get_submodule(module_name)
@@ -146,7 +168,9 @@ def load_weights(
                 continue
             current = getattr(module, attr, None)
             if not isinstance(current, torch.Tensor):
-                raise UserError(f"{path}: unexpected tensor {key!r} (does model_config.yaml match these weights?)")
+                raise UserError(
+                    f"{path}: unexpected tensor {key!r} (does model_config.yaml match these weights?)"
+                )
             if current.shape != tensor.shape:
                 raise UserError(
                     f"{path}: {key} has shape {tuple(tensor.shape)} but the config needs {tuple(current.shape)} "
@@ -165,8 +189,12 @@ def load_weights(
         raise UserError(f"{path} is missing tensors: {', '.join(missing[:5])}{more}")
 
 
-def load_model(checkpoint: Union[str, Path, Checkpoint], plugin=None, device: torch.device | str = "cpu",
-               progress: bool = True) -> nn.Module:
+def load_model(
+    checkpoint: Union[str, Path, Checkpoint],
+    plugin=None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> nn.Module:
     """checkpoint -> GPT on meta -> the plugin swaps the Linears its load plan names -> weights streamed in.
 
     `plugin` is a `litquant.precision` plugin (None = 32-true); its load plan names the file to read (full
@@ -185,7 +213,9 @@ def load_model(checkpoint: Union[str, Path, Checkpoint], plugin=None, device: to
     model = plugin.after_load(model)
     model.eval()
     if progress:
-        print(f"Time to load the model: {time.perf_counter() - t0:.02f} seconds.", file=sys.stderr, flush=True)
+        print(
+            f"Time to load the model: {time.perf_counter() - t0:.02f} seconds.", file=sys.stderr, flush=True
+        )
         device = torch.device(device)
         print(f"Kernels: {plugin.describe()} on {device.type}: {plugin.kernels(device)}", file=sys.stderr)
         for hint in plugin.hints(device):

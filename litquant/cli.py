@@ -28,10 +28,19 @@ JOBS: Jobs = {
     },
     "evaluate": ("litquant.jobs.evaluate:main", "perplexity (and exact match) on a dataset"),
     "benchmark": ("litquant.jobs.benchmark:main", "speed, memory and perplexity of each quantization mode"),
-    "estimate": ("litquant.jobs.estimate:main", "predict memory for inference and finetuning, before loading"),
+    "estimate": (
+        "litquant.jobs.estimate:main",
+        "predict memory for inference and finetuning, before loading",
+    ),
     "pretrain": ("litquant.jobs.pretrain:main", "train a model from scratch"),
-    "convert_hf_checkpoint": ("litquant.jobs.convert:convert_hf_checkpoint", "import a Hugging Face checkpoint"),
-    "convert_lit_checkpoint": ("litquant.jobs.convert:convert_lit_checkpoint", "export to the Hugging Face layout"),
+    "convert_hf_checkpoint": (
+        "litquant.jobs.convert:convert_hf_checkpoint",
+        "import a Hugging Face checkpoint",
+    ),
+    "convert_lit_checkpoint": (
+        "litquant.jobs.convert:convert_lit_checkpoint",
+        "export to the Hugging Face layout",
+    ),
 }
 
 
@@ -62,7 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         if rest[0] not in entry:
             close = difflib.get_close_matches(rest[0], list(entry), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            print(f"error: {prog}: unknown job {rest[0]!r}{hint}; choose one of: {', '.join(entry)}", file=sys.stderr)
+            print(
+                f"error: {prog}: unknown job {rest[0]!r}{hint}; choose one of: {', '.join(entry)}",
+                file=sys.stderr,
+            )
             raise SystemExit(2)
         entry, prog, rest = entry[rest[0]], f"{prog} {rest[0]}", rest[1:]
 

@@ -82,7 +82,9 @@ class Config:
         if match is None:
             close = difflib.get_close_matches(name.rpartition("/")[2], list(name_to_config), n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise UserError(f"unknown model name {name!r}; {hint}known names: {', '.join(sorted(name_to_config))}")
+            raise UserError(
+                f"unknown model name {name!r}; {hint}known names: {', '.join(sorted(name_to_config))}"
+            )
         kwargs = deepcopy(match)
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -144,8 +146,15 @@ class Config:
             rope_scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or None
             adj = None
             if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) == "llama3":
-                adj = {k: rope_scaling[k] for k in
-                       ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+                adj = {
+                    k: rope_scaling[k]
+                    for k in (
+                        "factor",
+                        "low_freq_factor",
+                        "high_freq_factor",
+                        "original_max_position_embeddings",
+                    )
+                }
             rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000))
             n_head = hf["num_attention_heads"]
             head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
@@ -166,13 +175,17 @@ class Config:
                 mlp_class_name="LLaMAMLP",
                 intermediate_size=hf["intermediate_size"],
                 sliding_window_size=hf.get("sliding_window") if mt == "mistral" else None,
-                extra_hf={k: hf[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if k in hf},
+                extra_hf={
+                    k: hf[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if k in hf
+                },
             )
         if mt == "falcon":
             n_head = hf.get("num_attention_heads", hf.get("n_head"))
             new_arch = hf.get("new_decoder_architecture", False)
             if new_arch:
-                groups = hf.get("num_kv_heads") or hf.get("n_head_kv") or n_head  # n_head_kv: pre-port configs
+                groups = (
+                    hf.get("num_kv_heads") or hf.get("n_head_kv") or n_head
+                )  # n_head_kv: pre-port configs
             else:
                 groups = 1 if hf.get("multi_query", True) else n_head
             if hf.get("alibi"):
@@ -193,8 +206,11 @@ class Config:
                 norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                 mlp_class_name="GptNeoxMLP",
                 intermediate_size=hf.get("ffn_hidden_size") or 4 * hf["hidden_size"],
-                extra_hf={"new_decoder_architecture": new_arch, "multi_query": hf.get("multi_query", True),
-                          **{k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf}},
+                extra_hf={
+                    "new_decoder_architecture": new_arch,
+                    "multi_query": hf.get("multi_query", True),
+                    **{k: hf[k] for k in ("bos_token_id", "eos_token_id") if k in hf},
+                },
             )
         if mt == "gpt_neox":
             act = hf.get("hidden_act", "gelu")
@@ -215,7 +231,9 @@ class Config:
                 mlp_class_name="GptNeoxMLP",
                 gelu_approximate="none" if act == "gelu" else "tanh",
                 intermediate_size=hf["intermediate_size"],
-                extra_hf={k: hf[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if k in hf},
+                extra_hf={
+                    k: hf[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if k in hf
+                },
             )
         if mt == "phi":
             n_head = hf["num_attention_heads"]
@@ -237,7 +255,9 @@ class Config:
                 mlp_class_name="GptNeoxMLP",
                 gelu_approximate="tanh" if hf.get("hidden_act", "gelu_new") != "gelu" else "none",
                 intermediate_size=hf["intermediate_size"],
-                extra_hf={k: hf[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if k in hf},
+                extra_hf={
+                    k: hf[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings") if k in hf
+                },
             )
         raise UserError(
             f"unsupported Hugging Face model_type {mt!r} (supported: llama, mistral, falcon, gpt_neox, phi)"
@@ -280,94 +300,277 @@ def n_params(config: Config, include_embeddings: bool = True) -> int:
 # ------------------------------------------------------------------------------------------------
 
 _llama = dict(
-    rotary_percentage=1.0, parallel_residual=False, bias=False, norm_class_name="RMSNorm",
-    mlp_class_name="LLaMAMLP", hf_model_type="llama",
+    rotary_percentage=1.0,
+    parallel_residual=False,
+    bias=False,
+    norm_class_name="RMSNorm",
+    mlp_class_name="LLaMAMLP",
+    hf_model_type="llama",
 )
 configs: list[dict] = []
 
 for size, (n_layer, n_head, n_embd, groups, inter) in {
-    "7b": (32, 32, 4096, 32, 11008), "13b": (40, 40, 5120, 40, 13824), "70b": (80, 64, 8192, 8, 28672),
+    "7b": (32, 32, 4096, 32, 11008),
+    "13b": (40, 40, 5120, 40, 13824),
+    "70b": (80, 64, 8192, 8, 28672),
 }.items():
     for kind in ("hf", "chat-hf"):
-        configs.append(dict(
-            _llama, hf_name=f"meta-llama/Llama-2-{size}-{kind}", block_size=4096, vocab_size=32000,
-            padded_vocab_size=32000, n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_query_groups=groups,
-            intermediate_size=inter, norm_eps=1e-5,
-        ))
+        configs.append(
+            dict(
+                _llama,
+                hf_name=f"meta-llama/Llama-2-{size}-{kind}",
+                block_size=4096,
+                vocab_size=32000,
+                padded_vocab_size=32000,
+                n_layer=n_layer,
+                n_head=n_head,
+                n_embd=n_embd,
+                n_query_groups=groups,
+                intermediate_size=inter,
+                norm_eps=1e-5,
+            )
+        )
 
 for name, block, adj in (
     ("Meta-Llama-3-8B", 8192, None),
     ("Meta-Llama-3-8B-Instruct", 8192, None),
-    ("Llama-3.1-8B", 131072, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                  original_max_position_embeddings=8192)),
-    ("Llama-3.1-8B-Instruct", 131072, dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                           original_max_position_embeddings=8192)),
+    (
+        "Llama-3.1-8B",
+        131072,
+        dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+    (
+        "Llama-3.1-8B-Instruct",
+        131072,
+        dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
 ):
-    configs.append(dict(
-        _llama, hf_name=f"meta-llama/{name}", block_size=block, vocab_size=128000, padded_vocab_size=128256,
-        n_layer=32, n_head=32, n_embd=4096, n_query_groups=8, intermediate_size=14336, rope_base=500000,
-        rope_adjustments=adj, norm_eps=1e-5,
-    ))
+    configs.append(
+        dict(
+            _llama,
+            hf_name=f"meta-llama/{name}",
+            block_size=block,
+            vocab_size=128000,
+            padded_vocab_size=128256,
+            n_layer=32,
+            n_head=32,
+            n_embd=4096,
+            n_query_groups=8,
+            intermediate_size=14336,
+            rope_base=500000,
+            rope_adjustments=adj,
+            norm_eps=1e-5,
+        )
+    )
 
 configs += [
-    dict(_llama, hf_name="mistralai/Mistral-7B-v0.1", hf_model_type="mistral", block_size=4096, vocab_size=32000,
-         padded_vocab_size=32000, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8, intermediate_size=14336,
-         sliding_window_size=4096, norm_eps=1e-5),
-    dict(_llama, hf_name="mistralai/Mistral-7B-Instruct-v0.1", hf_model_type="mistral", block_size=4096,
-         vocab_size=32000, padded_vocab_size=32000, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8,
-         intermediate_size=14336, sliding_window_size=4096, norm_eps=1e-5),
-    dict(_llama, hf_name="mistralai/Mistral-7B-Instruct-v0.2", hf_model_type="mistral", block_size=32768,
-         vocab_size=32000, padded_vocab_size=32000, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8,
-         intermediate_size=14336, rope_base=1000000, norm_eps=1e-5),
-    dict(_llama, hf_name="TinyLlama/TinyLlama-1.1B-Chat-v1.0", block_size=2048, vocab_size=32000,
-         padded_vocab_size=32000, n_layer=22, n_head=32, n_embd=2048, n_query_groups=4, intermediate_size=5632,
-         norm_eps=1e-5),
-    dict(_llama, hf_name="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", block_size=2048, vocab_size=32000,
-         padded_vocab_size=32000, n_layer=22, n_head=32, n_embd=2048, n_query_groups=4, intermediate_size=5632,
-         norm_eps=1e-5),
+    dict(
+        _llama,
+        hf_name="mistralai/Mistral-7B-v0.1",
+        hf_model_type="mistral",
+        block_size=4096,
+        vocab_size=32000,
+        padded_vocab_size=32000,
+        n_layer=32,
+        n_head=32,
+        n_embd=4096,
+        n_query_groups=8,
+        intermediate_size=14336,
+        sliding_window_size=4096,
+        norm_eps=1e-5,
+    ),
+    dict(
+        _llama,
+        hf_name="mistralai/Mistral-7B-Instruct-v0.1",
+        hf_model_type="mistral",
+        block_size=4096,
+        vocab_size=32000,
+        padded_vocab_size=32000,
+        n_layer=32,
+        n_head=32,
+        n_embd=4096,
+        n_query_groups=8,
+        intermediate_size=14336,
+        sliding_window_size=4096,
+        norm_eps=1e-5,
+    ),
+    dict(
+        _llama,
+        hf_name="mistralai/Mistral-7B-Instruct-v0.2",
+        hf_model_type="mistral",
+        block_size=32768,
+        vocab_size=32000,
+        padded_vocab_size=32000,
+        n_layer=32,
+        n_head=32,
+        n_embd=4096,
+        n_query_groups=8,
+        intermediate_size=14336,
+        rope_base=1000000,
+        norm_eps=1e-5,
+    ),
+    dict(
+        _llama,
+        hf_name="TinyLlama/TinyLlama-1.1B-Chat-v1.0",
+        block_size=2048,
+        vocab_size=32000,
+        padded_vocab_size=32000,
+        n_layer=22,
+        n_head=32,
+        n_embd=2048,
+        n_query_groups=4,
+        intermediate_size=5632,
+        norm_eps=1e-5,
+    ),
+    dict(
+        _llama,
+        hf_name="TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",
+        block_size=2048,
+        vocab_size=32000,
+        padded_vocab_size=32000,
+        n_layer=22,
+        n_head=32,
+        n_embd=2048,
+        n_query_groups=4,
+        intermediate_size=5632,
+        norm_eps=1e-5,
+    ),
 ]
 
 _falcon = dict(
-    rotary_percentage=1.0, parallel_residual=True, bias=False, norm_class_name="LayerNorm",
-    mlp_class_name="GptNeoxMLP", hf_model_type="falcon", block_size=2048, vocab_size=65024, padded_vocab_size=65024,
+    rotary_percentage=1.0,
+    parallel_residual=True,
+    bias=False,
+    norm_class_name="LayerNorm",
+    mlp_class_name="GptNeoxMLP",
+    hf_model_type="falcon",
+    block_size=2048,
+    vocab_size=65024,
+    padded_vocab_size=65024,
 )
 for kind in ("", "-instruct"):
-    configs.append(dict(_falcon, hf_name=f"tiiuae/falcon-7b{kind}", n_layer=32, n_head=71, n_embd=4544,
-                        n_query_groups=1, shared_attention_norm=True, intermediate_size=18176,
-                        extra_hf={"new_decoder_architecture": False, "multi_query": True}))
-    configs.append(dict(_falcon, hf_name=f"tiiuae/falcon-40b{kind}", n_layer=60, n_head=128, n_embd=8192,
-                        n_query_groups=8, shared_attention_norm=False, intermediate_size=32768,
-                        extra_hf={"new_decoder_architecture": True, "multi_query": True}))
+    configs.append(
+        dict(
+            _falcon,
+            hf_name=f"tiiuae/falcon-7b{kind}",
+            n_layer=32,
+            n_head=71,
+            n_embd=4544,
+            n_query_groups=1,
+            shared_attention_norm=True,
+            intermediate_size=18176,
+            extra_hf={"new_decoder_architecture": False, "multi_query": True},
+        )
+    )
+    configs.append(
+        dict(
+            _falcon,
+            hf_name=f"tiiuae/falcon-40b{kind}",
+            n_layer=60,
+            n_head=128,
+            n_embd=8192,
+            n_query_groups=8,
+            shared_attention_norm=False,
+            intermediate_size=32768,
+            extra_hf={"new_decoder_architecture": True, "multi_query": True},
+        )
+    )
 
 for size, (n_layer, n_embd, n_head, padded) in {
-    "70m": (6, 512, 8, 50304), "160m": (12, 768, 12, 50304), "410m": (24, 1024, 16, 50304),
-    "1b": (16, 2048, 8, 50304), "1.4b": (24, 2048, 16, 50304), "2.8b": (32, 2560, 32, 50304),
-    "6.9b": (32, 4096, 32, 50432), "12b": (36, 5120, 40, 50688),
+    "70m": (6, 512, 8, 50304),
+    "160m": (12, 768, 12, 50304),
+    "410m": (24, 1024, 16, 50304),
+    "1b": (16, 2048, 8, 50304),
+    "1.4b": (24, 2048, 16, 50304),
+    "2.8b": (32, 2560, 32, 50304),
+    "6.9b": (32, 4096, 32, 50432),
+    "12b": (36, 5120, 40, 50688),
 }.items():
-    configs.append(dict(
-        hf_name=f"EleutherAI/pythia-{size}", hf_model_type="gpt_neox", block_size=2048, vocab_size=50254,
-        padded_vocab_size=padded, n_layer=n_layer, n_embd=n_embd, n_head=n_head, rotary_percentage=0.25,
-        parallel_residual=True, bias=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
-        intermediate_size=4 * n_embd,
-    ))
+    configs.append(
+        dict(
+            hf_name=f"EleutherAI/pythia-{size}",
+            hf_model_type="gpt_neox",
+            block_size=2048,
+            vocab_size=50254,
+            padded_vocab_size=padded,
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=n_head,
+            rotary_percentage=0.25,
+            parallel_residual=True,
+            bias=True,
+            norm_class_name="LayerNorm",
+            mlp_class_name="GptNeoxMLP",
+            intermediate_size=4 * n_embd,
+        )
+    )
 
-configs.append(dict(
-    hf_name="microsoft/phi-2", hf_model_type="phi", block_size=2048, vocab_size=50257, padded_vocab_size=51200,
-    n_layer=32, n_head=32, n_embd=2560, rotary_percentage=0.4, parallel_residual=True, shared_attention_norm=True,
-    bias=True, lm_head_bias=True, norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP",
-    gelu_approximate="tanh", intermediate_size=10240,
-))
+configs.append(
+    dict(
+        hf_name="microsoft/phi-2",
+        hf_model_type="phi",
+        block_size=2048,
+        vocab_size=50257,
+        padded_vocab_size=51200,
+        n_layer=32,
+        n_head=32,
+        n_embd=2560,
+        rotary_percentage=0.4,
+        parallel_residual=True,
+        shared_attention_norm=True,
+        bias=True,
+        lm_head_bias=True,
+        norm_class_name="LayerNorm",
+        mlp_class_name="GptNeoxMLP",
+        gelu_approximate="tanh",
+        intermediate_size=10240,
+    )
+)
 
 # The bundled model (trained by `litquant pretrain`, shipped in checkpoints/litquant-tiny) and test configs.
 # Hidden sizes are multiples of 128 so group-wise quantization (group 64/128) fits every Linear.
 configs += [
-    dict(_llama, name="litquant-tiny", block_size=256, vocab_size=4096, padded_vocab_size=4096, n_layer=4,
-         n_head=4, n_embd=256, n_query_groups=2, intermediate_size=768, norm_eps=1e-5),
-    dict(_llama, name="tiny-llama-test", block_size=64, vocab_size=256, padded_vocab_size=256, n_layer=2,
-         n_head=4, n_embd=128, n_query_groups=2, intermediate_size=256),
-    dict(name="tiny-pythia-test", hf_model_type="gpt_neox", block_size=64, vocab_size=256, padded_vocab_size=256,
-         n_layer=2, n_head=4, n_embd=128, rotary_percentage=0.25, parallel_residual=True, bias=True,
-         norm_class_name="LayerNorm", mlp_class_name="GptNeoxMLP", intermediate_size=512),
+    dict(
+        _llama,
+        name="litquant-tiny",
+        block_size=256,
+        vocab_size=4096,
+        padded_vocab_size=4096,
+        n_layer=4,
+        n_head=4,
+        n_embd=256,
+        n_query_groups=2,
+        intermediate_size=768,
+        norm_eps=1e-5,
+    ),
+    dict(
+        _llama,
+        name="tiny-llama-test",
+        block_size=64,
+        vocab_size=256,
+        padded_vocab_size=256,
+        n_layer=2,
+        n_head=4,
+        n_embd=128,
+        n_query_groups=2,
+        intermediate_size=256,
+    ),
+    dict(
+        name="tiny-pythia-test",
+        hf_model_type="gpt_neox",
+        block_size=64,
+        vocab_size=256,
+        padded_vocab_size=256,
+        n_layer=2,
+        n_head=4,
+        n_embd=128,
+        rotary_percentage=0.25,
+        parallel_residual=True,
+        bias=True,
+        norm_class_name="LayerNorm",
+        mlp_class_name="GptNeoxMLP",
+        intermediate_size=512,
+    ),
 ]
 
 for c in configs:

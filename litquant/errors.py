@@ -46,11 +46,16 @@ def run_guarded(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if e.errno != errno.ENOSPC:
             raise
         where = f" writing {e.filename}" if e.filename else ""
-        print(f"error: no space left on the device{where}; what was there before is unchanged (writes are atomic)",
-              file=sys.stderr)
+        print(
+            f"error: no space left on the device{where}; what was there before is unchanged (writes are atomic)",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
     except MemoryError:
-        print("error: out of memory (try --quantize bnb.nf4, a lower --precision or a smaller batch)", file=sys.stderr)
+        print(
+            "error: out of memory (try --quantize bnb.nf4, a lower --precision or a smaller batch)",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
     except Exception as e:  # CUDA OOM is a RuntimeError subclass; say it in one line too
         if type(e).__name__ == "OutOfMemoryError":
@@ -93,8 +98,11 @@ def merge_repeated_flags(fn: Callable, args: list[str]) -> list[str]:
         hints = typing.get_type_hints(fn)
     except Exception:
         return args
-    lists = {name for name, t in hints.items()
-             if typing.get_origin(t) is list or any(typing.get_origin(a) is list for a in typing.get_args(t))}
+    lists = {
+        name
+        for name, t in hints.items()
+        if typing.get_origin(t) is list or any(typing.get_origin(a) is list for a in typing.get_args(t))
+    }
     out, seen = [], {}
     i = 0
     while i < len(args):

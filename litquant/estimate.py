@@ -32,7 +32,15 @@ GPUS: list[tuple[str, int]] = [
 ]
 
 DEFAULT_MODES = (
-    "32-true", "16-true", "bf16-true", "bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "gptq.int4",
+    "32-true",
+    "16-true",
+    "bf16-true",
+    "bnb.int8",
+    "bnb.nf4",
+    "bnb.nf4-dq",
+    "bnb.fp4",
+    "bnb.fp4-dq",
+    "gptq.int4",
 )
 _DTYPE_BYTES = {"32-true": 4, "16-true": 2, "bf16-true": 2}
 # nominal bits per parameter, "before overheads" (the seeds' simple params x bytes table)
@@ -51,8 +59,11 @@ def model_shapes(config: Config) -> tuple[list[LinearShape], int]:
     from litquant.checkpoint import build_model
 
     model = build_model(config, "meta")
-    linears = [LinearShape(n, m.in_features, m.out_features, m.bias is not None)
-               for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [
+        LinearShape(n, m.in_features, m.out_features, m.bias is not None)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
     linear_params = sum(s.in_features * s.out_features + (s.out_features if s.bias else 0) for s in linears)
     total = sum(p.numel() for p in model.parameters())
     return linears, total - linear_params
@@ -65,7 +76,9 @@ def quant_mode(mode: str) -> Optional[QuantMode]:
     try:
         return get_mode(mode)
     except UserError as e:  # say it in the terms of this job, keep the suggestion
-        raise UserError(f"cannot estimate mode {mode!r}; {str(e).partition('; ')[2]}") from None  # same choices
+        raise UserError(
+            f"cannot estimate mode {mode!r}; {str(e).partition('; ')[2]}"
+        ) from None  # same choices
 
 
 def _is_quantized(name: str, quantize_lm_head: bool) -> bool:
@@ -88,29 +101,50 @@ def weight_bytes(
     linears, other_params = _shapes or model_shapes(config)
     if quant is None:
         b = _DTYPE_BYTES[mode]
-        total = (other_params + sum(s.in_features * s.out_features + (s.out_features if s.bias else 0)
-                                    for s in linears)) * b
+        total = (
+            other_params
+            + sum(s.in_features * s.out_features + (s.out_features if s.bias else 0) for s in linears)
+        ) * b
         return {"bytes": total, "quantized_params": 0, "quantized_bytes": 0, "other_bytes": total}
     b = _DTYPE_BYTES[precision]
     q_params = q_bytes = other = 0
     for s in linears:
         other += (s.out_features if s.bias else 0) * b
-        if _is_quantized(s.name, quantize_lm_head):  # GPTQ: a width that cannot be packed is a UserError there
+        if _is_quantized(
+            s.name, quantize_lm_head
+        ):  # GPTQ: a width that cannot be packed is a UserError there
             q_params += s.in_features * s.out_features
             q_bytes += quant.linear_bytes(s.in_features, s.out_features, gptq_group_size)
         else:
             other += s.in_features * s.out_features * b
     other += other_params * b
-    return {"bytes": q_bytes + other, "quantized_params": q_params, "quantized_bytes": q_bytes, "other_bytes": other}
+    return {
+        "bytes": q_bytes + other,
+        "quantized_params": q_params,
+        "quantized_bytes": q_bytes,
+        "other_bytes": other,
+    }
 
 
 def kv_cache_bytes(config: Config, context_length: int, batch_size: int = 1, dtype_bytes: int = 2) -> int:
-    return 2 * config.n_layer * config.n_query_groups * config.head_size * context_length * batch_size * dtype_bytes
+    return (
+        2
+        * config.n_layer
+        * config.n_query_groups
+        * config.head_size
+        * context_length
+        * batch_size
+        * dtype_bytes
+    )
 
 
-def inference_activation_bytes(config: Config, context_length: int, batch_size: int = 1, dtype_bytes: int = 2) -> int:
+def inference_activation_bytes(
+    config: Config, context_length: int, batch_size: int = 1, dtype_bytes: int = 2
+) -> int:
     tokens = batch_size * context_length
-    return tokens * (3 * config.n_embd + 2 * config.intermediate_size + config.padded_vocab_size) * dtype_bytes
+    return (
+        tokens * (3 * config.n_embd + 2 * config.intermediate_size + config.padded_vocab_size) * dtype_bytes
+    )
 
 
 def lora_params(linears: list[LinearShape], r: int, targets: str = "all") -> int:
@@ -130,8 +164,14 @@ def lora_params(linears: list[LinearShape], r: int, targets: str = "all") -> int
 
 
 def finetune_bytes(
-    config: Config, linears: list[LinearShape], context_length: int, batch_size: int, r: int, targets: str,
-    param_bytes: int, act_bytes: int,
+    config: Config,
+    linears: list[LinearShape],
+    context_length: int,
+    batch_size: int,
+    r: int,
+    targets: str,
+    param_bytes: int,
+    act_bytes: int,
 ) -> dict:
     p = lora_params(linears, r, targets)
     tokens = batch_size * context_length
@@ -207,22 +247,30 @@ def estimate(
                 (8 * w["quantized_bytes"] / w["quantized_params"]) if w["quantized_params"] else None
             ),
             kv_cache_bytes=0 if finetune else kv_cache_bytes(config, context_length, batch_size, act_b),
-            activation_bytes=0 if finetune else inference_activation_bytes(config, context_length, batch_size, act_b),
+            activation_bytes=0
+            if finetune
+            else inference_activation_bytes(config, context_length, batch_size, act_b),
             total_bytes=0,
             fits=[],
         )
         if finetune:
-            ft = finetune_bytes(config, linears, context_length, batch_size, lora_r, lora_targets, act_b, act_b)
+            ft = finetune_bytes(
+                config, linears, context_length, batch_size, lora_r, lora_targets, act_b, act_b
+            )
             row.lora_params, row.lora_state_bytes, row.activation_bytes = (
-                ft["lora_params"], ft["lora_state_bytes"], ft["activation_bytes"])
+                ft["lora_params"],
+                ft["lora_state_bytes"],
+                ft["activation_bytes"],
+            )
         row.total_bytes = row.weight_bytes + row.kv_cache_bytes + row.activation_bytes + row.lora_state_bytes
         row.fits = fits(row.total_bytes)
         rows.append(row)
     return {
         "model": config.name,
         "params": total_params,
-        "quantizable_params": sum(s.in_features * s.out_features for s in linears
-                                  if _is_quantized(s.name, quantize_lm_head)),
+        "quantizable_params": sum(
+            s.in_features * s.out_features for s in linears if _is_quantized(s.name, quantize_lm_head)
+        ),
         "precision": precision,
         "context_length": context_length,
         "batch_size": batch_size,
@@ -247,29 +295,48 @@ def format_table(result: dict) -> str:
     ft = result["finetune"]
     unit = "GB" if max((r["total_bytes"] for r in result["rows"]), default=0) >= 1e8 else "MB"
     _gb = lambda n: _size(n, unit)  # noqa: E731
-    head = (f"{result['model']}: {_count(result['params'])} parameters "
-            f"({_count(result['quantizable_params'])} in the Linears that quantization replaces); "
-            f"compute dtype {result['precision']}; "
-            + (f"{ft} finetuning, r={result['lora_r']}, " if ft else "")
-            + f"context {result['context_length']} x batch {result['batch_size']}")
+    head = (
+        f"{result['model']}: {_count(result['params'])} parameters "
+        f"({_count(result['quantizable_params'])} in the Linears that quantization replaces); "
+        f"compute dtype {result['precision']}; "
+        + (f"{ft} finetuning, r={result['lora_r']}, " if ft else "")
+        + f"context {result['context_length']} x batch {result['batch_size']}"
+    )
     cols = ["mode", "before overheads", "bits/param", "weights"]
     cols += (["LoRA state", "activations"] if ft else ["KV cache", "activations"]) + ["total", "fits on"]
     lines = []
     for r in result["rows"]:
         bpp = f"{r['bits_per_quantized_param']:.3f}" if r["bits_per_quantized_param"] else "-"
-        extra = [_gb(r["lora_state_bytes"]), _gb(r["activation_bytes"])] if ft else \
-            [_gb(r["kv_cache_bytes"]), _gb(r["activation_bytes"])]
-        lines.append([r["mode"], _gb(r["nominal_bytes"]), bpp, _gb(r["weight_bytes"]), *extra, _gb(r["total_bytes"]),
-                      _fits_text(r["fits"])])
+        extra = (
+            [_gb(r["lora_state_bytes"]), _gb(r["activation_bytes"])]
+            if ft
+            else [_gb(r["kv_cache_bytes"]), _gb(r["activation_bytes"])]
+        )
+        lines.append(
+            [
+                r["mode"],
+                _gb(r["nominal_bytes"]),
+                bpp,
+                _gb(r["weight_bytes"]),
+                *extra,
+                _gb(r["total_bytes"]),
+                _fits_text(r["fits"]),
+            ]
+        )
     widths = [max(len(c), *(len(l[i]) for l in lines)) for i, c in enumerate(cols)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [head, "", fmt.format(*cols).rstrip(), fmt.format(*("-" * w for w in widths))]
     out += [fmt.format(*l).rstrip() for l in lines]
     out.append("")
-    out.append("bits/param: over the quantized Linears, with scales/zeros/absmax. 'before overheads': params x nominal "
-               "bits, the rule of thumb.")
-    out.append("fits on: the smallest of " + ", ".join(n for n, _ in GPUS)
-               + " that holds the total with 1 GiB to spare.")
+    out.append(
+        "bits/param: over the quantized Linears, with scales/zeros/absmax. 'before overheads': params x nominal "
+        "bits, the rule of thumb."
+    )
+    out.append(
+        "fits on: the smallest of "
+        + ", ".join(n for n, _ in GPUS)
+        + " that holds the total with 1 GiB to spare."
+    )
     return "\n".join(out)
 
 
@@ -280,5 +347,11 @@ def _fits_text(names: list[str]) -> str:
 
 
 def check_group_size(group_size: int) -> None:
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size != -1 and group_size < 1):
-        raise UserError(f"--gptq_group_size must be a positive integer or -1 (one group per row), got {group_size!r}")
+    if (
+        not isinstance(group_size, int)
+        or isinstance(group_size, bool)
+        or (group_size != -1 and group_size < 1)
+    ):
+        raise UserError(
+            f"--gptq_group_size must be a positive integer or -1 (one group per row), got {group_size!r}"
+        )

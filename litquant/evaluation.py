@@ -57,12 +57,16 @@ def _json_documents(path: Path, text_key: str) -> list[str]:
         ds = datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as e:  # datasets wraps pyarrow's parse errors in several types; all mean "bad file"
         cause = e.__cause__ or e
-        raise UserError(f"{path}: cannot read it as JSON or JSON lines ({type(cause).__name__}: "
-                        f"{str(cause).splitlines()[0] if str(cause) else 'no records'})") from None
+        raise UserError(
+            f"{path}: cannot read it as JSON or JSON lines ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0] if str(cause) else 'no records'})"
+        ) from None
     if len(ds) == 0:
         raise UserError(f"dataset {path} is empty (no records)")
     if text_key not in ds.column_names:
-        raise UserError(f"{path} has no field {text_key!r} (fields: {', '.join(ds.column_names)}); pass --text_key")
+        raise UserError(
+            f"{path} has no field {text_key!r} (fields: {', '.join(ds.column_names)}); pass --text_key"
+        )
     docs = ds[text_key]
     bad = next((d for d in docs if d is not None and not isinstance(d, str)), None)
     if bad is not None:
@@ -97,12 +101,15 @@ def check_window(window: Optional[int], stride: Optional[int], block_size: int) 
     return window, stride
 
 
-
-
 @torch.inference_mode()
 def perplexity(
-    model: torch.nn.Module, tokens: torch.Tensor, window: int, stride: Optional[int] = None,
-    batch_size: int = 8, progress: bool = False, max_windows: Optional[int] = None,
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    window: int,
+    stride: Optional[int] = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    max_windows: Optional[int] = None,
 ) -> dict:
     """tokens: 1-D. Returns {"perplexity", "nll", "tokens"} (mean negative log-likelihood in nats)."""
     stride = stride or window
@@ -118,10 +125,10 @@ def perplexity(
         starts = starts[:max_windows]
     total_nll, total_count, scored_until = 0.0, 0, 0
     device = next(model.parameters()).device
-    batches = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
+    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
     for batch in tqdm(batches, desc="Perplexity", disable=not progress, leave=False):
         w = min(window, n)
-        x = torch.stack([tokens[s:s + w] for s in batch]).to(device)
+        x = torch.stack([tokens[s : s + w] for s in batch]).to(device)
         logits = model(x[:, :-1]).float()
         nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")  # (B, w-1)
         for row, s in enumerate(batch):

@@ -51,7 +51,9 @@ class Sequence:
     finish_reason: Optional[str] = None  # "stop" | "length" | "cancelled" | "error"
     error: Optional[str] = None
     cancelled: bool = False  # set from any thread: the engine drops it before the next step
-    generator: Optional[torch.Generator] = None  # default: one seeded with params.seed, else torch's global one
+    generator: Optional[torch.Generator] = (
+        None  # default: one seeded with params.seed, else torch's global one
+    )
     t_added: float = 0.0
     t_first: float = 0.0  # when its first token was sampled
     t_done: float = 0.0
@@ -75,7 +77,7 @@ class Sequence:
         if token in p.stop_ids:
             return self._finish("stop")
         self._held_ids.append(token)
-        if any(self.tokens[-len(s):] == list(s) for s in p.stop_sequences):
+        if any(self.tokens[-len(s) :] == list(s) for s in p.stop_sequences):
             self._held_ids = []
             return self._finish("stop")
         if not any(_partial(self._held_ids, s) for s in p.stop_sequences):
@@ -96,10 +98,17 @@ class Sequence:
                 self._emit(held[:at])
                 self._held_text = ""
                 return self._finish("stop")
-        keep = max((k for s in self.params.stop for k in range(1, min(len(s), len(held) + 1))
-                    if held.endswith(s[:k])), default=0)
-        self._emit(held[:len(held) - keep])
-        self._held_text = held[len(held) - keep:]
+        keep = max(
+            (
+                k
+                for s in self.params.stop
+                for k in range(1, min(len(s), len(held) + 1))
+                if held.endswith(s[:k])
+            ),
+            default=0,
+        )
+        self._emit(held[: len(held) - keep])
+        self._held_text = held[len(held) - keep :]
 
     def _emit(self, text: str) -> None:
         self.text += text
@@ -129,14 +138,24 @@ class BatchDecoder:
     one, so finished sequences cost nothing. Not thread-safe: one thread drives it (set `cancelled` from others).
     """
 
-    def __init__(self, model: "GPT", max_batch_size: int, max_seq_length: Optional[int] = None,
-                 device: Optional[torch.device] = None, decode_step: Optional[Callable] = None) -> None:
+    def __init__(
+        self,
+        model: "GPT",
+        max_batch_size: int,
+        max_seq_length: Optional[int] = None,
+        device: Optional[torch.device] = None,
+        decode_step: Optional[Callable] = None,
+    ) -> None:
         self.model, self.max_batch_size = model, max_batch_size
         self.device = device or model.lm_head.weight.device
         max_seq_length = max_seq_length or model.config.block_size
         cache = model.transformer.h[0].attn.kv_cache
-        if cache is None or cache.k.shape[0] < max_batch_size or model.max_seq_length != max_seq_length \
-                or cache.k.device != self.device:
+        if (
+            cache is None
+            or cache.k.shape[0] < max_batch_size
+            or model.max_seq_length != max_seq_length
+            or cache.k.device != self.device
+        ):
             model.set_kv_cache(max_batch_size, max_seq_length, self.device)
         self.max_seq_length = model.max_seq_length
         self.decode_step = decode_step  # replaces the single-sequence decode forward (e.g. a compiled one)
@@ -153,8 +172,10 @@ class BatchDecoder:
         if prompt_len < 1:
             return "the prompt is empty"
         if prompt_len + max_new_tokens > self.max_seq_length:
-            return (f"prompt ({prompt_len} tokens) + max new tokens ({max_new_tokens}) exceeds the context of "
-                    f"{self.max_seq_length} tokens")
+            return (
+                f"prompt ({prompt_len} tokens) + max new tokens ({max_new_tokens}) exceeds the context of "
+                f"{self.max_seq_length} tokens"
+            )
         return None
 
     @torch.inference_mode()
@@ -221,7 +242,9 @@ class BatchDecoder:
         for (temperature, top_k, top_p), rows in groups.items():
             gens = [seqs[i].generator for i in rows]
             rows_logits = logits if len(rows) == len(seqs) else logits[rows]
-            out = sample(rows_logits, temperature, top_k, top_p, gens if any(g is not None for g in gens) else None)
+            out = sample(
+                rows_logits, temperature, top_k, top_p, gens if any(g is not None for g in gens) else None
+            )
             for i, t in zip(rows, out.view(-1).tolist()):
                 tokens[i] = t
         for s, t in zip(seqs, tokens):
@@ -281,7 +304,7 @@ class GenerationResult:
 
     @property
     def new_tokens(self) -> torch.Tensor:
-        return self.tokens[self.prompt_len:]
+        return self.tokens[self.prompt_len :]
 
     @property
     def total_s(self) -> float:
@@ -307,18 +330,32 @@ def generate(
     cache = model.transformer.h[0].attn.kv_cache
     max_seq = model.max_seq_length if cache is not None else prompt.numel() + max_new_tokens
     decoder = BatchDecoder(model, 1, max_seq, prompt.device, decode_step)
-    seq = Sequence(prompt.tolist(), SamplingParams(max_new_tokens, temperature, top_k, top_p,
-                                                   stop_ids=frozenset(int(i) for i in stop_ids),
-                                                   stop_sequences=tuple(tuple(map(int, s)) for s in stop_sequences)),
-                   generator=generator)
+    seq = Sequence(
+        prompt.tolist(),
+        SamplingParams(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            stop_ids=frozenset(int(i) for i in stop_ids),
+            stop_sequences=tuple(tuple(map(int, s)) for s in stop_sequences),
+        ),
+        generator=generator,
+    )
     if decoder.check(len(seq.prompt), max_new_tokens):
         raise ValueError(decoder.check(len(seq.prompt), max_new_tokens))
     for _ in run(decoder, [seq]):
         pass
     _sync(prompt.device)
     tokens = torch.tensor(seq.prompt + seq.tokens, dtype=prompt.dtype, device=prompt.device)
-    return GenerationResult(tokens, len(seq.prompt), decoder.prefill_s, decoder.decode_s, decoder.decode_steps,
-                            seq.finish_reason == "stop")
+    return GenerationResult(
+        tokens,
+        len(seq.prompt),
+        decoder.prefill_s,
+        decoder.decode_s,
+        decoder.decode_steps,
+        seq.finish_reason == "stop",
+    )
 
 
 def _sync(device: torch.device) -> None:

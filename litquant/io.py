@@ -50,21 +50,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict] = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: Optional[dict] = None
+) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-
 # ---- reading -----------------------------------------------------------------------------------
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -115,8 +126,13 @@ class SafetensorsFile:
             try:
                 begin, end = e["data_offsets"]
                 dtype, shape = DTYPES[e["dtype"]], e["shape"]
-                ok = (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
-                      and type(begin) is int and type(end) is int and 0 <= begin <= end)
+                ok = (
+                    isinstance(shape, list)
+                    and all(type(d) is int and d >= 0 for d in shape)
+                    and type(begin) is int
+                    and type(end) is int
+                    and 0 <= begin <= end
+                )
             except (KeyError, TypeError, ValueError):
                 ok = False
             if not ok:
@@ -175,8 +191,6 @@ def file_keys(path: str | Path) -> list[str]:
         return list(f.keys())
 
 
-
-
 # ---- writing one tensor at a time ------------------------------------------------------------------
 
 
@@ -188,8 +202,12 @@ class SafetensorsWriter:
     layout up front (meta tensors will do), `write(name, tensor)` puts each tensor's bytes in place in any order, and
     the file appears (atomically, under its final name) only when the `with` block ends with every tensor written."""
 
-    def __init__(self, path: str | Path, plan: Iterable[tuple[str, torch.Tensor]],
-                 metadata: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        plan: Iterable[tuple[str, torch.Tensor]],
+        metadata: Optional[dict[str, str]] = None,
+    ) -> None:
         self.path = Path(path)
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         header: dict = {"__metadata__": metadata} if metadata else {}
@@ -200,7 +218,11 @@ class SafetensorsWriter:
                 raise ValueError(f"{name!r} is planned twice")
             nbytes = math.prod(shape) * dtype.itemsize
             self._entries[name] = (dtype, tuple(shape), offset, nbytes)
-            header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -233,15 +255,21 @@ class SafetensorsWriter:
         self._f.close()
         missing = [n for n in self._entries if n not in self._written]
         if exc_type is None and missing:
-            exc = ValueError(f"{self.path.name}: never wrote {', '.join(missing[:3])}"
-                             + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+            exc = ValueError(
+                f"{self.path.name}: never wrote {', '.join(missing[:3])}"
+                + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            )
             self._ctx.__exit__(type(exc), exc, None)
             raise exc
         self._ctx.__exit__(exc_type, exc, tb)  # renames on success; removes the temp file otherwise
 
 
-def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]],
-                      plan: Iterable[tuple[str, torch.Tensor]], metadata: Optional[dict[str, str]] = None) -> int:
+def write_safetensors(
+    path: str | Path,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    plan: Iterable[tuple[str, torch.Tensor]],
+    metadata: Optional[dict[str, str]] = None,
+) -> int:
     """Write `tensors` (name, tensor), produced one at a time, to `path`; `plan` yields the same names with tensors of
     the same dtypes and shapes (meta tensors: nothing is computed). Returns the number of elements written."""
     from litquant.utils import release_freed_memory

@@ -23,6 +23,7 @@ from litquant.quantization.modes import get_mode
 
 LORA_FILE = "lit_model.lora.safetensors"
 
+
 @dataclass
 class LoRAConfig:
     r: int = 8
@@ -41,7 +42,9 @@ class LoRAConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not any((self.query, self.key, self.value, self.projection, self.mlp, self.head)):
-            raise UserError("LoRA is enabled on no layer: set at least one of query/key/value/projection/mlp/head")
+            raise UserError(
+                "LoRA is enabled on no layer: set at least one of query/key/value/projection/mlp/head"
+            )
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "LoRA config") -> "LoRAConfig":
@@ -49,12 +52,19 @@ class LoRAConfig:
         UserError naming `source`."""
         if not isinstance(d, dict):
             raise UserError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        kinds = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "bool": ((bool,), "true or false")}
+        kinds = {
+            "int": ((int,), "an integer"),
+            "float": ((int, float), "a number"),
+            "bool": ((bool,), "true or false"),
+        }
         kwargs = {}
         for f in fields(cls):
             if f.name not in d:
                 continue
-            v, (types, what) = d[f.name], kinds[f.type]  # f.type: the annotation's text (postponed annotations)
+            v, (types, what) = (
+                d[f.name],
+                kinds[f.type],
+            )  # f.type: the annotation's text (postponed annotations)
             if not isinstance(v, types) or (isinstance(v, bool) and f.type != "bool"):
                 raise UserError(f"{source}: {f.name} must be {what}, got {v!r}")
             kwargs[f.name] = v
@@ -91,7 +101,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(n_out, r, device=device, dtype=dtype))
         # the same init nn.Linear gives its weight: the update starts at exactly zero because B does
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.register_buffer("out_index", None if out_index is None else out_index.to(device), persistent=False)
+        self.register_buffer(
+            "out_index", None if out_index is None else out_index.to(device), persistent=False
+        )
 
     def delta_weight(self) -> torch.Tensor:
         """The (out, in) fp32 update this adapter adds to the base weight."""
@@ -219,7 +231,9 @@ def read_lora_metadata(path: str | Path) -> tuple[LoRAConfig, dict[str, str]]:
     try:
         config = json.loads(meta["lora_config"])
     except (TypeError, json.JSONDecodeError):
-        raise UserError(f"{path}: the lora_config in its metadata is not valid JSON (corrupt adapter file?)") from None
+        raise UserError(
+            f"{path}: the lora_config in its metadata is not valid JSON (corrupt adapter file?)"
+        ) from None
     return LoRAConfig.from_dict(config, source=f"{path}: lora_config"), meta
 
 
@@ -246,8 +260,10 @@ def load_lora(model: nn.Module, path: str | Path, dtype: Optional[torch.dtype] =
         for name, p in expected.items():
             t = f.get_tensor(name)
             if t.shape != p.shape:
-                raise UserError(f"{path}: {name} has shape {tuple(t.shape)}, this model needs {tuple(p.shape)} "
-                                "(adapter trained on another base model?)")
+                raise UserError(
+                    f"{path}: {name} has shape {tuple(t.shape)}, this model needs {tuple(p.shape)} "
+                    "(adapter trained on another base model?)"
+                )
             with torch.no_grad():
                 p.copy_(t.to(p.dtype))
     return model
@@ -285,9 +301,12 @@ def merge_lora(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Modul
     One layer at a time: its weight is computed in fp32 and stored in `dtype`, and the layer it replaces is
     released before the next one, so the model never holds two copies of its Linears (nor an fp32 one)."""
     lora_names = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    todo = [n for n, m in model.named_modules()  # names only: a replaced layer is freed as soon as it is swapped out
-            if n in lora_names or (_is_linear_like(m) and not isinstance(m, nn.Linear)
-                                   and n.rpartition(".")[0] not in lora_names)]
+    todo = [
+        n
+        for n, m in model.named_modules()  # names only: a replaced layer is freed as soon as it is swapped out
+        if n in lora_names
+        or (_is_linear_like(m) and not isinstance(m, nn.Linear) and n.rpartition(".")[0] not in lora_names)
+    ]
     for name in todo:
         module = model.get_submodule(name)
         base = module.base if isinstance(module, LoRALinear) else module
@@ -323,8 +342,9 @@ def _file_float_dtype(path: Path) -> torch.dtype:
     return dtypes[0] if dtypes else torch.float32
 
 
-def _merge_load_precision(checkpoint_dir: Path, quantize: Optional[str], save_dtype: torch.dtype,
-                          device: torch.device) -> str:
+def _merge_load_precision(
+    checkpoint_dir: Path, quantize: Optional[str], save_dtype: torch.dtype, device: torch.device
+) -> str:
     """The precision to load the base in for merging: the save dtype when every floating tensor of the base's
     weight files converts to it exactly, so loading in it rounds nothing the fp32 route would not round later
     anyway (the merge itself adds in fp32, layer by layer); else 32-true."""
@@ -336,8 +356,17 @@ def _merge_load_precision(checkpoint_dir: Path, quantize: Optional[str], save_dt
     if save_dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return "32-true"  # only storage is needed, but the plugin refuses bf16 on such a GPU
     mode = get_mode(quantize)
-    files = [checkpoint_dir / WEIGHTS_FILE] if mode is None else sorted(checkpoint_dir.glob("lit_model*.safetensors"))
+    files = (
+        [checkpoint_dir / WEIGHTS_FILE]
+        if mode is None
+        else sorted(checkpoint_dir.glob("lit_model*.safetensors"))
+    )
     kept = mode.stored_as_is if mode is not None else ()  # quantization state the loader takes as stored
-    exact = all(d == save_dtype for f in files if f.is_file() for k, d in _file_float_dtypes(f).items()
-                if not (kept and k.endswith(kept)))
+    exact = all(
+        d == save_dtype
+        for f in files
+        if f.is_file()
+        for k, d in _file_float_dtypes(f).items()
+        if not (kept and k.endswith(kept))
+    )
     return name if exact else "32-true"

@@ -42,7 +42,9 @@ class GPT(nn.Module):
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
         if value > self.config.block_size:
-            raise ValueError(f"max_seq_length {value} exceeds the model's block_size {self.config.block_size}")
+            raise ValueError(
+                f"max_seq_length {value} exceeds the model's block_size {self.config.block_size}"
+            )
         self._max_seq_length = value
         self.rope_cache = None
         self.mask_cache = None
@@ -50,7 +52,10 @@ class GPT(nn.Module):
     def _rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rope_cache is None or self.rope_cache[0].device != device:
             self.rope_cache = build_rope_cache(
-                self._max_seq_length, self.config.rope_n_elem, self.config.rope_base, device,
+                self._max_seq_length,
+                self.config.rope_n_elem,
+                self.config.rope_base,
+                device,
                 self.config.rope_adjustments,
             )
         return self.rope_cache
@@ -61,7 +66,10 @@ class GPT(nn.Module):
         return self.mask_cache
 
     def forward(
-        self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None, input_pos_maxp1: Optional[int] = None,
+        self,
+        idx: torch.Tensor,
+        input_pos: Optional[torch.Tensor] = None,
+        input_pos_maxp1: Optional[int] = None,
         rows: Optional[slice] = None,
     ) -> torch.Tensor:
         """idx: (B, T) token ids. Without `input_pos`: a plain causal forward over positions 0..T-1.
@@ -95,7 +103,10 @@ class GPT(nn.Module):
         return self.lm_head(x)  # (B, T, padded_vocab_size)
 
     def set_kv_cache(
-        self, batch_size: int, max_seq_length: Optional[int] = None, device: Optional[torch.device] = None,
+        self,
+        batch_size: int,
+        max_seq_length: Optional[int] = None,
+        device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         if max_seq_length is not None and max_seq_length != self._max_seq_length:
@@ -104,7 +115,12 @@ class GPT(nn.Module):
         dtype = dtype or self.transformer.wte.weight.dtype
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(
-                batch_size, self.config.n_query_groups, self._max_seq_length, self.config.head_size, device, dtype
+                batch_size,
+                self.config.n_query_groups,
+                self._max_seq_length,
+                self.config.head_size,
+                device,
+                dtype,
             )
 
     def clear_kv_cache(self) -> None:
@@ -134,7 +150,9 @@ class Block(nn.Module):
         super().__init__()
         self.norm_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.norm_2 = None if (config.parallel_residual and config.shared_attention_norm) else make_norm(config)
+        self.norm_2 = (
+            None if (config.parallel_residual and config.shared_attention_norm) else make_norm(config)
+        )
         self.mlp = LLaMAMLP(config) if config.mlp_class_name == "LLaMAMLP" else GptNeoxMLP(config)
         self.config = config
 
@@ -159,8 +177,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: Optional[_CacheAccess]):
         B, T, _ = x.shape
-        hs, nh, ng, n_rope = (self.config.head_size, self.config.n_head, self.config.n_query_groups,
-                              self.config.rope_n_elem)
+        hs, nh, ng, n_rope = (
+            self.config.head_size,
+            self.config.n_head,
+            self.config.n_query_groups,
+            self.config.rope_n_elem,
+        )
         q, k, v = self.qkv(x).split((nh * hs, ng * hs, ng * hs), dim=-1)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, ng, hs).transpose(1, 2)  # (B, ng, T, hs)
@@ -177,7 +199,9 @@ class CausalSelfAttention(nn.Module):
         # grouped / multi-query attention: each key/value head serves nh // ng query heads (no copies)
         scale, gqa = 1.0 / math.sqrt(hs), ng != nh
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1 or cache is None, scale=scale, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=T > 1 or cache is None, scale=scale, enable_gqa=gqa
+            )
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)
@@ -244,7 +268,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def forward(self, at: _CacheAccess, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, at: _CacheAccess, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.k = self.k.to(k.dtype)
         self.v = self.v.to(v.dtype)
         ck, cv = self.k[at.rows], self.v[at.rows]  # views
@@ -256,7 +282,7 @@ class KVCache(nn.Module):
             ck[b, :, at.input_pos] = k.transpose(1, 2)
             cv[b, :, at.input_pos] = v.transpose(1, 2)
         if at.maxp1 is not None:
-            ck, cv = ck[:, :, :at.maxp1], cv[:, :, :at.maxp1]
+            ck, cv = ck[:, :, : at.maxp1], cv[:, :, : at.maxp1]
         return ck, cv
 
     def move(self, src: int, dst: int, length: int) -> None:

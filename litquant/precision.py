@@ -21,7 +21,11 @@ from litquant.config import WEIGHTS_FILE
 from litquant.errors import UserError
 from litquant.quantization.modes import LoadPlan, QuantMode, all_modes, get_mode
 
-PRECISIONS: dict[str, torch.dtype] = {"32-true": torch.float32, "16-true": torch.float16, "bf16-true": torch.bfloat16}
+PRECISIONS: dict[str, torch.dtype] = {
+    "32-true": torch.float32,
+    "16-true": torch.float16,
+    "bf16-true": torch.bfloat16,
+}
 # Training jobs also take mixed precision: fp32 weights, forward under autocast.
 MIXED: dict[str, torch.dtype] = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 _ALIASES = {"32": "32-true", "16": "16-true", "bf16": "bf16-true", "fp32": "32-true", "fp16": "16-true"}
@@ -77,8 +81,13 @@ class LitquantPrecision:
         Already swapped layers are not nn.Linear any more, so a second call changes nothing."""
         if isinstance(module, torch.nn.Linear):
             raise UserError("convert_module needs a model containing Linear layers, not a bare nn.Linear")
-        todo = [(n, m) for n, m in module.named_modules()
-                if type(m) is torch.nn.Linear and not any(p.startswith("lora") for p in n.split(".")) and wanted(n)]
+        todo = [
+            (n, m)
+            for n, m in module.named_modules()
+            if type(m) is torch.nn.Linear
+            and not any(p.startswith("lora") for p in n.split("."))
+            and wanted(n)
+        ]
         for name, linear in todo:
             new = make(name, linear)
             new.litquant_name = name
@@ -114,11 +123,20 @@ class LitquantPrecision:
             return []
         preferred = self.mode.preferred_precision(device) if self.mode is not None else None
         if preferred is not None and preferred != self.precision:
-            return [f"{self.mode.name} runs faster on this {device.type.upper()} with --precision {preferred} (its "
-                    "default here)"]
-        if device.type == "cpu" and self.dtype == torch.bfloat16 and not cpu_has_native_bf16() and preferred is None:
-            return ["this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 is computed in software: "
-                    "--precision 32-true (the default here) is faster"]
+            return [
+                f"{self.mode.name} runs faster on this {device.type.upper()} with --precision {preferred} (its "
+                "default here)"
+            ]
+        if (
+            device.type == "cpu"
+            and self.dtype == torch.bfloat16
+            and not cpu_has_native_bf16()
+            and preferred is None
+        ):
+            return [
+                "this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 is computed in software: "
+                "--precision 32-true (the default here) is faster"
+            ]
         return []
 
 
@@ -207,7 +225,10 @@ def quantize_modes() -> list[str]:
 
 
 def resolve(
-    precision: Optional[str], quantize: Optional[str] = None, device: torch.device | str = "cpu", **options: Any
+    precision: Optional[str],
+    quantize: Optional[str] = None,
+    device: torch.device | str = "cpu",
+    **options: Any,
 ) -> LitquantPrecision:
     """The one place `--precision` and `--quantize` are interpreted."""
     device = torch.device(device)
@@ -221,11 +242,18 @@ def resolve(
         unknown = sorted(set(options) - set(mode.options))
         if unknown:
             valid = ", ".join(mode.options) or "none"
-            raise UserError(f"unknown option(s) {', '.join(unknown)} for --quantize {mode.name}; valid: {valid}")
+            raise UserError(
+                f"unknown option(s) {', '.join(unknown)} for --quantize {mode.name}; valid: {valid}"
+            )
         if device.type not in ("cpu", "cuda"):
-            raise UserError(f"--quantize {mode.name} runs on CUDA or CPU, not {device.type}: use --accelerator cpu")
-        p = (mode.preferred_precision(device) or default_precision(device)) if precision is None else \
-            parse_precision(precision, device)
+            raise UserError(
+                f"--quantize {mode.name} runs on CUDA or CPU, not {device.type}: use --accelerator cpu"
+            )
+        p = (
+            (mode.preferred_precision(device) or default_precision(device))
+            if precision is None
+            else parse_precision(precision, device)
+        )
         plugin = mode.plugin(p, device, **options)
     plugin.precision_given = precision is not None
     return plugin
@@ -236,7 +264,9 @@ def pick_accelerator(accelerator: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if accelerator in ("cuda", "gpu"):
         if not torch.cuda.is_available():
-            raise UserError("--accelerator cuda was asked for but no CUDA device is available: use --accelerator cpu")
+            raise UserError(
+                "--accelerator cuda was asked for but no CUDA device is available: use --accelerator cpu"
+            )
         return "cuda"
     if accelerator != "cpu":
         raise UserError(f"unknown --accelerator {accelerator!r}; choose auto, cuda or cpu")
@@ -291,6 +321,11 @@ def setup_fabric(
     accelerator = pick_accelerator(accelerator)
     device = torch.device("cuda" if accelerator == "cuda" else "cpu")
     plugin = resolve(precision, quantize, device, **options)
-    fabric = Fabric(accelerator=accelerator, devices=devices, strategy=strategy, num_nodes=num_nodes,
-                    plugins=fabric_plugin(plugin))
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        num_nodes=num_nodes,
+        plugins=fabric_plugin(plugin),
+    )
     return fabric, plugin

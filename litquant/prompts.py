@@ -58,12 +58,18 @@ class Alpaca(PromptStyle):
     the answer follows directly); `input` fills the "### Input:" section. A system text replaces the fixed
     preamble; earlier turns are written as instruction blocks followed by the answer as generated."""
 
-    preamble = ("Below is an instruction that describes a task. "
-                "Write a response that appropriately completes the request.\n\n")
-    preamble_input = ("Below is an instruction that describes a task, paired with an input that provides further "
-                      "context. Write a response that appropriately completes the request.\n\n")
+    preamble = (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+    )
+    preamble_input = (
+        "Below is an instruction that describes a task, paired with an input that provides further "
+        "context. Write a response that appropriately completes the request.\n\n"
+    )
 
-    def apply(self, prompt: str, history: History = (), system: Optional[str] = None, *, input: str = "") -> str:
+    def apply(
+        self, prompt: str, history: History = (), system: Optional[str] = None, *, input: str = ""
+    ) -> str:
         head = (system + "\n\n") if system else (self.preamble_input if input else self.preamble)
         past = "".join(f"### Instruction:\n{u}\n\n### Response:{a}\n\n" for u, a in history)
         section = f"### Input:\n{input}\n\n" if input else ""
@@ -132,7 +138,10 @@ class Falcon(PromptStyle):
 
     def stop_tokens(self, tokenizer: "Tokenizer") -> list[list[int]]:
         # the model goes on to write the next "User:" turn itself
-        return [tokenizer.encode("\nUser:", bos=False).tolist(), tokenizer.encode("User:", bos=False).tolist()]
+        return [
+            tokenizer.encode("\nUser:", bos=False).tolist(),
+            tokenizer.encode("User:", bos=False).tolist(),
+        ]
 
 
 class Phi2(PromptStyle):
@@ -144,7 +153,10 @@ class Phi2(PromptStyle):
         return f"{head}{past}Instruct: {prompt}\nOutput:"
 
     def stop_tokens(self, tokenizer: "Tokenizer") -> list[list[int]]:
-        return [tokenizer.encode("\nInstruct:", bos=False).tolist(), tokenizer.encode("Instruct:", bos=False).tolist()]
+        return [
+            tokenizer.encode("\nInstruct:", bos=False).tolist(),
+            tokenizer.encode("Instruct:", bos=False).tolist(),
+        ]
 
 
 class TinyLlama(PromptStyle):

@@ -20,7 +20,10 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
 
 
 def sample(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: float = 1.0,
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: float = 1.0,
     generator: Union[None, torch.Generator, Sequence[Optional[torch.Generator]]] = None,
 ) -> torch.Tensor:
     """logits (B, V) of the last position -> next token ids (B, 1). temperature 0 = greedy. `generator`: one for

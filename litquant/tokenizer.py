@@ -33,7 +33,9 @@ class Tokenizer:
         checkpoint_dir = Path(checkpoint_dir)
         looked_for = " or ".join(TOKENIZER_FILES)
         if not checkpoint_dir.is_dir():
-            raise UserError(f"tokenizer: directory {str(checkpoint_dir)!r} does not exist (looked for {looked_for})")
+            raise UserError(
+                f"tokenizer: directory {str(checkpoint_dir)!r} does not exist (looked for {looked_for})"
+            )
         self.checkpoint_dir = checkpoint_dir
 
         # tokenizer.json wins: it carries the exact pre-tokenizer, added tokens and decoder that HF uses
@@ -60,11 +62,18 @@ class Tokenizer:
             controls = [self._sp.id_to_piece(i) for i in range(self.vocab_size) if self._sp.is_control(i)]
             self._sp_controls = {p: self._sp.piece_to_id(p) for p in controls if p}
             self._sp_split = (
-                re.compile("(" + "|".join(re.escape(p) for p in sorted(self._sp_controls, key=len, reverse=True)) + ")")
-                if self._sp_controls else None
+                re.compile(
+                    "("
+                    + "|".join(re.escape(p) for p in sorted(self._sp_controls, key=len, reverse=True))
+                    + ")"
+                )
+                if self._sp_controls
+                else None
             )
         else:
-            raise UserError(f"tokenizer: no tokenizer file in {str(checkpoint_dir)!r} (looked for {looked_for})")
+            raise UserError(
+                f"tokenizer: no tokenizer file in {str(checkpoint_dir)!r} (looked for {looked_for})"
+            )
 
         tok_cfg = _read_json(checkpoint_dir / "tokenizer_config.json")
         gen_cfg = _read_json(checkpoint_dir / "generation_config.json")
@@ -111,13 +120,17 @@ class Tokenizer:
             bos = self.use_bos
         if bos:
             if self.bos_id is None:
-                raise UserError(f"tokenizer: a BOS token was asked for but {self.checkpoint_dir} defines none")
+                raise UserError(
+                    f"tokenizer: a BOS token was asked for but {self.checkpoint_dir} defines none"
+                )
             # the text itself may begin with the BOS string (chat templates write it): never add a second one
             if not ids or ids[0] != self.bos_id:
                 ids = [self.bos_id] + ids
         if eos:
             if self.eos_id is None:
-                raise UserError(f"tokenizer: an EOS token was asked for but {self.checkpoint_dir} defines none")
+                raise UserError(
+                    f"tokenizer: an EOS token was asked for but {self.checkpoint_dir} defines none"
+                )
             ids = ids + [self.eos_id]
         if max_length > 0:
             ids = ids[:max_length]
@@ -168,9 +181,11 @@ class Tokenizer:
         return i
 
     def __repr__(self) -> str:
-        return (f"Tokenizer({str(self.checkpoint_dir)!r}, backend={self.backend}, vocab_size={self.vocab_size}, "
-                f"bos_id={self.bos_id}, eos_id={self.eos_id}, stop_ids={sorted(self.stop_ids)}, "
-                f"use_bos={self.use_bos})")
+        return (
+            f"Tokenizer({str(self.checkpoint_dir)!r}, backend={self.backend}, vocab_size={self.vocab_size}, "
+            f"bos_id={self.bos_id}, eos_id={self.eos_id}, stop_ids={sorted(self.stop_ids)}, "
+            f"use_bos={self.use_bos})"
+        )
 
     # ------------------------------------------------------------------ internals
 
@@ -199,7 +214,9 @@ class Tokenizer:
     def _post_processor_adds_bos(self) -> bool:
         with_special = self._hf.encode("a", add_special_tokens=True).ids
         plain = self._hf.encode("a", add_special_tokens=False).ids
-        return bool(with_special) and with_special[0] == self.bos_id and (not plain or plain[0] != self.bos_id)
+        return (
+            bool(with_special) and with_special[0] == self.bos_id and (not plain or plain[0] != self.bos_id)
+        )
 
 
 class StreamDecoder:
@@ -216,8 +233,11 @@ class StreamDecoder:
         if tokenizer.backend == "huggingface":
             from tokenizers.decoders import DecodeStream
 
-            self._stream = DecodeStream(ids=context, skip_special_tokens=True) if context else \
-                DecodeStream(skip_special_tokens=True)
+            self._stream = (
+                DecodeStream(ids=context, skip_special_tokens=True)
+                if context
+                else DecodeStream(skip_special_tokens=True)
+            )
         self.ids = list(context)
         self._prefix, self._read = 0, len(self.ids)  # window start; ids decoded so far
 
@@ -227,19 +247,19 @@ class StreamDecoder:
             return self._stream.step(self.tokenizer._hf, token) or ""
         self.ids.append(token)
         decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix:self._read])
-        text = decode(self.ids[self._prefix:])
+        before = decode(self.ids[self._prefix : self._read])
+        text = decode(self.ids[self._prefix :])
         if len(text) <= len(before) or text.endswith("\ufffd"):
             return ""
         self._prefix, self._read = self._read, len(self.ids)
-        return text[len(before):]
+        return text[len(before) :]
 
     def flush(self) -> str:
         """Whatever is still held back (a dangling partial character, as the replacement character)."""
         if self._stream is not None or self._read == len(self.ids):
             return ""
         decode = self.tokenizer.decode
-        return decode(self.ids[self._prefix:])[len(decode(self.ids[self._prefix:self._read])):]
+        return decode(self.ids[self._prefix :])[len(decode(self.ids[self._prefix : self._read])) :]
 
 
 def _read_json(path: Path) -> dict:
@@ -283,8 +303,10 @@ def train_bpe_tokenizer(
         raise UserError("train_bpe_tokenizer: special_tokens needs at least a BOS and an EOS token")
     n_bytes = len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < n_bytes + len(special_tokens):
-        raise UserError(f"train_bpe_tokenizer: vocab_size {vocab_size} is below the {n_bytes} byte symbols "
-                        f"+ {len(special_tokens)} special tokens")
+        raise UserError(
+            f"train_bpe_tokenizer: vocab_size {vocab_size} is below the {n_bytes} byte symbols "
+            f"+ {len(special_tokens)} special tokens"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -306,11 +328,18 @@ def train_bpe_tokenizer(
 
     with atomic_path(out_dir / "tokenizer.json") as tmp:
         tok.save(str(tmp))
-    tok_cfg = {"bos_token": bos, "eos_token": eos, "add_bos_token": True, "add_eos_token": False,
-               "tokenizer_class": "PreTrainedTokenizerFast"}
+    tok_cfg = {
+        "bos_token": bos,
+        "eos_token": eos,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
     if pad is not None:
         tok_cfg["pad_token"] = pad
     _write_json_atomic(out_dir / "tokenizer_config.json", tok_cfg)
-    _write_json_atomic(out_dir / "generation_config.json",
-                       {"bos_token_id": tok.token_to_id(bos), "eos_token_id": tok.token_to_id(eos)})
+    _write_json_atomic(
+        out_dir / "generation_config.json",
+        {"bos_token_id": tok.token_to_id(bos), "eos_token_id": tok.token_to_id(eos)},
+    )
     return Tokenizer(out_dir)

@@ -112,7 +112,9 @@ def weights_line(model: nn.Module) -> str:
 
 
 def num_parameters(model: nn.Module, requires_grad: Optional[bool] = None) -> int:
-    return sum(p.numel() for p in model.parameters() if requires_grad is None or p.requires_grad == requires_grad)
+    return sum(
+        p.numel() for p in model.parameters() if requires_grad is None or p.requires_grad == requires_grad
+    )
 
 
 def configure_cpu_threads(model: nn.Module, device: torch.device | str) -> int:

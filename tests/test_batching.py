@@ -13,8 +13,15 @@ from litquant.errors import UserError
 from litquant.generation import BatchDecoder, SamplingParams, Sequence, generate, run
 
 BUNDLED = REPO / "checkpoints" / "litquant-tiny"
-PROMPTS = ["def fib(", "import os\nimport sys\n\ndef main(", "class Foo:\n    def __init__(self", "x = [",
-           "# compute the sum of a list\ndef total(xs):\n    ", "for i in range(", "import os\nimport re\n\ndef f("]
+PROMPTS = [
+    "def fib(",
+    "import os\nimport sys\n\ndef main(",
+    "class Foo:\n    def __init__(self",
+    "x = [",
+    "# compute the sum of a list\ndef total(xs):\n    ",
+    "for i in range(",
+    "import os\nimport re\n\ndef f(",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +40,9 @@ def _seq(llm, prompt, n=24, **kw):
     return Sequence(ids, params, decoder=llm.tokenizer.stream_decoder(ids[-1:]))
 
 
-@pytest.mark.parametrize("mode", [None, "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "gptq.int4"])
+@pytest.mark.parametrize(
+    "mode", [None, "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "gptq.int4"]
+)
 def test_batched_greedy_equals_one_at_a_time(bundled_with_gptq, mode):
     """Sequences of different lengths joining and leaving a batch of 3 decode the tokens they decode alone. In fp32:
     in bf16 the kernels' rounding depends on the batch (blocking by row count), so near-ties may differ."""
@@ -107,7 +116,7 @@ def test_stop_strings_are_held_back_and_left_out():
     stop = free[12:16]
     assert stop and stop in free
     cut = llm.generate(PROMPTS[0], max_new_tokens=40, temperature=0, stop=[stop, "never printed"])
-    assert cut == free[:free.index(stop)]
+    assert cut == free[: free.index(stop)]
     pieces = list(llm.stream(PROMPTS[0], max_new_tokens=40, temperature=0, stop=stop))
     assert "".join(pieces) == cut and len(pieces) > 1
     # the whole text, streamed piece by piece, is the text decoded at once
@@ -146,11 +155,30 @@ def test_single_sequence_generate_keeps_its_timings():
 
 
 def test_generate_job_takes_several_prompts(tmp_path):
-    args = ["--checkpoint_dir", str(BUNDLED), "--max_new_tokens", "10", "--temperature", "0", "--precision", "32-true"]
+    args = [
+        "--checkpoint_dir",
+        str(BUNDLED),
+        "--max_new_tokens",
+        "10",
+        "--temperature",
+        "0",
+        "--precision",
+        "32-true",
+    ]
     one = [run_cli("generate", *args, "--prompt", p) for p in PROMPTS[:3]]
     assert all(r.returncode == 0 for r in one), one[0].stderr
-    many = run_cli("generate", *args, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--prompt", PROMPTS[2],
-                   "--batch_size", "2")
+    many = run_cli(
+        "generate",
+        *args,
+        "--prompt",
+        PROMPTS[0],
+        "--prompt",
+        PROMPTS[1],
+        "--prompt",
+        PROMPTS[2],
+        "--batch_size",
+        "2",
+    )
     assert many.returncode == 0, many.stderr
     assert many.stdout == "".join(r.stdout for r in one)
     assert "All 3 sequences, 2 at a time" in many.stderr

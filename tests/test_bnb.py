@@ -20,7 +20,9 @@ from litquant.errors import UserError
 from litquant.io import safetensors_metadata
 from litquant.precision import fabric_plugin, quantize_modes, resolve
 from litquant.quantization import bnb as qb
-from litquant.quantization import bnb_linear as bl  # before bitsandbytes: it silences bnb's import-time warning
+from litquant.quantization import (
+    bnb_linear as bl,
+)  # before bitsandbytes: it silences bnb's import-time warning
 from litquant.utils import weight_bytes_by_dtype
 
 FOUR_BIT = ["nf4", "nf4-dq", "fp4", "fp4-dq"]
@@ -38,7 +40,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def quantized_layer(mode: str, w: torch.Tensor, b: torch.Tensor | None, precision: str = "32-true", device="cpu"):
+def quantized_layer(
+    mode: str, w: torch.Tensor, b: torch.Tensor | None, precision: str = "32-true", device="cpu"
+):
     """An nn.Linear holding (w, b), converted by the plugin (the path Fabric's setup_module takes)."""
     plugin = resolve(precision, f"bnb.{mode}", device)
     holder = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=device))
@@ -58,7 +62,9 @@ def bnb_reference_state(mode: str, w: torch.Tensor):
 # ---- 4-bit layers ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(96, 256), (50, 98)])  # (50, 98): blocks of 64 straddle rows, last one partial
+@pytest.mark.parametrize(
+    "shape", [(96, 256), (50, 98)]
+)  # (50, 98): blocks of 64 straddle rows, last one partial
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", FOUR_BIT)
 @pytest.mark.parametrize("chunk", [None, 128])  # 128: quantized chunk by chunk, as large Linears are
@@ -151,7 +157,10 @@ def test_double_quant_saves_037_bit_per_param():
     blocks = n // 64
     plain = quantized_layer("nf4", torch.randn(out_f, in_f), None)
     dq = quantized_layer("nf4-dq", torch.randn(out_f, in_f), None)
-    bytes_plain, bytes_dq = sum(weight_bytes_by_dtype(plain).values()), sum(weight_bytes_by_dtype(dq).values())
+    bytes_plain, bytes_dq = (
+        sum(weight_bytes_by_dtype(plain).values()),
+        sum(weight_bytes_by_dtype(dq).values()),
+    )
     assert bytes_plain == n // 2 + 4 * blocks  # packed codes + fp32 absmax per block
     # uint8 absmax per block + fp32 scale per 256 absmax values + the 256-entry fp32 code + the fp32 offset
     assert bytes_dq == n // 2 + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4
@@ -164,7 +173,9 @@ def test_double_quant_saves_037_bit_per_param():
 # ---- int8 layers ----------------------------------------------------------------------------------------
 
 
-def llm_int8_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, threshold: float = 6.0) -> torch.Tensor:
+def llm_int8_reference(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, threshold: float = 6.0
+) -> torch.Tensor:
     """LLM.int8 written out: weight rows scaled by their absmax to int8; input columns with any |x| >= threshold
     multiply in full precision (with the dequantized weight); the other columns are quantized per input row by
     that row's absmax; int32 products rescaled by both absmaxes / 127^2. Rounding to int8 is done in fp32 as
@@ -230,7 +241,10 @@ def test_int8_keeps_half_precision_compute(precision):
     with torch.no_grad():
         y = layer(x.to(layer.compute_dtype))
     assert y.dtype == layer.compute_dtype
-    assert rel(y.float(), llm_int8_reference(x.to(layer.compute_dtype).float(), w, torch.zeros(32)).float()) < 1e-2
+    assert (
+        rel(y.float(), llm_int8_reference(x.to(layer.compute_dtype).float(), w, torch.zeros(32)).float())
+        < 1e-2
+    )
     if precision == "bf16-true":
         big = torch.full((1, 64), 5.0) * 3e4  # fp16 overflows at 65504, every column is an outlier here
         with torch.no_grad():
@@ -247,7 +261,9 @@ def test_backward_reaches_input_and_weight_stays_frozen(mode):
     w, b = torch.randn(64, 128) * 0.05, torch.randn(64) * 0.1
     layer = quantized_layer(mode, w, b).train()
     frozen = {k: v.clone() for k, v in layer.quantized_state().items()}
-    assert [n for n, _ in layer.named_parameters()] == ["bias"]  # the weight is no parameter: no optimizer sees it
+    assert [n for n, _ in layer.named_parameters()] == [
+        "bias"
+    ]  # the weight is no parameter: no optimizer sees it
 
     x = torch.randn(3, 5, 128, requires_grad=True)
     g = torch.randn(3, 5, 64)
@@ -351,7 +367,7 @@ def greedy(model, prompt: torch.Tensor, steps: int, cached: bool) -> list[int]:
         else:
             for _ in range(steps):
                 tokens.append(int(model(torch.tensor([tokens], device=device))[0, -1].argmax()))
-    return tokens[prompt.shape[1]:]
+    return tokens[prompt.shape[1] :]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -359,7 +375,9 @@ def greedy(model, prompt: torch.Tensor, steps: int, cached: bool) -> list[int]:
 def test_tiny_gpt_logits_and_greedy_generation(mode, device, checkpoint, fp32_logits):
     plugin = resolve("32-true", f"bnb.{mode}", device)
     model = load_model(checkpoint, plugin, device, progress=False)
-    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, bl.Linear4bit, bl.Linear8bit))]
+    linears = [
+        n for n, m in model.named_modules() if isinstance(m, (nn.Linear, bl.Linear4bit, bl.Linear8bit))
+    ]
     quantized = [n for n, m in model.named_modules() if isinstance(m, (bl.Linear4bit, bl.Linear8bit))]
     assert quantized == [n for n in linears if n.startswith("transformer.h.")] and len(quantized) == 10
     assert type(model.lm_head) is nn.Linear and model.transformer.wte.weight.dtype == torch.float32
@@ -378,7 +396,9 @@ def test_tiny_gpt_logits_and_greedy_generation(mode, device, checkpoint, fp32_lo
         torch.testing.assert_close(logits, dequantized_logits, rtol=1e-4, atol=1e-4)
 
     assert rel(logits, fp32_logits) < GPT_BOUND[mode]
-    assert greedy(model, PROMPT.to(device), 8, cached=True) == greedy(model, PROMPT.to(device), 8, cached=False)
+    assert greedy(model, PROMPT.to(device), 8, cached=True) == greedy(
+        model, PROMPT.to(device), 8, cached=False
+    )
 
 
 def test_tiny_gpt_bf16_and_quantized_lm_head(checkpoint, fp32_logits):
@@ -434,7 +454,10 @@ def test_prequantized_file_round_trip_is_bit_identical(mode, tmp_path):
 
     if mode == "int8":  # int8-training stores the same thing
         assert resolve("32-true", "bnb.int8-training", "cpu").load_plan(ckpt).weights_file == path.name
-    assert resolve("32-true", f"bnb.{mode}", "cpu", quantize_lm_head=True).load_plan(ckpt).weights_file == WEIGHTS_FILE
+    assert (
+        resolve("32-true", f"bnb.{mode}", "cpu", quantize_lm_head=True).load_plan(ckpt).weights_file
+        == WEIGHTS_FILE
+    )
 
 
 def test_prequantized_file_staleness_and_dtype(tmp_path, capsys):
@@ -445,7 +468,9 @@ def test_prequantized_file_staleness_and_dtype(tmp_path, capsys):
     assert "Memory used:" in capsys.readouterr().err
     name = "lit_model_bnb.nf4.safetensors"
     assert resolve("bf16-true", "bnb.nf4", "cpu").load_plan(ckpt).weights_file == name
-    assert resolve("32-true", "bnb.nf4", "cpu").load_plan(ckpt).weights_file == WEIGHTS_FILE  # embeddings kept in bf16
+    assert (
+        resolve("32-true", "bnb.nf4", "cpu").load_plan(ckpt).weights_file == WEIGHTS_FILE
+    )  # embeddings kept in bf16
 
     source = ckpt / WEIGHTS_FILE
     st = source.stat()
@@ -484,8 +509,11 @@ def _live_float_tensors(shapes: set, exclude: set) -> int:
     for obj in gc.get_objects():
         # type() rather than isinstance: no __class__ lookups on arbitrary objects (some warn when touched)
         if (
-            type(obj) in (torch.Tensor, nn.Parameter) and not obj.is_meta and obj.is_floating_point()
-            and tuple(obj.shape) in shapes and id(obj) not in exclude
+            type(obj) in (torch.Tensor, nn.Parameter)
+            and not obj.is_meta
+            and obj.is_floating_point()
+            and tuple(obj.shape) in shapes
+            and id(obj) not in exclude
         ):
             seen.add(obj.untyped_storage().data_ptr())
     return len(seen)
@@ -521,8 +549,9 @@ def test_loading_holds_one_full_precision_layer_at_a_time(mode, tmp_path, monkey
 @CUDA
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_cuda_loading_peak_stays_near_quantized_size(mode, tmp_path):
-    ckpt = make_checkpoint(tmp_path / "ckpt", seed=5, n_layer=8, n_embd=512, intermediate_size=1376, n_head=8,
-                           n_query_groups=8)
+    ckpt = make_checkpoint(
+        tmp_path / "ckpt", seed=5, n_layer=8, n_embd=512, intermediate_size=1376, n_head=8, n_query_groups=8
+    )
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -53,16 +53,31 @@ TEMPLATES = {
     "mistral-instruct": (MISTRAL_INSTRUCT, "<s>", "</s>"),
     "zephyr": (ZEPHYR, "<s>", "</s>"),
 }
-SPECIALS = ["<s>", "</s>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-            "<|user|>", "<|assistant|>", "<|system|>"]
+SPECIALS = [
+    "<s>",
+    "</s>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+]
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is a tuple?"}],
     [{"role": "system", "content": "You answer in one line."}, {"role": "user", "content": "  Hi there "}],
-    [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"},
-     {"role": "user", "content": "Reverse: x y z\n"}],
-    [{"role": "user", "content": "Ünïcödé → ok?"}, {"role": "assistant", "content": " yes "},
-     {"role": "user", "content": "and tabs\there"}],
+    [
+        {"role": "user", "content": "Reverse: a b"},
+        {"role": "assistant", "content": "b a"},
+        {"role": "user", "content": "Reverse: x y z\n"},
+    ],
+    [
+        {"role": "user", "content": "Ünïcödé → ok?"},
+        {"role": "assistant", "content": " yes "},
+        {"role": "user", "content": "and tabs\there"},
+    ],
 ]
 
 
@@ -79,7 +94,9 @@ def _checkpoint(tmp_path, name):
     cfg = json.loads((d / "tokenizer_config.json").read_text())
     cfg.update(bos_token=bos, eos_token=eos, chat_template=template)
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(d / "tokenizer.json"), bos_token=bos, eos_token=eos)
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(d / "tokenizer.json"), bos_token=bos, eos_token=eos
+    )
     return d, hf
 
 
@@ -101,8 +118,9 @@ def test_rendering_and_tokens_match_transformers(tmp_path, name):
     for messages in CONVERSATIONS:
         for gen in (True, False):
             try:
-                want = hf.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                              add_generation_prompt=gen)
+                want = hf.apply_chat_template(
+                    messages, chat_template=template, tokenize=False, add_generation_prompt=gen
+                )
             except Exception as e:  # the template refuses this conversation (e.g. Mistral: no system role)
                 with pytest.raises(UserError, match=str(e)[:30].replace("(", r"\(").replace(")", r"\)")):
                     ours.render(messages, add_generation_prompt=gen)
@@ -121,8 +139,16 @@ def test_rendering_and_tokens_match_transformers(tmp_path, name):
 def test_named_templates_and_template_file(tmp_path):
     d = tmp_path / "c"
     d.mkdir()
-    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
-        {"name": "tool_use", "template": "tools"}, {"name": "default", "template": "{{ messages[0]['content'] }}"}]}))
+    (d / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": [
+                    {"name": "tool_use", "template": "tools"},
+                    {"name": "default", "template": "{{ messages[0]['content'] }}"},
+                ]
+            }
+        )
+    )
     assert ChatTemplate.from_checkpoint(d).render([{"role": "user", "content": "hey"}]) == "hey"
     (d / "chat_template.jinja").write_text("J{{ messages | length }}")
     assert ChatTemplate.from_checkpoint(d).render([{"role": "user", "content": "hey"}]) == "J1"
@@ -148,8 +174,12 @@ def test_checkpoints_without_a_template_fall_back_to_prompt_styles(tmp_path):
     llm = LLM.load(progress=False)  # the bundled model has no template
     assert llm.chat_template is None
     llm.prompt_style = Llama2Chat()
-    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
-            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]
+    msgs = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+    ]
     assert llm.format_chat(msgs) == Llama2Chat().apply("u2", history=[("u1", "a1")], system="S")
     # and the style writes what the real template renders
     want = ChatTemplate(LLAMA2_CHAT, {"bos_token": "<s>", "eos_token": "</s>"}).render(msgs)

@@ -59,7 +59,9 @@ def test_config_that_does_not_match_the_weights(tmp_path, tiny_checkpoint):
     cfg = yaml.safe_load((d / "model_config.yaml").read_text())
     cfg["intermediate_size"] = 384
     (d / "model_config.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(UserError, match=r"mlp.fc_1.weight has shape \(256, 128\) but the config needs \(384, 128\)"):
+    with pytest.raises(
+        UserError, match=r"mlp.fc_1.weight has shape \(256, 128\) but the config needs \(384, 128\)"
+    ):
         load_model(d, progress=False)
 
     cfg["intermediate_size"] = 256
@@ -98,7 +100,9 @@ def test_atomic_save_keeps_previous_file_on_crash(tmp_path):
 
 
 def test_precision_registry_rejects_unknown_values():
-    with pytest.raises(UserError, match="unknown --precision 'fp8'; choose one of: 32-true, 16-true, bf16-true"):
+    with pytest.raises(
+        UserError, match="unknown --precision 'fp8'; choose one of: 32-true, 16-true, bf16-true"
+    ):
         resolve("fp8")
     with pytest.raises(UserError, match=r"unknown --quantize 'bnb.nf5'; choose one of: .*bnb.nf4"):
         resolve("32-true", "bnb.nf5")
@@ -132,7 +136,9 @@ def test_cpu_peak_memory_resets_and_is_not_inherited_by_children():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, "parent", _PEAK_SCRIPT], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, "parent", _PEAK_SCRIPT], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     big, after_reset, again, child = map(int, out.stdout.split())
     assert big - after_reset > 500e6  # the 600 MB peak is forgotten after the reset
@@ -140,12 +146,15 @@ def test_cpu_peak_memory_resets_and_is_not_inherited_by_children():
     assert child < big - 500e6  # the child counts from its own start
 
 
-@pytest.mark.parametrize("header,why", [
-    ({"__metadata__": "x", "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, "__metadata__"),
-    ({"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}, "bad header entry for 'a'"),
-    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]}}, "bad header entry for 'a'"),
-    ({"a": {"dtype": "F99", "shape": [4], "data_offsets": [0, 16]}}, "bad header entry for 'a'"),
-])
+@pytest.mark.parametrize(
+    "header,why",
+    [
+        ({"__metadata__": "x", "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, "__metadata__"),
+        ({"a": {"dtype": "F32", "shape": [4.0], "data_offsets": [0, 16]}}, "bad header entry for 'a'"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [4, 0]}}, "bad header entry for 'a'"),
+        ({"a": {"dtype": "F99", "shape": [4], "data_offsets": [0, 16]}}, "bad header entry for 'a'"),
+    ],
+)
 def test_malformed_safetensors_headers_are_user_errors(tmp_path, header, why):
     import json
     import struct

@@ -35,31 +35,104 @@ def _cases() -> dict[str, tuple]:
     """id -> (HF config, how to save it)."""
     small = dict(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=64)
     return {
-        "llama-gqa": (T.LlamaConfig(**small, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                    num_key_value_heads=2, rms_norm_eps=1e-5), "safetensors"),
+        "llama-gqa": (
+            T.LlamaConfig(
+                **small,
+                hidden_size=64,
+                intermediate_size=128,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                rms_norm_eps=1e-5,
+            ),
+            "safetensors",
+        ),
         # Llama 3.1 frequency scaling with an original context short enough that all three bands
         # (kept, blended, stretched) occur among the 16 frequencies; tied embeddings as in Llama 3.2
-        "llama-3.1-rope-tied": (T.LlamaConfig(
-            **small, hidden_size=128, intermediate_size=192, num_attention_heads=4, num_key_value_heads=1,
-            tie_word_embeddings=True,
-            rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                                 high_freq_factor=4.0, original_max_position_embeddings=16)), "safetensors"),
-        "mistral-sliding-sharded": (T.MistralConfig(**small, hidden_size=64, intermediate_size=128,
-                                                    num_attention_heads=4, num_key_value_heads=2, sliding_window=5),
-                                    "sharded"),
-        "falcon-7b-mqa": (T.FalconConfig(**small, hidden_size=64, num_attention_heads=4, multi_query=True,
-                                         new_decoder_architecture=False), "safetensors"),
-        "falcon-mha-sequential-bias": (T.FalconConfig(**small, hidden_size=64, num_attention_heads=4,
-                                                      multi_query=False, parallel_attn=False, bias=True,
-                                                      tie_word_embeddings=False), "safetensors"),
-        "falcon-40b-grouped": (T.FalconConfig(**small, hidden_size=128, num_attention_heads=8, num_kv_heads=2,
-                                              new_decoder_architecture=True), "safetensors"),
-        "neox-parallel-bin": (T.GPTNeoXConfig(**small, hidden_size=64, intermediate_size=256, num_attention_heads=4,
-                                              rotary_pct=0.25), "bin"),
-        "neox-sequential": (T.GPTNeoXConfig(**small, hidden_size=64, intermediate_size=256, num_attention_heads=4,
-                                            rotary_pct=0.25, use_parallel_residual=False), "safetensors"),
-        "phi": (T.PhiConfig(**small, hidden_size=80, intermediate_size=256, num_attention_heads=4,
-                            partial_rotary_factor=0.4), "safetensors"),
+        "llama-3.1-rope-tied": (
+            T.LlamaConfig(
+                **small,
+                hidden_size=128,
+                intermediate_size=192,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                tie_word_embeddings=True,
+                rope_parameters=dict(
+                    rope_type="llama3",
+                    rope_theta=500000.0,
+                    factor=8.0,
+                    low_freq_factor=1.0,
+                    high_freq_factor=4.0,
+                    original_max_position_embeddings=16,
+                ),
+            ),
+            "safetensors",
+        ),
+        "mistral-sliding-sharded": (
+            T.MistralConfig(
+                **small,
+                hidden_size=64,
+                intermediate_size=128,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                sliding_window=5,
+            ),
+            "sharded",
+        ),
+        "falcon-7b-mqa": (
+            T.FalconConfig(
+                **small,
+                hidden_size=64,
+                num_attention_heads=4,
+                multi_query=True,
+                new_decoder_architecture=False,
+            ),
+            "safetensors",
+        ),
+        "falcon-mha-sequential-bias": (
+            T.FalconConfig(
+                **small,
+                hidden_size=64,
+                num_attention_heads=4,
+                multi_query=False,
+                parallel_attn=False,
+                bias=True,
+                tie_word_embeddings=False,
+            ),
+            "safetensors",
+        ),
+        "falcon-40b-grouped": (
+            T.FalconConfig(
+                **small, hidden_size=128, num_attention_heads=8, num_kv_heads=2, new_decoder_architecture=True
+            ),
+            "safetensors",
+        ),
+        "neox-parallel-bin": (
+            T.GPTNeoXConfig(
+                **small, hidden_size=64, intermediate_size=256, num_attention_heads=4, rotary_pct=0.25
+            ),
+            "bin",
+        ),
+        "neox-sequential": (
+            T.GPTNeoXConfig(
+                **small,
+                hidden_size=64,
+                intermediate_size=256,
+                num_attention_heads=4,
+                rotary_pct=0.25,
+                use_parallel_residual=False,
+            ),
+            "safetensors",
+        ),
+        "phi": (
+            T.PhiConfig(
+                **small,
+                hidden_size=80,
+                intermediate_size=256,
+                num_attention_heads=4,
+                partial_rotary_factor=0.4,
+            ),
+            "safetensors",
+        ),
     }
 
 
@@ -120,7 +193,9 @@ def test_family_roundtrip_matches_transformers(case, tmp_path):
     src, out = tmp_path / "hf", tmp_path / "out"
     hf = _make_hf(cfg, save, src)
     if save == "sharded":
-        assert (src / "model.safetensors.index.json").is_file() and len(list(src.glob("model-*.safetensors"))) > 1
+        assert (src / "model.safetensors.index.json").is_file() and len(
+            list(src.glob("model-*.safetensors"))
+        ) > 1
 
     convert_hf_checkpoint(src)
     ours = _load_lit(src)
@@ -141,7 +216,9 @@ def test_family_roundtrip_matches_transformers(case, tmp_path):
     for k, v in original.items():
         assert torch.equal(exported[k], v), k
     if save == "sharded":
-        assert len(list(out.glob("model-*-of-*.safetensors"))) > 1 and not (out / "model.safetensors").exists()
+        assert (
+            len(list(out.glob("model-*-of-*.safetensors"))) > 1 and not (out / "model.safetensors").exists()
+        )
     assert (out / "tokenizer_config.json").read_text() == (src / "tokenizer_config.json").read_text()
     assert (out / "generation_config.json").is_file()
     hf2 = T.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
@@ -155,7 +232,9 @@ def test_sliding_window_is_exercised(tmp_path):
     cfg, _ = _cases()["mistral-sliding-sharded"]
     src = tmp_path / "hf"
     hf = _make_hf(cfg, "safetensors", src)
-    wide = T.AutoModelForCausalLM.from_pretrained(src, sliding_window=None, attn_implementation="eager").eval()
+    wide = T.AutoModelForCausalLM.from_pretrained(
+        src, sliding_window=None, attn_implementation="eager"
+    ).eval()
     idx = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert not torch.allclose(hf(idx).logits, wide(idx).logits, atol=1e-2)
@@ -166,10 +245,16 @@ def test_sliding_window_is_exercised(tmp_path):
 def test_model_name_dtype_and_rerun(tmp_path):
     """--model_name instead of config.json; --dtype casts; a second run ignores its own output file."""
     named = Config.from_name("tiny-llama-test")
-    cfg = T.LlamaConfig(vocab_size=named.padded_vocab_size, hidden_size=named.n_embd, num_hidden_layers=named.n_layer,
-                        num_attention_heads=named.n_head, num_key_value_heads=named.n_query_groups,
-                        intermediate_size=named.intermediate_size, rms_norm_eps=named.norm_eps,
-                        max_position_embeddings=named.block_size)
+    cfg = T.LlamaConfig(
+        vocab_size=named.padded_vocab_size,
+        hidden_size=named.n_embd,
+        num_hidden_layers=named.n_layer,
+        num_attention_heads=named.n_head,
+        num_key_value_heads=named.n_query_groups,
+        intermediate_size=named.intermediate_size,
+        rms_norm_eps=named.norm_eps,
+        max_position_embeddings=named.block_size,
+    )
     src = tmp_path / "hf"
     hf = _make_hf(cfg, "safetensors", src)
     (src / "config.json").unlink()
@@ -186,18 +271,40 @@ def test_model_name_dtype_and_rerun(tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in lit.values())
     hf_sd = hf.state_dict()
     assert torch.equal(lit["transformer.wte.weight"], hf_sd["model.embed_tokens.weight"].bfloat16())
-    assert torch.equal(lit["transformer.h.1.mlp.fc_2.weight"], hf_sd["model.layers.1.mlp.up_proj.weight"].bfloat16())
+    assert torch.equal(
+        lit["transformer.h.1.mlp.fc_2.weight"], hf_sd["model.layers.1.mlp.up_proj.weight"].bfloat16()
+    )
 
 
 def test_state_dict_functions_are_inverse():
     """hf_to_lit / lit_to_hf on in-memory HF state dicts: fused (falcon-40b), split (phi), and GPT-NeoX
     whose output layer transformers 5 names `lm_head` in memory but `embed_out` in files."""
-    for hf_cfg in (T.FalconConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=1, num_attention_heads=8,
-                                  num_kv_heads=2, new_decoder_architecture=True, tie_word_embeddings=False),
-                   T.PhiConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                               num_attention_heads=4, partial_rotary_factor=0.5),
-                   T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                   num_attention_heads=4)):
+    for hf_cfg in (
+        T.FalconConfig(
+            vocab_size=VOCAB,
+            hidden_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=8,
+            num_kv_heads=2,
+            new_decoder_architecture=True,
+            tie_word_embeddings=False,
+        ),
+        T.PhiConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            partial_rotary_factor=0.5,
+        ),
+        T.GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+        ),
+    ):
         torch.manual_seed(0)
         model = T.AutoModelForCausalLM.from_config(hf_cfg)
         _randomize(model)
@@ -226,9 +333,11 @@ def test_qkv_interleave_layout(n_head, n_groups):
     code = {lab: i for i, lab in enumerate(labels)}
     hf_rows = torch.arange(len(labels), dtype=torch.float32)[:, None].repeat(1, 2)
     ours = deinterleave_qkv(hf_rows, config)
-    want = ([code[("q", h, d)] for h in range(n_head) for d in range(hs)]
-            + [code[("k", g, d)] for g in range(n_groups) for d in range(hs)]
-            + [code[("v", g, d)] for g in range(n_groups) for d in range(hs)])
+    want = (
+        [code[("q", h, d)] for h in range(n_head) for d in range(hs)]
+        + [code[("k", g, d)] for g in range(n_groups) for d in range(hs)]
+        + [code[("v", g, d)] for g in range(n_groups) for d in range(hs)]
+    )
     assert ours[:, 0].tolist() == want
     assert torch.equal(interleave_qkv(ours, config), hf_rows)
     bias = torch.arange(len(labels), dtype=torch.float32)
@@ -236,8 +345,14 @@ def test_qkv_interleave_layout(n_head, n_groups):
 
 
 def test_hf_model_type_is_inferred_when_absent():
-    for name, family in [("Llama-2-7b-hf", "llama"), ("Mistral-7B-v0.1", "mistral"), ("falcon-7b", "falcon"),
-                         ("falcon-40b", "falcon"), ("pythia-70m", "gpt_neox"), ("phi-2", "phi")]:
+    for name, family in [
+        ("Llama-2-7b-hf", "llama"),
+        ("Mistral-7B-v0.1", "mistral"),
+        ("falcon-7b", "falcon"),
+        ("falcon-40b", "falcon"),
+        ("pythia-70m", "gpt_neox"),
+        ("phi-2", "phi"),
+    ]:
         assert hf_model_type(replace(Config.from_name(name), hf_model_type="")) == family
 
 
@@ -271,8 +386,15 @@ def test_hf_config_refuses_what_a_family_cannot_express():
 
 
 def _tiny_llama_dir(d: Path) -> Path:
-    cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = T.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     _make_hf(cfg, "safetensors", d)
     return d
 
@@ -302,7 +424,9 @@ def test_error_gptq_config_over_plain_weights(tmp_path):
     hf = json.loads((d / "config.json").read_text())
     hf["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     (d / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(UserError, match=r"says GPTQ but the weight files hold no quantized layers \(\*\.qweight\)"):
+    with pytest.raises(
+        UserError, match=r"says GPTQ but the weight files hold no quantized layers \(\*\.qweight\)"
+    ):
         convert_hf_checkpoint(d)
 
 
@@ -343,8 +467,11 @@ def test_error_wrong_shape_missing_and_unexpected(tmp_path):
     with pytest.raises(UserError, match=lacks):
         convert_hf_checkpoint(d)
 
-    save_file({**sd, "model.layers.0.self_attn.q_norm.weight": torch.ones(16)}, d / "model.safetensors",
-              metadata={"format": "pt"})
+    save_file(
+        {**sd, "model.layers.0.self_attn.q_norm.weight": torch.ones(16)},
+        d / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     with pytest.raises(UserError, match=r"unexpected weight 'model\.layers\.0\.self_attn\.q_norm\.weight'"):
         convert_hf_checkpoint(d)
 
@@ -354,7 +481,8 @@ def test_error_bad_dtype_and_missing_index_shard(tmp_path):
     with pytest.raises(UserError, match="unknown dtype 'int8'"):
         convert_hf_checkpoint(d, dtype="int8")
     (d / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+        json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
+    )
     with pytest.raises(UserError, match="lists shards that are missing: model-00002-of-00002.safetensors"):
         convert_hf_checkpoint(d)
 
@@ -439,8 +567,15 @@ def test_conversions_hold_only_the_tensors_in_flight(tmp_path):
     import sys
 
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=1024, num_hidden_layers=6, num_attention_heads=16, num_key_value_heads=4,
-                                   intermediate_size=2816, vocab_size=8000, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        hidden_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=2816,
+        vocab_size=8000,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(cfg)
     weights = sum(p.numel() * 4 for p in hf.parameters())
@@ -448,8 +583,12 @@ def test_conversions_hold_only_the_tensors_in_flight(tmp_path):
     del hf
     import os
 
-    p = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "hf"), str(tmp_path / "out")], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    p = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(tmp_path / "hf"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     imported, exported = json.loads(p.stdout.strip().splitlines()[-1])
     # in flight at most: the embedding or the head (33 MB), or one layer's q, k and v (8 MB): 10% of the weights

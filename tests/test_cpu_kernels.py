@@ -13,7 +13,9 @@ from litquant.quantization import cpu_kernels as ck
 from litquant.quantization import gptq_format as fmt
 from litquant.quantization.gptq_linear import GPTQLinear
 
-pytestmark = pytest.mark.skipif(ck.lib() is None, reason=f"litquant CPU kernels unavailable: {ck.build_error}")
+pytestmark = pytest.mark.skipif(
+    ck.lib() is None, reason=f"litquant CPU kernels unavailable: {ck.build_error}"
+)
 
 BUILDS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
 
@@ -64,7 +66,9 @@ def test_bnb4_matmul_matches_bnb_dequantize_then_matmul(build, quant_type, dq, n
         x = torch.randn(m, k)
         y = ck.bnb4_matmul(x, layer.weight, n, k, layer.absmax, lut, layer._dq())
         torch.testing.assert_close(y, x @ W.t(), rtol=1e-5, atol=1e-5)
-        y16 = ck.bnb4_matmul(x.bfloat16(), layer.weight, n, k, layer.absmax, lut, layer._dq())  # bf16 inputs, widened
+        y16 = ck.bnb4_matmul(
+            x.bfloat16(), layer.weight, n, k, layer.absmax, lut, layer._dq()
+        )  # bf16 inputs, widened
         torch.testing.assert_close(y16, x.bfloat16().float() @ W.t(), rtol=1e-5, atol=1e-5)
 
 
@@ -76,7 +80,9 @@ def test_bnb4_dequantize_is_bitsandbytes_bit_for_bit(build, quant_type, dq, k):
     lut = bl._code(quant_type, torch.device("cpu"))
     ref = bnb_reference(layer)
     assert torch.equal(ck.bnb4_dequantize(layer.weight, 40, k, layer.absmax, lut, layer._dq()), ref)
-    rows = ck.bnb4_dequantize(layer.weight, 40, k, layer.absmax, lut, layer._dq(), rows=(7, 23), dtype=torch.bfloat16)
+    rows = ck.bnb4_dequantize(
+        layer.weight, 40, k, layer.absmax, lut, layer._dq(), rows=(7, 23), dtype=torch.bfloat16
+    )
     assert torch.equal(rows, ref[7:23].bfloat16())
     # the layer's dequantize (used by merge and the backward) is bnb's too, in every dtype
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -111,10 +117,16 @@ def test_int8_matmul_matches_written_out_llm_int8(build, k):
         if m > 1:
             x[m - 1, 50] = -7.0
         y = ck.int8_matmul(x, layer.weight, layer.absmax, 6.0)
-        torch.testing.assert_close(y.double(), int8_reference(x, layer.weight, layer.absmax, 6.0), rtol=1e-5, atol=1e-5)
-    x = torch.randn(3, k)  # without outliers the integer part is all there is: exact up to the final fp32 products
+        torch.testing.assert_close(
+            y.double(), int8_reference(x, layer.weight, layer.absmax, 6.0), rtol=1e-5, atol=1e-5
+        )
+    x = torch.randn(
+        3, k
+    )  # without outliers the integer part is all there is: exact up to the final fp32 products
     y = ck.int8_matmul(x, layer.weight, layer.absmax, 6.0)
-    torch.testing.assert_close(y.double(), int8_reference(x, layer.weight, layer.absmax, 6.0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        y.double(), int8_reference(x, layer.weight, layer.absmax, 6.0), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_int8_dequantize_is_the_layers_bit_for_bit(build):
@@ -122,8 +134,10 @@ def test_int8_dequantize_is_the_layers_bit_for_bit(build):
     layer = bl.Linear8bit(70, 33, bias=False, device="cpu")
     layer.quantize_(torch.randn(33, 70))
     assert torch.equal(ck.int8_dequantize(layer.weight, layer.absmax), layer.dequantize(torch.float32))
-    assert torch.equal(ck.int8_dequantize(layer.weight, layer.absmax, rows=(5, 9), dtype=torch.bfloat16),
-                       layer.dequantize(torch.float32)[5:9].bfloat16())
+    assert torch.equal(
+        ck.int8_dequantize(layer.weight, layer.absmax, rows=(5, 9), dtype=torch.bfloat16),
+        layer.dequantize(torch.float32)[5:9].bfloat16(),
+    )
 
 
 # ---- GPTQ -----------------------------------------------------------------------------------------------------
@@ -138,7 +152,9 @@ def gptq_codes(k: int, n: int, bits: int, group_size: int, act_order: bool, seed
     g_idx = fmt.default_g_idx(k, group_size)
     if act_order:
         g_idx = g_idx[torch.randperm(k, generator=g)]
-    W = scales.float().t()[:, g_idx.long()] * (q - zeros.t()[:, g_idx.long()]).float()  # [n, k], from the codes
+    W = (
+        scales.float().t()[:, g_idx.long()] * (q - zeros.t()[:, g_idx.long()]).float()
+    )  # [n, k], from the codes
     return fmt.pack(q, zeros, scales, g_idx, bits), W
 
 
@@ -151,14 +167,26 @@ def test_gptq_matmul_matches_the_dense_weight(build, bits, group_size, act_order
     assert ordered == (not act_order)
     for m in (1, 3, 6):
         x = torch.randn(m, k)
-        y = ck.gptq_matmul(x, packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits, group_size,
-                           ordered)
+        y = ck.gptq_matmul(
+            x,
+            packed["qweight"],
+            packed["qzeros"],
+            packed["scales"],
+            packed["g_idx"],
+            bits,
+            group_size,
+            ordered,
+        )
         torch.testing.assert_close(y, x @ W.t(), rtol=1e-5, atol=1e-4)
     # the dequantized transpose, all columns and a tile of them, is gptq_format's bit for bit
-    ref = fmt.dequantize(packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits, torch.float32)
+    ref = fmt.dequantize(
+        packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits, torch.float32
+    )
     args = (packed["qweight"], packed["qzeros"], packed["scales"], packed["g_idx"], bits)
     assert torch.equal(ck.gptq_dequantize_t(*args), ref.t())
-    assert torch.equal(ck.gptq_dequantize_t(*args, cols=(16, 32), dtype=torch.bfloat16), ref.t()[:, 16:32].bfloat16())
+    assert torch.equal(
+        ck.gptq_dequantize_t(*args, cols=(16, 32), dtype=torch.bfloat16), ref.t()[:, 16:32].bfloat16()
+    )
 
 
 # ---- tiles and the layers' paths ------------------------------------------------------------------------------
@@ -166,7 +194,9 @@ def test_gptq_matmul_matches_the_dense_weight(build, bits, group_size, act_order
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_tiled_linear_over_several_tiles(monkeypatch, transpose):
-    monkeypatch.setattr(ck, "TILE_ELEMENTS", 7 * 64)  # 7 rows per tile: 40 rows need 6 tiles, the last partial
+    monkeypatch.setattr(
+        ck, "TILE_ELEMENTS", 7 * 64
+    )  # 7 rows per tile: 40 rows need 6 tiles, the last partial
     layer = bnb_layer(40, 64, "nf4", False)
     W = bnb_reference(layer)
     x = torch.randn(11, 40 if transpose else 64)
@@ -193,7 +223,9 @@ def test_layers_take_the_fused_kernel_for_few_rows_and_tiles_beyond(monkeypatch,
         layer.load_state_dict(packed)
         limit = 8
     else:
-        layer = bnb_layer(64, 128, "nf4", False) if mode == "nf4" else bl.Linear8bit(128, 64, False, device="cpu")
+        layer = (
+            bnb_layer(64, 128, "nf4", False) if mode == "nf4" else bl.Linear8bit(128, 64, False, device="cpu")
+        )
         if mode == "int8":
             layer.quantize_(torch.randn(64, 128) * 0.05)
         W = bnb_reference(layer) if mode == "nf4" else layer.dequantize(torch.float32)
@@ -217,8 +249,11 @@ def test_gradient_through_the_frozen_base_matches_the_dense_one(mode):
         layer = GPTQLinear(256, 64, bias=False, bits=4, group_size=64)
         layer.load_state_dict(packed)
     else:
-        layer = bl.Linear4bit(256, 64, False, "nf4", True, torch.float32, "cpu") if mode == "nf4-dq" else \
-            bl.Linear8bit(256, 64, False, training=True, device="cpu")
+        layer = (
+            bl.Linear4bit(256, 64, False, "nf4", True, torch.float32, "cpu")
+            if mode == "nf4-dq"
+            else bl.Linear8bit(256, 64, False, training=True, device="cpu")
+        )
         layer.quantize_(torch.randn(64, 256) * 0.05)
         layer.train()
         W = layer.dequantize(torch.float32)
@@ -251,10 +286,20 @@ def test_kernels_under_a_bf16_default_dtype_and_bad_arguments():
     assert bl._code("nf4", torch.device("cpu")).dtype == torch.float32
     torch.testing.assert_close(y, x @ W.t(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="4-bit code"):
-        ck.bnb4_matmul(x, layer.weight, 32, 128, layer.absmax, bl._code("nf4", torch.device("cpu")).bfloat16())
+        ck.bnb4_matmul(
+            x, layer.weight, 32, 128, layer.absmax, bl._code("nf4", torch.device("cpu")).bfloat16()
+        )
     with pytest.raises(ValueError, match="absmax"):
         ck.bnb4_matmul(x, layer.weight, 32, 128, layer.absmax[:10], bl._code("nf4", torch.device("cpu")))
     packed, _ = gptq_codes(128, 48, 4, 32, act_order=False)
     with pytest.raises(ValueError, match="scales"):
-        ck.gptq_matmul(torch.randn(1, 128), packed["qweight"], packed["qzeros"], packed["scales"].float(),
-                       packed["g_idx"], 4, 32, True)
+        ck.gptq_matmul(
+            torch.randn(1, 128),
+            packed["qweight"],
+            packed["qzeros"],
+            packed["scales"].float(),
+            packed["g_idx"],
+            4,
+            32,
+            True,
+        )

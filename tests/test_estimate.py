@@ -51,7 +51,9 @@ def test_llama2_7b_matches_published_sizes():
     # ... which is the gap litgpt measured on an A100 between nf4 (4.57 GB) and nf4-dq (4.26 GB) peaks
     assert abs((nf4 - nf4_dq) / GB - (4.57 - 4.26)) < 0.03
     int8 = weight_bytes(config, "bnb.int8")["bytes"]
-    assert int8 == q_params + 4 * 32 * (3 * 4096 + 4096 + 2 * 11008 + 4096) + 2 * (n_params(config) - q_params)
+    assert int8 == q_params + 4 * 32 * (3 * 4096 + 4096 + 2 * 11008 + 4096) + 2 * (
+        n_params(config) - q_params
+    )
 
 
 def test_seed_table_before_overheads_and_kv_cache():
@@ -82,19 +84,22 @@ def test_gpu_fit_uses_driver_memory_less_headroom():
     assert nf4_b8["kv_cache_bytes"] == 8 * nf4["kv_cache_bytes"] == 8 * 2 * 80 * 8 * 128 * 2048 * 2
 
 
-@pytest.mark.parametrize("mode,precision,options", [
-    ("32-true", "32-true", {}),
-    ("16-true", "16-true", {}),
-    ("bf16-true", "bf16-true", {}),
-    ("bnb.nf4", "32-true", {}),
-    ("bnb.nf4", "bf16-true", {}),
-    ("bnb.nf4-dq", "32-true", {}),
-    ("bnb.fp4", "bf16-true", {}),
-    ("bnb.fp4-dq", "bf16-true", {}),
-    ("bnb.int8", "32-true", {}),
-    ("bnb.int8-training", "bf16-true", {}),
-    ("bnb.nf4", "32-true", {"quantize_lm_head": True}),
-])
+@pytest.mark.parametrize(
+    "mode,precision,options",
+    [
+        ("32-true", "32-true", {}),
+        ("16-true", "16-true", {}),
+        ("bf16-true", "bf16-true", {}),
+        ("bnb.nf4", "32-true", {}),
+        ("bnb.nf4", "bf16-true", {}),
+        ("bnb.nf4-dq", "32-true", {}),
+        ("bnb.fp4", "bf16-true", {}),
+        ("bnb.fp4-dq", "bf16-true", {}),
+        ("bnb.int8", "32-true", {}),
+        ("bnb.int8-training", "bf16-true", {}),
+        ("bnb.nf4", "32-true", {"quantize_lm_head": True}),
+    ],
+)
 def test_estimate_matches_measured_weight_bytes_of_each_plugin(tiny_model_dir, mode, precision, options):
     from litquant.checkpoint import load_model
     from litquant.precision import quantize_modes, resolve
@@ -105,7 +110,9 @@ def test_estimate_matches_measured_weight_bytes_of_each_plugin(tiny_model_dir, m
         pytest.skip(f"{quant} is not registered yet")
     model = load_model(tiny_model_dir, resolve(precision, quant, "cpu", **options), "cpu", progress=False)
     measured = sum(weight_bytes_by_dtype(model).values())
-    est = weight_bytes(model.config, mode, precision, quantize_lm_head=options.get("quantize_lm_head", False))["bytes"]
+    est = weight_bytes(
+        model.config, mode, precision, quantize_lm_head=options.get("quantize_lm_head", False)
+    )["bytes"]
     assert abs(est - measured) / measured < 0.02, (est, measured)
 
 
@@ -122,7 +129,9 @@ def test_estimate_matches_measured_gptq_int4(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt")  # GPTQ's cost grows with the width: the smallest config
     calib = tmp_path / "calib.txt"
     calib.write_text(SAMPLE_TEXT)
-    quantize_gptq(ckpt, bits=4, group_size=64, n_samples=2, seq_len=32, accelerator="cpu", calibration_data=calib)
+    quantize_gptq(
+        ckpt, bits=4, group_size=64, n_samples=2, seq_len=32, accelerator="cpu", calibration_data=calib
+    )
     model = load_model(ckpt, resolve("bf16-true", "gptq.int4", "cpu"), "cpu", progress=False)
     measured = sum(weight_bytes_by_dtype(model).values())
     est = weight_bytes(model.config, "gptq.int4", "bf16-true", gptq_group_size=64)["bytes"]
@@ -138,7 +147,12 @@ def test_random_init_model_matches_estimate():
     config = Config.from_name("tiny-pythia-test")  # biases, LayerNorm, GptNeoxMLP: the other code paths
     from litquant.precision import quantize_modes
 
-    modes = [("32-true", "32-true"), ("bnb.nf4-dq", "bf16-true"), ("bnb.int8", "32-true"), ("gptq.int4", "bf16-true")]
+    modes = [
+        ("32-true", "32-true"),
+        ("bnb.nf4-dq", "bf16-true"),
+        ("bnb.int8", "32-true"),
+        ("gptq.int4", "bf16-true"),
+    ]
     for mode, prec in modes:
         if mode != prec and mode not in quantize_modes():
             continue
@@ -165,17 +179,35 @@ def test_lora_finetune_state():
     # same adapters and activations; the base weights make the difference
     assert lora[0]["lora_state_bytes"] == qlora[0]["lora_state_bytes"] == 4 * 2 * 32 * 8 * per_layer
     assert lora[0]["activation_bytes"] == qlora[0]["activation_bytes"]
-    assert lora[0]["total_bytes"] - qlora[0]["total_bytes"] == lora[0]["weight_bytes"] - qlora[0]["weight_bytes"]
+    assert (
+        lora[0]["total_bytes"] - qlora[0]["total_bytes"] == lora[0]["weight_bytes"] - qlora[0]["weight_bytes"]
+    )
     assert "T4 16GB" in qlora[0]["fits"] and "T4 16GB" not in lora[0]["fits"]
 
 
 def test_cli_prints_table_and_writes_json(tmp_path):
     out = tmp_path / "est.json"
-    p = run_cli("estimate", "--model_name", "meta-llama/Llama-2-7b-hf", "--context_length", "2048",
-                "--out_file", str(out))
+    p = run_cli(
+        "estimate",
+        "--model_name",
+        "meta-llama/Llama-2-7b-hf",
+        "--context_length",
+        "2048",
+        "--out_file",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    for mode in ("32-true", "bf16-true", "bnb.int8", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "gptq.int4"):
+    for mode in (
+        "32-true",
+        "bf16-true",
+        "bnb.int8",
+        "bnb.nf4",
+        "bnb.nf4-dq",
+        "bnb.fp4",
+        "bnb.fp4-dq",
+        "gptq.int4",
+    ):
         assert any(l.startswith(mode + " ") for l in lines), mode
     bf16_line = next(l for l in lines if l.startswith("bf16-true "))
     assert "13.48 GB" in bf16_line and "T4 16GB and larger" in bf16_line
@@ -194,24 +226,39 @@ def test_checkpoint_dir_reads_config_and_gptq_settings(tiny_model_dir, tmp_path,
     (ckpt / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32}))
     res = main(checkpoint_dir=ckpt, modes="gptq.int4", precision="32-true", context_length=64)
     config = Config.from_checkpoint(ckpt)
-    assert res["rows"][0]["weight_bytes"] == weight_bytes(config, "gptq.int4", "32-true", gptq_group_size=32)["bytes"]
-    assert res["rows"][0]["weight_bytes"] != weight_bytes(config, "gptq.int4", "32-true", gptq_group_size=128)["bytes"]
+    assert (
+        res["rows"][0]["weight_bytes"]
+        == weight_bytes(config, "gptq.int4", "32-true", gptq_group_size=32)["bytes"]
+    )
+    assert (
+        res["rows"][0]["weight_bytes"]
+        != weight_bytes(config, "gptq.int4", "32-true", gptq_group_size=128)["bytes"]
+    )
     assert "gptq.int4" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(model_name="Llama-9b"), "unknown model name 'Llama-9b'"),
-    (dict(), "give exactly one of --model_name or --checkpoint_dir"),
-    (dict(model_name="Llama-2-7b-hf", checkpoint_dir=Path("x")), "give exactly one of"),
-    (dict(model_name="Llama-2-7b-hf", modes="bnb.nf5"), "cannot estimate mode 'bnb.nf5'"),
-    (dict(model_name="Llama-2-7b-hf", finetune="dora"), "unknown --finetune 'dora'"),
-    (dict(model_name="Llama-2-7b-hf", precision="fp8"), "unknown --precision 'fp8'"),
-    (dict(model_name="Llama-2-7b-hf", batch_size=0), "must be at least 1"),
-    (dict(checkpoint_dir=Path("/no/such/dir")), "does not exist"),
-    (dict(model_name="Llama-2-7b-hf", gptq_group_size=0), "--gptq_group_size must be a positive integer or -1"),
-    (dict(model_name="Llama-2-7b-hf", gptq_group_size=-64), "--gptq_group_size must be a positive integer or -1"),
-    (dict(model_name="Llama-2-7b-hf", modes="bnb.nf4", gptq_group_size=0), "--gptq_group_size must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(model_name="Llama-9b"), "unknown model name 'Llama-9b'"),
+        (dict(), "give exactly one of --model_name or --checkpoint_dir"),
+        (dict(model_name="Llama-2-7b-hf", checkpoint_dir=Path("x")), "give exactly one of"),
+        (dict(model_name="Llama-2-7b-hf", modes="bnb.nf5"), "cannot estimate mode 'bnb.nf5'"),
+        (dict(model_name="Llama-2-7b-hf", finetune="dora"), "unknown --finetune 'dora'"),
+        (dict(model_name="Llama-2-7b-hf", precision="fp8"), "unknown --precision 'fp8'"),
+        (dict(model_name="Llama-2-7b-hf", batch_size=0), "must be at least 1"),
+        (dict(checkpoint_dir=Path("/no/such/dir")), "does not exist"),
+        (
+            dict(model_name="Llama-2-7b-hf", gptq_group_size=0),
+            "--gptq_group_size must be a positive integer or -1",
+        ),
+        (
+            dict(model_name="Llama-2-7b-hf", gptq_group_size=-64),
+            "--gptq_group_size must be a positive integer or -1",
+        ),
+        (dict(model_name="Llama-2-7b-hf", modes="bnb.nf4", gptq_group_size=0), "--gptq_group_size must be"),
+    ],
+)
 def test_bad_input_is_a_user_error(kwargs, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         main(**kwargs)
@@ -219,16 +266,21 @@ def test_bad_input_is_a_user_error(kwargs, message):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("mode,precision",
-                         [("bf16-true", "bf16-true"), ("bnb.nf4", "bf16-true"), ("bnb.int8", "bf16-true")])
+@pytest.mark.parametrize(
+    "mode,precision", [("bf16-true", "bf16-true"), ("bnb.nf4", "bf16-true"), ("bnb.int8", "bf16-true")]
+)
 def test_estimate_matches_cuda_allocated_memory(tiny_model_dir, mode, precision):
     from litquant.checkpoint import load_model
     from litquant.precision import resolve
 
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
-    model = load_model(tiny_model_dir, resolve(precision, None if mode == precision else mode, "cuda"), "cuda",
-                       progress=False)
+    model = load_model(
+        tiny_model_dir,
+        resolve(precision, None if mode == precision else mode, "cuda"),
+        "cuda",
+        progress=False,
+    )
     allocated = torch.cuda.memory_allocated() - before
     est = weight_bytes(model.config, mode, precision)["bytes"]
     # the caching allocator rounds each tensor up to 512 bytes: allow that per tensor
@@ -236,13 +288,16 @@ def test_estimate_matches_cuda_allocated_memory(tiny_model_dir, mode, precision)
     assert est <= allocated <= est * 1.02 + 512 * n_tensors
 
 
-@pytest.mark.parametrize("qc,message", [
-    ({"bits": 5, "group_size": 128}, r"GPTQ bits must be one of \(2, 3, 4, 8\), got 5"),
-    ({"bits": "4", "group_size": 128}, "GPTQ bits must be one of"),
-    ({"bits": 4, "group_size": 0}, "group_size must be a positive integer or -1, got 0"),
-    ({"bits": 4}, "group_size must be a positive integer or -1, got None"),
-    ([4, 128], "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "qc,message",
+    [
+        ({"bits": 5, "group_size": 128}, r"GPTQ bits must be one of \(2, 3, 4, 8\), got 5"),
+        ({"bits": "4", "group_size": 128}, "GPTQ bits must be one of"),
+        ({"bits": 4, "group_size": 0}, "group_size must be a positive integer or -1, got 0"),
+        ({"bits": 4}, "group_size must be a positive integer or -1, got None"),
+        ([4, 128], "expected a JSON object"),
+    ],
+)
 def test_bad_quantize_config_is_a_user_error(tiny_model_dir, tmp_path, qc, message):
     import shutil
 
@@ -275,8 +330,14 @@ def test_gptq_file_bytes_match_packed_tensors(bits, group_size):
 
     in_f, out_f = 256, 96
     groups = num_groups(in_f, group_size)
-    t = pack(torch.randint(0, 2**bits, (out_f, in_f), dtype=torch.int32),
-             torch.randint(1, 2**bits + 1, (groups, out_f), dtype=torch.int32),
-             torch.rand(groups, out_f, dtype=torch.float16), default_g_idx(in_f, group_size), bits)
-    stored = sum(v.numel() * v.element_size() for k, v in t.items() if k in ("qweight", "qzeros", "scales", "g_idx"))
+    t = pack(
+        torch.randint(0, 2**bits, (out_f, in_f), dtype=torch.int32),
+        torch.randint(1, 2**bits + 1, (groups, out_f), dtype=torch.int32),
+        torch.rand(groups, out_f, dtype=torch.float16),
+        default_g_idx(in_f, group_size),
+        bits,
+    )
+    stored = sum(
+        v.numel() * v.element_size() for k, v in t.items() if k in ("qweight", "qzeros", "scales", "g_idx")
+    )
     assert get_mode(f"gptq.int{bits}").linear_bytes(in_f, out_f, group_size, runtime=False) == stored

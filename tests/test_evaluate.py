@@ -44,7 +44,7 @@ def _reference_ppl(ckpt: Path, text: str, window: int, stride: int, max_tokens: 
     logprob = {}  # target position -> log p(token | its window's prefix)
     with torch.no_grad():
         for s in starts:
-            lp = F.log_softmax(model(ids[s:s + window][None]).float()[0], dim=-1)  # (window, V)
+            lp = F.log_softmax(model(ids[s : s + window][None]).float()[0], dim=-1)  # (window, V)
             for j in range(window - 1):
                 p = s + 1 + j
                 logprob.setdefault(p, lp[j, ids[p]].item())
@@ -55,11 +55,23 @@ def _reference_ppl(ckpt: Path, text: str, window: int, stride: int, max_tokens: 
 @pytest.mark.parametrize("stride,max_tokens", [(WINDOW, 4 * WINDOW), (WINDOW // 2, 5 * WINDOW + 7)])
 def test_perplexity_equals_direct_computation(ckpt, text_file, tmp_path, stride, max_tokens):
     out = tmp_path / "ppl.json"
-    res = main(ckpt, data_path=text_file, window=WINDOW, stride=stride, max_tokens=max_tokens, accelerator="cpu",
-               precision="32-true", out_file=out)
+    res = main(
+        ckpt,
+        data_path=text_file,
+        window=WINDOW,
+        stride=stride,
+        max_tokens=max_tokens,
+        accelerator="cpu",
+        precision="32-true",
+        out_file=out,
+    )
     ref, count = _reference_ppl(ckpt, text_file.read_text(), WINDOW, stride, max_tokens)
     # no overlap: every window but its first token; overlap (and a last window aligned to the end): all but token 0
-    assert res["tokens_scored"] == count == (max_tokens - max_tokens // WINDOW if stride == WINDOW else max_tokens - 1)
+    assert (
+        res["tokens_scored"]
+        == count
+        == (max_tokens - max_tokens // WINDOW if stride == WINDOW else max_tokens - 1)
+    )
     assert math.isclose(res["perplexity"], ref, rel_tol=1e-5)
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(res))
@@ -85,7 +97,7 @@ def test_precisions_and_quantized_modes(ckpt, text_file):
 
 
 def test_json_records_give_the_same_perplexity_as_the_text_they_hold(ckpt, tmp_path):
-    docs = [SAMPLE_TEXT[i:i + 700] for i in range(0, 2800, 700)]
+    docs = [SAMPLE_TEXT[i : i + 700] for i in range(0, 2800, 700)]
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)) + "\n")
     as_list = tmp_path / "data.json"
@@ -115,13 +127,17 @@ def test_lora_adapter_matches_hand_merged_weights(ckpt, text_file, tmp_path):
     with open_safetensors(ckpt / "lit_model.safetensors") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     for key in {k.rpartition(".")[0] for k in tensors}:
-        state[f"{key}.weight"] = state[f"{key}.weight"] + tensors[f"{key}.lora_B"] @ tensors[f"{key}.lora_A"] * 2.0
+        state[f"{key}.weight"] = (
+            state[f"{key}.weight"] + tensors[f"{key}.lora_B"] @ tensors[f"{key}.lora_A"] * 2.0
+        )
     merged = tmp_path / "merged"
     import shutil
 
     shutil.copytree(ckpt, merged, ignore=shutil.ignore_patterns("lit_model*"))
     save_checkpoint(state, load_model(ckpt, progress=False).config, merged)
-    kw = dict(data_path=text_file, window=WINDOW, max_tokens=4 * WINDOW, accelerator="cpu", precision="32-true")
+    kw = dict(
+        data_path=text_file, window=WINDOW, max_tokens=4 * WINDOW, accelerator="cpu", precision="32-true"
+    )
     with_adapter = main(ckpt, lora_path=adapter, **kw)
     base = main(ckpt, **kw)
     assert math.isclose(with_adapter["perplexity"], main(merged, **kw)["perplexity"], rel_tol=1e-4)
@@ -131,8 +147,21 @@ def test_lora_adapter_matches_hand_merged_weights(ckpt, text_file, tmp_path):
 
 def test_cli_default_dataset_prints_and_writes(ckpt, tmp_path):
     out = tmp_path / "out.json"
-    p = run_cli("evaluate", "--checkpoint_dir", str(ckpt), "--max_tokens", "200", "--window", "48",
-                "--stride", "24", "--accelerator", "cpu", "--out_file", str(out))
+    p = run_cli(
+        "evaluate",
+        "--checkpoint_dir",
+        str(ckpt),
+        "--max_tokens",
+        "200",
+        "--window",
+        "48",
+        "--stride",
+        "24",
+        "--accelerator",
+        "cpu",
+        "--out_file",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr
     data = json.loads(out.read_text())
     assert data["dataset"].startswith("bundled held-out split")
@@ -187,15 +216,19 @@ def test_load_text_default_is_the_heldout_split():
 BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "litquant-tiny"
 
 
-@pytest.mark.skipif(not (BUNDLED / "lit_model.safetensors").is_file(), reason="the bundled model is not there")
+@pytest.mark.skipif(
+    not (BUNDLED / "lit_model.safetensors").is_file(), reason="the bundled model is not there"
+)
 def test_bundled_model_quantization_costs_little_perplexity():
     """On the trained bundled model: 8 bits ~ lossless, 4 bits a little worse, NF4 better than FP4 (QLoRA)."""
     from litquant.precision import quantize_modes
 
     if not {"bnb.nf4", "bnb.fp4", "bnb.int8"} <= set(quantize_modes()):
         pytest.skip("bnb modes are not registered")
-    ppl = {q: main(BUNDLED, precision="32-true", quantize=q, max_tokens=1024, accelerator="cpu")["perplexity"]
-           for q in (None, "bnb.int8", "bnb.nf4", "bnb.fp4")}
+    ppl = {
+        q: main(BUNDLED, precision="32-true", quantize=q, max_tokens=1024, accelerator="cpu")["perplexity"]
+        for q in (None, "bnb.int8", "bnb.nf4", "bnb.fp4")
+    }
     fp32 = ppl[None]
     assert all(math.isfinite(v) for v in ppl.values())
     assert abs(ppl["bnb.int8"] / fp32 - 1) < 0.005

@@ -84,10 +84,21 @@ def small(tmp_path_factory):
 
 def _small_kwargs(ckpt, data, out_dir, steps=6, **train):
     return dict(
-        checkpoint_dir=ckpt, out_dir=out_dir, accelerator="cpu", precision="32-true", lora_dropout=0.1, lora_mlp=True,
+        checkpoint_dir=ckpt,
+        out_dir=out_dir,
+        accelerator="cpu",
+        precision="32-true",
+        lora_dropout=0.1,
+        lora_mlp=True,
         data=DataArgs(path=data, prompt_style="default", max_seq_length=64),
-        train=TrainArgs(global_batch_size=8, micro_batch_size=4, max_steps=steps, learning_rate=0.02,
-                        lr_warmup_steps=2, **train),
+        train=TrainArgs(
+            global_batch_size=8,
+            micro_batch_size=4,
+            max_steps=steps,
+            learning_rate=0.02,
+            lr_warmup_steps=2,
+            **train,
+        ),
         eval=EvalArgs(interval=3, max_iters=2, sample_max_new_tokens=4),
     )
 
@@ -154,21 +165,38 @@ def test_prompt_masking_truncation_and_collate(tiny_checkpoint):
 
     x, y = collate([cut, enc], pad_id=tok.eos_id)
     assert x.shape == y.shape == (2, enc.input_ids.numel())
-    assert (y[0, n + 2:] == IGNORE_INDEX).all() and (x[0, n + 2:] == tok.eos_id).all()
+    assert (y[0, n + 2 :] == IGNORE_INDEX).all() and (x[0, n + 2 :] == tok.eos_id).all()
 
 
 def test_batch_layout_gives_every_device_count_the_same_global_batch():
     def run(world: int) -> RunSpec:
-        return RunSpec(kind="lora", checkpoint_dir=Path("."), out_dir=Path("."), precision=None, quantize=None,
-                       devices=world, num_nodes=1, strategy="auto", accelerator="cpu", data=DataArgs(seed=5),
-                       train=TrainArgs(global_batch_size=8, micro_batch_size=2), eval=EvalArgs(), optimizer="AdamW",
-                       logger="csv", resume=False, seed=0, hparams={})
+        return RunSpec(
+            kind="lora",
+            checkpoint_dir=Path("."),
+            out_dir=Path("."),
+            precision=None,
+            quantize=None,
+            devices=world,
+            num_nodes=1,
+            strategy="auto",
+            accelerator="cpu",
+            data=DataArgs(seed=5),
+            train=TrainArgs(global_batch_size=8, micro_batch_size=2),
+            eval=EvalArgs(),
+            optimizer="AdamW",
+            logger="csv",
+            resume=False,
+            seed=0,
+            hparams={},
+        )
 
     n = 50  # 6 steps per epoch, 2 examples left over
     for step in (0, 5, 6, 13):
         one = train_batch_indices(n, step, run(1), 0)  # 4 micro-batches of accumulation
         assert len(one) == 4 and all(len(b) == 2 for b in one)
-        four = [b for r in range(4) for b in train_batch_indices(n, step, run(4), r)]  # 1 micro-batch per rank
+        four = [
+            b for r in range(4) for b in train_batch_indices(n, step, run(4), r)
+        ]  # 1 micro-batch per rank
         two = [b for r in range(2) for b in train_batch_indices(n, step, run(2), r)]
         assert one == two == four  # the same micro-batches, in the same order
     epoch0 = [i for s in range(6) for b in train_batch_indices(n, s, run(1), 0) for i in b]
@@ -192,7 +220,12 @@ def test_bundled_task_file_is_reproducible_and_correct():
     assert committed == generate_bundled_task()  # the committed file is what the seeded generator makes
     assert len({(r["instruction"], r["input"]) for r in committed}) == len(committed)  # no duplicates
     kinds = [task_kind(r) for r in committed]
-    assert {k: kinds.count(k) for k in set(kinds)} == {"func": 750, "call": 750, "import": 750, "attribute": 750}
+    assert {k: kinds.count(k) for k in set(kinds)} == {
+        "func": 750,
+        "call": 750,
+        "import": 750,
+        "attribute": 750,
+    }
     ops = {"sum": "+", "difference": "-", "product": "*", "quotient": "/", "remainder": "%"}
     for r in committed[:400]:
         w = r["instruction"].rstrip(".").split()
@@ -222,11 +255,17 @@ def bundled_qlora(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("bundled") / "qlora"
     cfg = yaml.safe_load(QLORA_YAML.read_text())
     train = {**cfg["train"], "max_steps": 100, "save_interval": None}
-    ev = {**cfg["eval"], "interval": 1000, "initial_validation": True, "exact_match_examples": 60,
-          "sample_max_new_tokens": 0}
+    ev = {
+        **cfg["eval"],
+        "interval": 1000,
+        "initial_validation": True,
+        "exact_match_examples": 60,
+        "sample_max_new_tokens": 0,
+    }
     kwargs = {k: v for k, v in cfg.items() if k not in ("train", "eval", "data", "out_dir")}
-    metrics = lora(**kwargs, out_dir=out_dir, data=DataArgs(**cfg["data"]), train=TrainArgs(**train),
-                    eval=EvalArgs(**ev))
+    metrics = lora(
+        **kwargs, out_dir=out_dir, data=DataArgs(**cfg["data"]), train=TrainArgs(**train), eval=EvalArgs(**ev)
+    )
     return out_dir, metrics, cfg
 
 
@@ -236,7 +275,9 @@ def test_qlora_on_the_bundled_model_learns_the_bundled_task(bundled_qlora):
     assert cfg["quantize"].startswith("bnb.")  # it is QLoRA: a 4-bit frozen base
     assert m["val_loss"] < m["val_loss_before"] - 1.0, m
     assert m["exact_match_before"] <= 0.05  # the base model cannot do it ...
-    assert m["exact_match"] >= m["exact_match_before"] + 0.2, m  # ... after 100 steps it often can (held-out examples;
+    assert m["exact_match"] >= m["exact_match_before"] + 0.2, (
+        m
+    )  # ... after 100 steps it often can (held-out examples;
     # the full 300-step config reaches ~0.8)
     assert (out_dir / LORA_FILE).is_file()
 
@@ -245,14 +286,25 @@ def test_qlora_on_the_bundled_model_learns_the_bundled_task(bundled_qlora):
 
 
 def test_config_file_with_cli_overrides_and_print_config(tmp_path):
-    out = run_cli("finetune", "lora", "--config", str(QLORA_YAML), "--train.max_steps", "7", "--lora_r", "2",
-                  "--print_config")
+    out = run_cli(
+        "finetune",
+        "lora",
+        "--config",
+        str(QLORA_YAML),
+        "--train.max_steps",
+        "7",
+        "--lora_r",
+        "2",
+        "--print_config",
+    )
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     file_cfg = yaml.safe_load(QLORA_YAML.read_text())
     assert printed["train"]["max_steps"] == 7 and printed["lora_r"] == 2  # flags win over the file
     assert printed["quantize"] == file_cfg["quantize"]
-    assert printed["train"]["micro_batch_size"] == file_cfg["train"]["micro_batch_size"]  # the file over defaults
+    assert (
+        printed["train"]["micro_batch_size"] == file_cfg["train"]["micro_batch_size"]
+    )  # the file over defaults
     assert {"data", "train", "eval", "optimizer", "resume", "lora_alpha"} <= set(printed)  # complete
     # the printed YAML is itself a valid config
     (tmp_path / "printed.yaml").write_text(out.stdout)
@@ -260,17 +312,25 @@ def test_config_file_with_cli_overrides_and_print_config(tmp_path):
     assert again.returncode == 0 and yaml.safe_load(again.stdout) == printed
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--train.max_stepz", "3"], "max_stepz"),
-    (["--lora_r", "two"], 'Parser key "lora_r"'),
-    (["--config", "BAD_KEY_YAML"], "does not accept option 'max_step'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--train.max_stepz", "3"], "max_stepz"),
+        (["--lora_r", "two"], 'Parser key "lora_r"'),
+        (["--config", "BAD_KEY_YAML"], "does not accept option 'max_step'"),
+    ],
+)
 def test_bad_flags_and_config_keys_are_one_clear_line(tmp_path, args, message):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora_r: 4\ntrain:\n  max_step: 3\n")
     args = [str(bad) if a == "BAD_KEY_YAML" else a for a in args]
-    proc = subprocess.run([sys.executable, str(REPO / "finetune" / "lora.py"), *args], capture_output=True, text=True,
-                          timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "finetune" / "lora.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
@@ -292,16 +352,20 @@ def test_bad_run_settings_are_user_errors(small, tmp_path):
     with pytest.raises(UserError, match="unknown --optimizer"):
         lora(**kw, optimizer="SGD")
     # optimizer and evaluation values outside their range: caught before anything loads
-    for train, message in [(dict(beta2=1.0), r"--train.beta1 and --train.beta2 must be in \[0, 1\)"),
-                           (dict(beta1=-0.1), r"--train.beta1 and --train.beta2 must be in \[0, 1\)"),
-                           (dict(weight_decay=-0.01), "--train.weight_decay must be at least 0"),
-                           (dict(max_norm=0.0), "--train.max_norm must be positive"),
-                           (dict(lr_warmup_steps=-1), "--train.lr_warmup_steps must be at least 0")]:
+    for train, message in [
+        (dict(beta2=1.0), r"--train.beta1 and --train.beta2 must be in \[0, 1\)"),
+        (dict(beta1=-0.1), r"--train.beta1 and --train.beta2 must be in \[0, 1\)"),
+        (dict(weight_decay=-0.01), "--train.weight_decay must be at least 0"),
+        (dict(max_norm=0.0), "--train.max_norm must be positive"),
+        (dict(lr_warmup_steps=-1), "--train.lr_warmup_steps must be at least 0"),
+    ]:
         with pytest.raises(UserError, match=message):
             lora(**{**kw, "train": TrainArgs(global_batch_size=8, micro_batch_size=4, **train)})
     with pytest.raises(UserError, match="--eval.max_iters must be at least 1"):
         lora(**{**kw, "eval": EvalArgs(max_iters=0)})
-    with pytest.raises(UserError, match="--eval.exact_match_examples and --eval.sample_max_new_tokens must be at"):
+    with pytest.raises(
+        UserError, match="--eval.exact_match_examples and --eval.sample_max_new_tokens must be at"
+    ):
         lora(**{**kw, "eval": EvalArgs(exact_match_examples=-1)})
 
 
@@ -317,26 +381,67 @@ def _csv_metrics(out_dir: Path) -> list[dict]:
 
 
 def _cli_args(ckpt, data, out_dir, steps, save_interval):
-    return ["--checkpoint_dir", str(ckpt), "--out_dir", str(out_dir), "--accelerator", "cpu", "--precision", "32-true",
-            "--lora_dropout", "0.1", "--lora_mlp", "true", "--data.path", str(data), "--data.prompt_style", "default",
-            "--data.max_seq_length", "64", "--train.global_batch_size", "8", "--train.micro_batch_size", "4",
-            "--train.max_steps", str(steps), "--train.learning_rate", "0.02", "--train.lr_warmup_steps", "2",
-            "--train.save_interval", str(save_interval), "--eval.interval", "1000", "--eval.max_iters", "2",
-            "--eval.sample_max_new_tokens", "0"]
+    return [
+        "--checkpoint_dir",
+        str(ckpt),
+        "--out_dir",
+        str(out_dir),
+        "--accelerator",
+        "cpu",
+        "--precision",
+        "32-true",
+        "--lora_dropout",
+        "0.1",
+        "--lora_mlp",
+        "true",
+        "--data.path",
+        str(data),
+        "--data.prompt_style",
+        "default",
+        "--data.max_seq_length",
+        "64",
+        "--train.global_batch_size",
+        "8",
+        "--train.micro_batch_size",
+        "4",
+        "--train.max_steps",
+        str(steps),
+        "--train.learning_rate",
+        "0.02",
+        "--train.lr_warmup_steps",
+        "2",
+        "--train.save_interval",
+        str(save_interval),
+        "--eval.interval",
+        "1000",
+        "--eval.max_iters",
+        "2",
+        "--eval.sample_max_new_tokens",
+        "0",
+    ]
 
 
 @pytest.mark.slow
 def test_resume_after_kill_continues_the_same_loss_curve(small, tmp_path):
     root, ckpt, data = small
     steps = 40
-    ref = lora(**{**_small_kwargs(ckpt, data, tmp_path / "ref", steps=steps),
-                   "eval": EvalArgs(interval=1000, max_iters=2, sample_max_new_tokens=0)})
+    ref = lora(
+        **{
+            **_small_kwargs(ckpt, data, tmp_path / "ref", steps=steps),
+            "eval": EvalArgs(interval=1000, max_iters=2, sample_max_new_tokens=0),
+        }
+    )
 
     out_dir = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "litquant.cli", "finetune", "lora",
-                             *_cli_args(ckpt, data, out_dir, steps, 4)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "litquant.cli", "finetune", "lora", *_cli_args(ckpt, data, out_dir, steps, 4)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not (out_dir / "step-000008").is_dir() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -347,8 +452,14 @@ def test_resume_after_kill_continues_the_same_loss_curve(small, tmp_path):
     assert "step-000008" in saved and all((out_dir / s / "train_state.safetensors").is_file() for s in saved)
     latest = int(saved[-1][5:])
 
-    res = run_cli("finetune", "lora", *_cli_args(ckpt, data, out_dir, steps, 4), "--resume", "true",
-                  env={"OMP_NUM_THREADS": "1"})
+    res = run_cli(
+        "finetune",
+        "lora",
+        *_cli_args(ckpt, data, out_dir, steps, 4),
+        "--resume",
+        "true",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"Resuming from {out_dir / saved[-1]} at step {latest}" in res.stdout + res.stderr
     resumed = json.loads((out_dir / "metrics.json").read_text())
@@ -384,8 +495,10 @@ def test_resume_after_kill_continues_the_same_loss_curve(small, tmp_path):
     assert hp["train"]["max_steps"] == steps and hp["lora_mlp"] is True and hp["resume"] is True
 
 
-@pytest.mark.parametrize("value,parsed", [("true", True), ("false", False), ("auto", "auto"),
-                                          ("out/run/step-000004", "out/run/step-000004")])
+@pytest.mark.parametrize(
+    "value,parsed",
+    [("true", True), ("false", False), ("auto", "auto"), ("out/run/step-000004", "out/run/step-000004")],
+)
 def test_resume_flag_parses_true_false_auto_and_a_path(value, parsed, capsys):
     from litquant.cli import main as cli
 
@@ -410,18 +523,23 @@ def test_resume_true_without_a_checkpoint_is_one_line_naming_out_dir(small, tmp_
 def test_resume_auto_starts_from_scratch_then_continues_the_latest_checkpoint(small, tmp_path, capsys):
     root, ckpt, data = small
     out_dir = tmp_path / "auto"
-    kw = {**_small_kwargs(ckpt, data, out_dir, steps=4, save_interval=2),
-          "eval": EvalArgs(interval=1000, max_iters=1, sample_max_new_tokens=0)}
+    kw = {
+        **_small_kwargs(ckpt, data, out_dir, steps=4, save_interval=2),
+        "eval": EvalArgs(interval=1000, max_iters=1, sample_max_new_tokens=0),
+    }
     first = lora(**kw, resume="auto")
     out = capsys.readouterr().out
-    assert f"--resume auto: no checkpoint in {out_dir}, starting from scratch" in out and "Resuming" not in out
+    assert (
+        f"--resume auto: no checkpoint in {out_dir}, starting from scratch" in out and "Resuming" not in out
+    )
     assert first["start_step"] == 0 and (out_dir / "step-000002").is_dir()
     again = lora(**kw, resume="auto")
     out = capsys.readouterr().out
     assert f"Resuming from {out_dir / 'step-000002'} at step 2" in out and "--resume auto" not in out
     assert again["start_step"] == 2 and [s for s, _ in again["train_losses"]] == [3, 4]
-    assert [v for _, v in again["train_losses"]] == pytest.approx([v for _, v in first["train_losses"][2:]],
-                                                                 rel=1e-5, abs=1e-6)
+    assert [v for _, v in again["train_losses"]] == pytest.approx(
+        [v for _, v in first["train_losses"][2:]], rel=1e-5, abs=1e-6
+    )
 
 
 def test_bnb_optimizer_state_is_checkpointed_and_paged_falls_back_on_cpu(small, tmp_path, capsys):
@@ -434,9 +552,14 @@ def test_bnb_optimizer_state_is_checkpointed_and_paged_falls_back_on_cpu(small, 
     with safe_open(str(tmp_path / "opt" / "step-000002" / "train_state.safetensors"), "pt") as f:
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
     a_state = "optimizer/state/transformer.h.0.attn.qkv.lora_A/__bnb_optimizer_quant_state__"
-    assert dtypes[f"{a_state}/state1"] == torch.uint8 and f"{a_state}/absmax1" in dtypes  # bnb's 8-bit Adam state
-    resumed = lora(**{**kw, "out_dir": tmp_path / "opt"}, optimizer="PagedAdamW8bit",
-                    resume=tmp_path / "opt" / "step-000002")
+    assert (
+        dtypes[f"{a_state}/state1"] == torch.uint8 and f"{a_state}/absmax1" in dtypes
+    )  # bnb's 8-bit Adam state
+    resumed = lora(
+        **{**kw, "out_dir": tmp_path / "opt"},
+        optimizer="PagedAdamW8bit",
+        resume=tmp_path / "opt" / "step-000002",
+    )
     assert [s for s, _ in resumed["train_losses"]] == [3, 4]
     assert resumed["train_losses"][-1][1] == pytest.approx(m["train_losses"][-1][1], rel=1e-5)
 
@@ -449,8 +572,10 @@ def test_resume_from_a_mismatched_or_damaged_checkpoint_is_one_clear_line(small,
     from litquant.io import save_safetensors
 
     root, ckpt, data = small
-    kw = {**_small_kwargs(ckpt, data, tmp_path / "lora", steps=4, save_interval=2),
-          "eval": EvalArgs(interval=1000, max_iters=1, sample_max_new_tokens=0)}
+    kw = {
+        **_small_kwargs(ckpt, data, tmp_path / "lora", steps=4, save_interval=2),
+        "eval": EvalArgs(interval=1000, max_iters=1, sample_max_new_tokens=0),
+    }
     lora(**kw)
     step = tmp_path / "lora" / "step-000002"
     assert (step / LORA_FILE).is_file() and (step / "train_state.safetensors").is_file()
@@ -475,20 +600,44 @@ def test_resume_from_a_mismatched_or_damaged_checkpoint_is_one_clear_line(small,
         resume(damaged("trunc-weights", lambda d: truncate(d / LORA_FILE)))
     with pytest.raises(UserError, match="train_state.safetensors is not a valid safetensors file"):
         resume(damaged("trunc-state", lambda d: truncate(d / "train_state.safetensors")))
-    with pytest.raises(UserError, match="is not a complete checkpoint: lit_model.lora.safetensors is missing"):
+    with pytest.raises(
+        UserError, match="is not a complete checkpoint: lit_model.lora.safetensors is missing"
+    ):
         resume(damaged("no-weights", lambda d: (d / LORA_FILE).unlink()))
     no_counters = {"format": "pt", "litquant_train_state": "1"}
     with pytest.raises(UserError, match="its metadata lacks valid 'counters' and 'optimizer' entries"):
-        resume(damaged("no-counters", lambda d: save_safetensors({"_empty": torch.zeros(0)},
-                                                                 d / "train_state.safetensors", metadata=no_counters)))
+        resume(
+            damaged(
+                "no-counters",
+                lambda d: save_safetensors(
+                    {"_empty": torch.zeros(0)}, d / "train_state.safetensors", metadata=no_counters
+                ),
+            )
+        )
     # these two fail after loading the model: the files are fine, they do not fit this run
-    with pytest.raises(UserError, match=r"lacks transformer\.h\.0\.attn\.proj\.lora_A.*another model or LoRA config"):
+    with pytest.raises(
+        UserError, match=r"lacks transformer\.h\.0\.attn\.proj\.lora_A.*another model or LoRA config"
+    ):
         resume(step, lora_projection=True)
-    with pytest.raises(UserError, match="holds the state of a torch.optim.adamw.AdamW optimizer.*--optimizer"):
+    with pytest.raises(
+        UserError, match="holds the state of a torch.optim.adamw.AdamW optimizer.*--optimizer"
+    ):
         resume(step, optimizer="AdamW8bit")
 
-    out = run_cli("finetune", "full", "--checkpoint_dir", str(ckpt), "--out_dir", str(tmp_path / "cli"),
-                  "--accelerator", "cpu", "--data.path", str(data), "--resume", str(step))
+    out = run_cli(
+        "finetune",
+        "full",
+        "--checkpoint_dir",
+        str(ckpt),
+        "--out_dir",
+        str(tmp_path / "cli"),
+        "--accelerator",
+        "cpu",
+        "--data.path",
+        str(data),
+        "--resume",
+        str(step),
+    )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(lines) == 1, out.stderr
     assert lines[0].startswith("error: ") and "is a checkpoint of a LoRA run" in lines[0]
@@ -507,7 +656,11 @@ def test_full_finetune_writes_a_usable_checkpoint(small, tmp_path):
     final = tmp_path / "full" / "final"
     tuned, base = load_model(final, progress=False), load_model(ckpt, progress=False)
     assert m["trainable_parameters"] == sum(p.numel() for p in base.parameters())
-    changed = [n for (n, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters()) if not torch.equal(a, b)]
+    changed = [
+        n
+        for (n, a), (_, b) in zip(tuned.named_parameters(), base.named_parameters())
+        if not torch.equal(a, b)
+    ]
     assert len(changed) == len(list(base.parameters()))  # every weight trained
     assert (final / "tokenizer.json").is_file()
     with pytest.raises(UserError, match="use `litquant finetune lora --quantize"):
@@ -537,8 +690,14 @@ def test_lora_trains_over_a_gptq_base(small, tmp_path):
     # the adapter applies on top of the same GPTQ base for generation (an inference-only load, qweight released)
     from litquant.jobs.generate import main as generate
 
-    kw = dict(checkpoint_dir=base, quantize="gptq.int4", prompt="Reverse: cat dog fish", max_new_tokens=4,
-              temperature=0.0, precision="32-true")
+    kw = dict(
+        checkpoint_dir=base,
+        quantize="gptq.int4",
+        prompt="Reverse: cat dog fish",
+        max_new_tokens=4,
+        temperature=0.0,
+        precision="32-true",
+    )
     assert generate(**kw, lora_path=tmp_path / "run") != generate(**kw)
     # merging dequantizes the GPTQ weights: the merged full-precision model computes what adapter + GPTQ base did
     from litquant.jobs.merge_lora import main as merge_lora_job
@@ -573,8 +732,13 @@ def test_pipeline_qlora_merge_gptq_generate(bundled_qlora, tmp_path):
     from litquant.jobs.generate import main as generate
 
     ex = next(e for e, a in zip(examples, answers) if a.strip() == e["output"])
-    text = generate(checkpoint_dir=merged, quantize="gptq.int4", prompt=format_prompt(style, ex), temperature=0.0,
-                    max_new_tokens=32)[0]
+    text = generate(
+        checkpoint_dir=merged,
+        quantize="gptq.int4",
+        prompt=format_prompt(style, ex),
+        temperature=0.0,
+        max_new_tokens=32,
+    )[0]
     assert text.endswith(ex["output"])
 
 
@@ -598,15 +762,22 @@ def qlora_7b_step_memory(micro_batch_size: int = 1, seq_len: int = 512, steps: i
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, Linear4bit):
-                m.quantize_(torch.randn(m.out_features, m.in_features, device=device, dtype=torch.bfloat16,
-                                        generator=g) * 0.02)
+                m.quantize_(
+                    torch.randn(
+                        m.out_features, m.in_features, device=device, dtype=torch.bfloat16, generator=g
+                    )
+                    * 0.02
+                )
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:
                 p.normal_(0, 0.02, generator=g)
-    add_lora(model, LoRAConfig(r=8, alpha=16, dropout=0.05, query=True, key=True, value=True, projection=True,
-                               mlp=True), dtype=torch.bfloat16)
+    add_lora(
+        model,
+        LoRAConfig(r=8, alpha=16, dropout=0.05, query=True, key=True, value=True, projection=True, mlp=True),
+        dtype=torch.bfloat16,
+    )
     mark_only_lora_as_trainable(model)
     model.train()
     model.max_seq_length = seq_len
@@ -617,14 +788,19 @@ def qlora_7b_step_memory(micro_batch_size: int = 1, seq_len: int = 512, steps: i
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         logits = model(x[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1)
+        )
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
-            "tokens_per_sec": micro_batch_size * seq_len / min(times[1:]), "loss": loss.item()}
+    return {
+        "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+        "tokens_per_sec": micro_batch_size * seq_len / min(times[1:]),
+        "loss": loss.item(),
+    }
 
 
 @pytest.mark.cuda

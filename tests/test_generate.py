@@ -15,8 +15,18 @@ def _timing_lines(stderr: str):
 
 
 def test_generate_cli_and_script_run_the_same_function(tiny_checkpoint):
-    args = ["--checkpoint_dir", str(tiny_checkpoint), "--prompt", "The function", "--max_new_tokens", "12",
-            "--temperature", "0", "--num_samples", "2"]
+    args = [
+        "--checkpoint_dir",
+        str(tiny_checkpoint),
+        "--prompt",
+        "The function",
+        "--max_new_tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--num_samples",
+        "2",
+    ]
     cli = run_cli("generate", *args)
     assert cli.returncode == 0, cli.stderr
     script = run_script("generate/base.py", *args)
@@ -37,24 +47,41 @@ def test_chat_reads_stdin_and_streams_replies(tiny_checkpoint):
     from conftest import REPO
 
     proc = subprocess.run(
-        [sys.executable, "-m", "litquant.cli", "chat", "--checkpoint_dir", str(tiny_checkpoint),
-         "--max_new_tokens", "8", "--temperature", "0"],
-        input="What is a list?\nAnd a tuple?\n\n", capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "litquant.cli",
+            "chat",
+            "--checkpoint_dir",
+            str(tiny_checkpoint),
+            "--max_new_tokens",
+            "8",
+            "--temperature",
+            "0",
+        ],
+        input="What is a list?\nAnd a tuple?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count(">> Reply: ") == 2
     assert len(re.findall(r"Time for inference: [\d.]+ sec total", proc.stderr)) == 2
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--checkpoint_dir", "/no/such/dir"], "checkpoint directory '/no/such/dir' does not exist"),
-    (["--precision", "fp8"], "unknown --precision 'fp8'"),
-    (["--quantize", "int3"], "unknown --quantize 'int3'; choose one of:"),
-    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
-    (["--max_new_tokens", "100000"], "exceeds the model's context"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--lora_path", "/no/such/adapter"], "LoRA adapter '/no/such/adapter' does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--checkpoint_dir", "/no/such/dir"], "checkpoint directory '/no/such/dir' does not exist"),
+        (["--precision", "fp8"], "unknown --precision 'fp8'"),
+        (["--quantize", "int3"], "unknown --quantize 'int3'; choose one of:"),
+        (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+        (["--max_new_tokens", "100000"], "exceeds the model's context"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--lora_path", "/no/such/adapter"], "LoRA adapter '/no/such/adapter' does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_and_nonzero_exit(tiny_checkpoint, args, message):
     if "--checkpoint_dir" not in args:
         args = ["--checkpoint_dir", str(tiny_checkpoint), *args]
@@ -65,11 +92,14 @@ def test_bad_input_is_one_line_and_nonzero_exit(tiny_checkpoint, args, message):
     assert len(errors) == 1 and message in errors[0], out.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
-    (["--top_p", "2"], "--top_p must be in (0, 1]"),
-    (["--prompt_style", "nope"], "nope"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
+        (["--top_p", "2"], "--top_p must be in (0, 1]"),
+        (["--prompt_style", "nope"], "nope"),
+    ],
+)
 def test_chat_bad_input_is_one_line_and_nonzero_exit(tiny_checkpoint, args, message):
     out = run_cli("chat", "--checkpoint_dir", str(tiny_checkpoint), *args)
     assert out.returncode == 1 and "Traceback" not in out.stderr
@@ -88,7 +118,9 @@ def test_bad_checkpoint_contents_are_one_line_errors(tmp_path, tiny_checkpoint):
     assert "does not match the weights" in out.stderr
     (d / "lit_model.safetensors").unlink()
     out = run_cli("generate", "--checkpoint_dir", str(d))
-    assert out.returncode == 1 and "has no lit_model.safetensors" in out.stderr and "Traceback" not in out.stderr
+    assert (
+        out.returncode == 1 and "has no lit_model.safetensors" in out.stderr and "Traceback" not in out.stderr
+    )
 
 
 def test_unknown_model_name_is_one_line_error(tmp_path):
@@ -97,8 +129,9 @@ def test_unknown_model_name_is_one_line_error(tmp_path):
     assert "unknown model name 'Llama-9'" in out.stderr
 
 
-BUNDLED = pytest.mark.skipif(not (DEFAULT_CHECKPOINT_DIR / "lit_model.safetensors").is_file(),
-                             reason="bundled model missing")
+BUNDLED = pytest.mark.skipif(
+    not (DEFAULT_CHECKPOINT_DIR / "lit_model.safetensors").is_file(), reason="bundled model missing"
+)
 
 
 @BUNDLED

@@ -274,10 +274,19 @@ def test_matches_sequential_obq_reference(bits, group_size, sym, act_order, stat
     X[:, 5] = 0  # one dead input
     H = hessian(X)
     W = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
-    ref_q, ref_scales, ref_zeros, ref_loss = obq_reference(W, H, bits, group_size, sym, 0.01, act_order, static_groups)
+    ref_q, ref_scales, ref_zeros, ref_loss = obq_reference(
+        W, H, bits, group_size, sym, 0.01, act_order, static_groups
+    )
     r = gptq_quantize(
-        W, H, bits, group_size=group_size, sym=sym, act_order=act_order, block_size=block_size,
-        static_groups=static_groups, damp_percent=0.01,
+        W,
+        H,
+        bits,
+        group_size=group_size,
+        sym=sym,
+        act_order=act_order,
+        block_size=block_size,
+        static_groups=static_groups,
+        damp_percent=0.01,
     )
     assert torch.equal(r.intweight.double(), ref_q)
     assert torch.equal(r.scales.double(), ref_scales)

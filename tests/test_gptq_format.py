@@ -90,7 +90,9 @@ def test_matches_bitstream_reference(bits):
     in_features, out_features = 2 * per, per
     intweight = torch.randint(0, 2**bits, (out_features, in_features), generator=g)
     zeros = torch.randint(1, 2**bits + 1, (1, out_features), generator=g)
-    packed = fmt.pack(intweight, zeros, torch.ones(1, out_features), torch.zeros(in_features, dtype=torch.int32), bits)
+    packed = fmt.pack(
+        intweight, zeros, torch.ones(1, out_features), torch.zeros(in_features, dtype=torch.int32), bits
+    )
     assert packed["qweight"].shape == (in_features * bits // 32, out_features)
     assert packed["qzeros"].shape == (1, out_features * bits // 32)
     for o in range(out_features):  # qweight: a column per output channel, packed along in_features
@@ -103,7 +105,11 @@ def test_qzeros_store_zero_minus_one():
     out = 8
     zeros = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 16]], dtype=torch.int32)  # 16 = 2**4 is stored as 15
     packed = fmt.pack(
-        torch.zeros(out, 8, dtype=torch.int32), zeros, torch.ones(1, out), torch.zeros(8, dtype=torch.int32), 4
+        torch.zeros(out, 8, dtype=torch.int32),
+        zeros,
+        torch.ones(1, out),
+        torch.zeros(8, dtype=torch.int32),
+        4,
     )
     assert packed["qzeros"].shape == (1, 1)
     assert packed["qzeros"][0, 0].item() == signed32(0xF6543210)
@@ -129,10 +135,15 @@ def test_round_trip_and_dequantize(bits, group_size):
     intweight = torch.randint(0, 2**bits, (out_features, in_features), generator=g).to(torch.uint8)
     zeros = torch.randint(1, 2**bits + 1, (groups, out_features), generator=g).to(torch.int32)
     scales = torch.rand(groups, out_features, generator=g) + 0.01
-    g_idx = torch.randint(0, groups, (in_features,), generator=g).to(torch.int32)  # act-order style: any order
+    g_idx = torch.randint(0, groups, (in_features,), generator=g).to(
+        torch.int32
+    )  # act-order style: any order
     packed = fmt.pack(intweight, zeros, scales, g_idx, bits)
     assert packed["scales"].dtype == torch.float16 and packed["g_idx"].dtype == torch.int32
-    assert tuple(packed["qweight"].shape) == fmt.packed_shapes(in_features, out_features, bits, group_size)["qweight"]
+    assert (
+        tuple(packed["qweight"].shape)
+        == fmt.packed_shapes(in_features, out_features, bits, group_size)["qweight"]
+    )
     assert (packed["qweight"] < 0).any()  # random data sets top bits: the signed wraparound is exercised
 
     q, z, s, gi = fmt.unpack(**packed, bits=bits)
@@ -166,7 +177,11 @@ def test_shapes_that_cannot_pack_raise():
         )
     # a file whose tensors disagree
     packed = fmt.pack(
-        torch.zeros(8, 16, dtype=torch.int32), torch.ones(1, 8), torch.ones(1, 8), torch.zeros(16, dtype=torch.int32), 4
+        torch.zeros(8, 16, dtype=torch.int32),
+        torch.ones(1, 8),
+        torch.ones(1, 8),
+        torch.zeros(16, dtype=torch.int32),
+        4,
     )
     with pytest.raises(UserError, match="qweight"):
         fmt.dequantize(packed["qweight"][:1], packed["qzeros"], packed["scales"], packed["g_idx"], 4)

@@ -42,18 +42,34 @@ def _gptq_files(d: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("interop")
-    return {"llama": make_checkpoint(root / "llama", seed=1),
-            "pythia": make_checkpoint(root / "pythia", name="tiny-pythia-test", seed=2)}
+    return {
+        "llama": make_checkpoint(root / "llama", seed=1),
+        "pythia": make_checkpoint(root / "pythia", name="tiny-pythia-test", seed=2),
+    }
 
 
-@pytest.mark.parametrize("family,bits,act_order,group_size", [
-    ("llama", 4, True, 64), ("llama", 3, False, 32), ("llama", 8, True, -1), ("llama", 2, False, 64),
-    ("pythia", 4, True, 64),
-])
+@pytest.mark.parametrize(
+    "family,bits,act_order,group_size",
+    [
+        ("llama", 4, True, 64),
+        ("llama", 3, False, 32),
+        ("llama", 8, True, -1),
+        ("llama", 2, False, 64),
+        ("pythia", 4, True, 64),
+    ],
+)
 def test_export_layout_and_exact_round_trip(checkpoints, tmp_path, family, bits, act_order, group_size):
     src = tmp_path / "q"
-    job.gptq(checkpoints[family], bits=bits, group_size=group_size, act_order=act_order, n_samples=6, seq_len=32,
-             output_dir=src, **QUIET)
+    job.gptq(
+        checkpoints[family],
+        bits=bits,
+        group_size=group_size,
+        act_order=act_order,
+        n_samples=6,
+        seq_len=32,
+        output_dir=src,
+        **QUIET,
+    )
     hf = tmp_path / "hf"
     convert_lit_checkpoint(src, hf, quantize=f"gptq.int{bits}")
 
@@ -64,23 +80,42 @@ def test_export_layout_and_exact_round_trip(checkpoints, tmp_path, family, bits,
     assert (hf / "tokenizer.json").is_file()
 
     ours, theirs = _gptq_files(src), load_file(hf / "model.safetensors")
-    deq = lambda sd, m: fmt.dequantize(sd[f"{m}.qweight"], sd[f"{m}.qzeros"], sd[f"{m}.scales"],  # noqa: E731
-                                       sd[f"{m}.g_idx"], bits)
+
+    def deq(sd, m):
+        return fmt.dequantize(
+            sd[f"{m}.qweight"], sd[f"{m}.qzeros"], sd[f"{m}.scales"], sd[f"{m}.g_idx"], bits
+        )
+
     if family == "llama":
         attn = "model.layers.{}.self_attn.{}_proj"
-        linears = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                   "mlp.up_proj", "mlp.down_proj"]
-        names = {f"model.layers.{i}.{l}.{a}" for i in range(2) for l in linears
-                 for a in ("qweight", "qzeros", "scales", "g_idx")}
+        linears = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+        names = {
+            f"model.layers.{i}.{l}.{a}"
+            for i in range(2)
+            for l in linears
+            for a in ("qweight", "qzeros", "scales", "g_idx")
+        }
         assert names <= set(theirs)
-        assert not any(k.endswith(".weight") and "proj" in k for k in theirs)  # no dense copy of a quantized layer
+        assert not any(
+            k.endswith(".weight") and "proj" in k for k in theirs
+        )  # no dense copy of a quantized layer
         for i in range(2):  # q/k/v are the rows of our fused layer, weight for weight
             fused = deq(ours, f"transformer.h.{i}.attn.qkv")
             pieces = [deq(theirs, attn.format(i, p)) for p in "qkv"]
             assert [p.shape[0] for p in pieces] == [128, 64, 64]
             assert torch.equal(torch.cat(pieces), fused)
-            assert all(torch.equal(theirs[attn.format(i, p) + ".g_idx"], ours[f"transformer.h.{i}.attn.qkv.g_idx"])
-                       for p in "qkv")
+            assert all(
+                torch.equal(theirs[attn.format(i, p) + ".g_idx"], ours[f"transformer.h.{i}.attn.qkv.g_idx"])
+                for p in "qkv"
+            )
     else:  # GPT-NeoX: one fused query_key_value, rows interleaved per head as [q, k, v]
         from litquant.config import Config
         from litquant.hf.weights import interleave_qkv
@@ -113,24 +148,51 @@ def test_export_errors(checkpoints, tmp_path):
 
 
 def _llama_cfg():
-    return T.LlamaConfig(vocab_size=96, num_hidden_layers=2, max_position_embeddings=64, hidden_size=64,
-                         intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5)
+    return T.LlamaConfig(
+        vocab_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+    )
 
 
 def _neox_cfg():
-    return T.GPTNeoXConfig(vocab_size=96, num_hidden_layers=2, max_position_embeddings=64, hidden_size=64,
-                           intermediate_size=256, num_attention_heads=4, rotary_pct=0.25)
+    return T.GPTNeoXConfig(
+        vocab_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=256,
+        num_attention_heads=4,
+        rotary_pct=0.25,
+    )
 
 
-def make_hf_gptq(d: Path, cfg, bits: int = 4, group_size: int = 32, act_order: bool = True, v2: bool = False,
-                 g_idx: bool = True, zero_bias: bool = False, seed: int = 0) -> torch.nn.Module:
+def make_hf_gptq(
+    d: Path,
+    cfg,
+    bits: int = 4,
+    group_size: int = 32,
+    act_order: bool = True,
+    v2: bool = False,
+    g_idx: bool = True,
+    zero_bias: bool = False,
+    seed: int = 0,
+) -> torch.nn.Module:
     """An AutoGPTQ-layout HF directory with random codes per layer; returns the HF model holding the weights
     those codes stand for (scale * (q - zero)), densely."""
     torch.manual_seed(seed)
     model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():  # embeddings/norms/biases at a scale where layout errors show
+        for (
+            name,
+            p,
+        ) in model.named_parameters():  # embeddings/norms/biases at a scale where layout errors show
             if p.ndim == 2:
                 p.copy_(torch.randn(p.shape, generator=gen))
             else:
@@ -148,7 +210,9 @@ def make_hf_gptq(d: Path, cfg, bits: int = 4, group_size: int = 32, act_order: b
         scales = (torch.rand(groups, out_f, generator=gen) * 2 + 0.5).div(math.sqrt(in_f) * 2**bits).half()
         gi = fmt.default_g_idx(in_f, group_size)
         if act_order:  # q/k/v share their input, hence their permutation (as AutoGPTQ produces it)
-            key = name.rsplit(".", 1)[0] + (".attn_in" if name.endswith(("q_proj", "k_proj", "v_proj")) else name)
+            key = name.rsplit(".", 1)[0] + (
+                ".attn_in" if name.endswith(("q_proj", "k_proj", "v_proj")) else name
+            )
             perms.setdefault(key, torch.randperm(in_f, generator=gen))
             gi = gi[perms[key]]
         gl = gi.long()
@@ -164,23 +228,43 @@ def make_hf_gptq(d: Path, cfg, bits: int = 4, group_size: int = 32, act_order: b
         elif zero_bias:
             state[name + ".bias"] = torch.zeros(out_f, dtype=torch.float16)
     d.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"), metadata={"format": "pt"}
+    )
     model.config.save_pretrained(d)
     c = json.loads((d / "config.json").read_text())
-    c["quantization_config"] = dict(quant_method="gptq", bits=bits, group_size=group_size, desc_act=act_order,
-                                    sym=False, damp_percent=0.01, true_sequential=True, static_groups=False,
-                                    checkpoint_format="gptq_v2" if v2 else "gptq")
+    c["quantization_config"] = dict(
+        quant_method="gptq",
+        bits=bits,
+        group_size=group_size,
+        desc_act=act_order,
+        sym=False,
+        damp_percent=0.01,
+        true_sequential=True,
+        static_groups=False,
+        checkpoint_format="gptq_v2" if v2 else "gptq",
+    )
     (d / "config.json").write_text(json.dumps(c))
     return model
 
 
-@pytest.mark.parametrize("case", [
-    dict(cfg=_llama_cfg),
-    dict(cfg=_llama_cfg, bits=3, act_order=False, zero_bias=True),
-    dict(cfg=_llama_cfg, v2=True, g_idx=False, act_order=False, group_size=64),
-    dict(cfg=_llama_cfg, bits=8, group_size=-1),
-    dict(cfg=_neox_cfg),
-], ids=["llama-4bit-act-order", "llama-3bit-zero-bias", "llama-v2-no-g_idx", "llama-8bit-per-channel", "neox-4bit"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(cfg=_llama_cfg),
+        dict(cfg=_llama_cfg, bits=3, act_order=False, zero_bias=True),
+        dict(cfg=_llama_cfg, v2=True, g_idx=False, act_order=False, group_size=64),
+        dict(cfg=_llama_cfg, bits=8, group_size=-1),
+        dict(cfg=_neox_cfg),
+    ],
+    ids=[
+        "llama-4bit-act-order",
+        "llama-3bit-zero-bias",
+        "llama-v2-no-g_idx",
+        "llama-8bit-per-channel",
+        "neox-4bit",
+    ],
+)
 def test_import_matches_transformers_on_the_dequantized_weights(tmp_path, case):
     case = dict(case)
     cfg = case.pop("cfg")()
@@ -195,7 +279,9 @@ def test_import_matches_transformers_on_the_dequantized_weights(tmp_path, case):
     with torch.no_grad():
         ref = hf(ids).logits
         for precision, tol in (("32-true", 1e-4), ("bf16-true", 0.06)):
-            ours = load_model(tmp_path / "m", resolve(precision, f"gptq.int{bits}"), progress=False)(ids).float()
+            ours = load_model(tmp_path / "m", resolve(precision, f"gptq.int{bits}"), progress=False)(
+                ids
+            ).float()
             err = float((ours - ref).abs().max() / ref.abs().max())
             assert err < tol, (precision, err)
 
@@ -203,7 +289,9 @@ def test_import_matches_transformers_on_the_dequantized_weights(tmp_path, case):
         # and back: exporting the imported model gives the original AutoGPTQ tensors, bit for bit
         convert_lit_checkpoint(tmp_path / "m", tmp_path / "out", quantize=f"gptq.int{bits}")
         exported = load_file(tmp_path / "out" / "model.safetensors")
-        if cfg.model_type == "gpt_neox":  # transformers 5 says lm_head in memory; files (and our export) embed_out
+        if (
+            cfg.model_type == "gpt_neox"
+        ):  # transformers 5 says lm_head in memory; files (and our export) embed_out
             original["embed_out.weight"] = original.pop("lm_head.weight")
         assert set(exported) == set(original)
         for k, v in original.items():
@@ -249,7 +337,9 @@ def test_import_errors(tmp_path):
     for a in ("qweight", "qzeros", "scales", "g_idx"):
         del sd[f"model.layers.1.self_attn.v_proj.{a}"]
     save_file(sd, str(d / "model.safetensors"))
-    with pytest.raises(UserError, match=r"incomplete quantized attention: transformer\.h\.1\.attn\.qkv lacks v"):
+    with pytest.raises(
+        UserError, match=r"incomplete quantized attention: transformer\.h\.1\.attn\.qkv lacks v"
+    ):
         convert_hf_checkpoint(d)
 
 
@@ -262,7 +352,9 @@ def test_export_dtype_from_the_file_and_truncated_file(tmp_path):
     convert_lit_checkpoint(d, tmp_path / "out", quantize="gptq.int4")
     c = json.loads((tmp_path / "out" / "config.json").read_text())
     assert c["torch_dtype"] == "bfloat16" and c["quantization_config"]["bits"] == 4
-    assert load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert (
+        load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
+    )
 
     f = d / "lit_model_gptq.4bit.safetensors"
     data = f.read_bytes()
@@ -289,18 +381,42 @@ save_file({"logits": logits[0].contiguous()}, sys.argv[2], metadata={"kinds": ",
 """
 
 
-@pytest.mark.skipif(not VENV_PY.exists(), reason="no gptqmodel venv (python benchmarks/peer_gptqmodel.py makes it)")
+@pytest.mark.skipif(
+    not VENV_PY.exists(), reason="no gptqmodel venv (python benchmarks/peer_gptqmodel.py makes it)"
+)
 def test_gptqmodel_loads_our_export_to_the_same_logits(checkpoints, tmp_path):
     # gptqmodel refuses asymmetric v1 files it did not write (AutoGPTQ once stored zero 0 as -1); sym is its default
     src = tmp_path / "q"
-    job.gptq(checkpoints["llama"], bits=4, group_size=64, sym=True, act_order=True, n_samples=6, seq_len=32,
-             output_dir=src, **QUIET)
+    job.gptq(
+        checkpoints["llama"],
+        bits=4,
+        group_size=64,
+        sym=True,
+        act_order=True,
+        n_samples=6,
+        seq_len=32,
+        output_dir=src,
+        **QUIET,
+    )
     convert_lit_checkpoint(src, tmp_path / "hf", quantize="gptq.int4")
     ids = [1, 17, 40, 99, 3, 250, 8, 60, 61, 2]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["GPTQMODEL_CPU_WORKERS"] = "2"
-    p = subprocess.run([str(VENV_PY), "-c", _LOAD, str(tmp_path / "hf"), str(tmp_path / "l.safetensors"),
-                        ",".join(map(str, ids))], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    p = subprocess.run(
+        [
+            str(VENV_PY),
+            "-c",
+            _LOAD,
+            str(tmp_path / "hf"),
+            str(tmp_path / "l.safetensors"),
+            ",".join(map(str, ids)),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     theirs = load_file(tmp_path / "l.safetensors")["logits"]
     with torch.no_grad():

@@ -49,14 +49,19 @@ def _dense_with(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module
 def _dequantized(path, bits: int) -> dict[str, torch.Tensor]:
     sd = load_file(path)
     mods = sorted(k[: -len(".qweight")] for k in sd if k.endswith(".qweight"))
-    return {m: gptq_format.dequantize(sd[f"{m}.qweight"], sd[f"{m}.qzeros"], sd[f"{m}.scales"], sd[f"{m}.g_idx"], bits)
-            for m in mods}
+    return {
+        m: gptq_format.dequantize(
+            sd[f"{m}.qweight"], sd[f"{m}.qzeros"], sd[f"{m}.scales"], sd[f"{m}.g_idx"], bits
+        )
+        for m in mods
+    }
 
 
 # ------------------------------------------------------------------------------------ quality (bundled model)
 
 needs_bundled = pytest.mark.skipif(
-    not (DEFAULT_CHECKPOINT_DIR / WEIGHTS_FILE).is_file(), reason="the bundled checkpoints/litquant-tiny is not there"
+    not (DEFAULT_CHECKPOINT_DIR / WEIGHTS_FILE).is_file(),
+    reason="the bundled checkpoints/litquant-tiny is not there",
 )
 # act-order with 128 windows: on the bundled model the perplexity gaps below are small (RTN-4 costs ~0.3%), so the
 # calibration sample matters; measured over seeds 0-3 the GPTQ/RTN gap ratio was 0.12-0.78 at 4 bits and 0.42-0.55
@@ -105,9 +110,14 @@ def test_gptq_beats_rtn_on_heldout_perplexity(bundled_gptq):
     models = {"fp": load_model(DEFAULT_CHECKPOINT_DIR, progress=False)}
     for key, bits, group_size in ((4, 4, 128), (3, 3, 128), ("3pc", 3, -1)):
         file = bundled_gptq[key] / f"lit_model_gptq.{bits}bit.safetensors"
-        rtn = {m: rtn_quantize(src[m + ".weight"].float(), bits, group_size).weight for m in _dequantized(file, bits)}
+        rtn = {
+            m: rtn_quantize(src[m + ".weight"].float(), bits, group_size).weight
+            for m in _dequantized(file, bits)
+        }
         models[f"rtn{key}"] = _dense_with(load_model(DEFAULT_CHECKPOINT_DIR, progress=False), rtn)
-        models[f"gptq{key}"] = load_model(bundled_gptq[key], resolve("32-true", f"gptq.int{bits}"), progress=False)
+        models[f"gptq{key}"] = load_model(
+            bundled_gptq[key], resolve("32-true", f"gptq.int{bits}"), progress=False
+        )
     result = _ppl_and_kl(models, tokens)
     print({k: (round(p, 4), round(kl, 5)) for k, (p, kl) in result.items()})
     gap = {k: abs(p - result["fp"][0]) for k, (p, _) in result.items()}  # GPTQ-4 can land a hair below fp
@@ -127,9 +137,13 @@ def test_gptq_beats_rtn_on_heldout_perplexity(bundled_gptq):
 def test_per_layer_output_error_below_rtn_on_calibration_inputs(bundled_gptq, bits):
     """||X (W - Ŵ)ᵀ||² for every quantized layer, X = that layer's inputs on the calibration windows in the
     quantized model (what true-sequential GPTQ saw), for GPTQ's Ŵ and for round-to-nearest's."""
-    tokens = calibration_tokens(Tokenizer(DEFAULT_CHECKPOINT_DIR), Q["n_samples"], Q["seq_len"], None, Q["seed"])
+    tokens = calibration_tokens(
+        Tokenizer(DEFAULT_CHECKPOINT_DIR), Q["n_samples"], Q["seq_len"], None, Q["seed"]
+    )
     src = load_file(DEFAULT_CHECKPOINT_DIR / WEIGHTS_FILE)
-    model = load_model(bundled_gptq[bits], resolve("32-true", f"gptq.int{bits}", keep_source=True), progress=False)
+    model = load_model(
+        bundled_gptq[bits], resolve("32-true", f"gptq.int{bits}", keep_source=True), progress=False
+    )
     errors: dict[str, list[float]] = {}
 
     def hook(name, W, W_gptq, W_rtn):
@@ -138,6 +152,7 @@ def test_per_layer_output_error_below_rtn_on_calibration_inputs(bundled_gptq, bi
             e = errors.setdefault(name, [0.0, 0.0])
             e[0] += float(((x @ (W - W_gptq).t()) ** 2).sum())
             e[1] += float(((x @ (W - W_rtn).t()) ** 2).sum())
+
         return fn
 
     for name, m in model.named_modules():
@@ -181,8 +196,15 @@ def _reference_true_sequential(checkpoint, tokens, settings, batch_size):
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_job_matches_true_sequential_reference_and_streams_one_block(tiny, tmp_path, monkeypatch, act_order):
-    settings = dict(bits=4, group_size=64, sym=False, act_order=act_order, damp_percent=0.01, block_size=32,
-                    static_groups=False)
+    settings = dict(
+        bits=4,
+        group_size=64,
+        sym=False,
+        act_order=act_order,
+        damp_percent=0.01,
+        block_size=32,
+        static_groups=False,
+    )
     built, on_device = [], []
     real_build, real_load = gptq_model.build_model, gptq_model._load_block
 
@@ -199,8 +221,21 @@ def test_job_matches_true_sequential_reference_and_streams_one_block(tiny, tmp_p
 
     monkeypatch.setattr(gptq_model, "build_model", build)
     monkeypatch.setattr(gptq_model, "_load_block", load_block)
-    out = job.gptq(tiny, bits=4, group_size=64, act_order=act_order, sym=False, block_size=32, n_samples=12, seq_len=48,
-                   batch_size=4, output_dir=tmp_path, seed=7, precision="32-true", **QUIET)
+    out = job.gptq(
+        tiny,
+        bits=4,
+        group_size=64,
+        act_order=act_order,
+        sym=False,
+        block_size=32,
+        n_samples=12,
+        seq_len=48,
+        batch_size=4,
+        output_dir=tmp_path,
+        seed=7,
+        precision="32-true",
+        **QUIET,
+    )
     assert on_device == [1, 1]  # each block is loaded alone, never the whole model
 
     tokens = calibration_tokens(Tokenizer(tiny), 12, 48, None, 7)
@@ -218,8 +253,17 @@ def test_job_matches_true_sequential_reference_and_streams_one_block(tiny, tmp_p
     assert plain == {k for k in got if k.rpartition(".")[0] not in ref}
     assert all(torch.equal(src[k], got[k]) for k in plain)
     qc = json.loads((tmp_path / "quantize_config.json").read_text())
-    assert qc == dict(bits=4, group_size=64, desc_act=act_order, sym=False, damp_percent=0.01, true_sequential=True,
-                      static_groups=False, quant_method="gptq", checkpoint_format="gptq")
+    assert qc == dict(
+        bits=4,
+        group_size=64,
+        desc_act=act_order,
+        sym=False,
+        damp_percent=0.01,
+        true_sequential=True,
+        static_groups=False,
+        quant_method="gptq",
+        checkpoint_format="gptq",
+    )
     assert (tmp_path / "model_config.yaml").is_file() and (tmp_path / "tokenizer.json").is_file()
 
 
@@ -236,7 +280,9 @@ def test_gptq_quantizes_the_stored_weights_not_the_calibration_dtype_copy(tiny, 
         return real_quantize(self, weight, **kw)
 
     monkeypatch.setattr(GPTQ, "quantize", quantize)
-    job.gptq(tiny, n_samples=4, seq_len=32, group_size=64, precision="bf16-true", output_dir=tmp_path, **QUIET)
+    job.gptq(
+        tiny, n_samples=4, seq_len=32, group_size=64, precision="bf16-true", output_dir=tmp_path, **QUIET
+    )
     assert len(seen) == 10 and all(w.dtype == torch.float32 for w in seen)
     assert torch.equal(seen[0], src["transformer.h.0.attn.qkv.weight"])
 
@@ -245,8 +291,17 @@ def test_not_true_sequential_uses_one_forward_per_block(tiny, tmp_path):
     """true_sequential=False: every Linear's Hessian from the block's unquantized forward; mlp.proj then
     differs from the true-sequential result (its inputs did not go through quantized fc_1/fc_2)."""
     a = load_file(job.gptq(tiny, n_samples=8, seq_len=32, group_size=64, output_dir=tmp_path / "a", **QUIET))
-    b = load_file(job.gptq(tiny, n_samples=8, seq_len=32, group_size=64, true_sequential=False,
-                           output_dir=tmp_path / "b", **QUIET))
+    b = load_file(
+        job.gptq(
+            tiny,
+            n_samples=8,
+            seq_len=32,
+            group_size=64,
+            true_sequential=False,
+            output_dir=tmp_path / "b",
+            **QUIET,
+        )
+    )
     assert torch.equal(a["transformer.h.0.attn.qkv.qweight"], b["transformer.h.0.attn.qkv.qweight"])
     assert not torch.equal(a["transformer.h.0.mlp.proj.qweight"], b["transformer.h.0.mlp.proj.qweight"])
     assert json.loads((tmp_path / "b" / "quantize_config.json").read_text())["true_sequential"] is False
@@ -257,22 +312,51 @@ def test_not_true_sequential_uses_one_forward_per_block(tiny, tmp_path):
 
 def test_cli_quantize_then_generate_with_gptq_int4(tiny, tmp_path):
     out = tmp_path / "q"
-    p = run_cli("quantize", "gptq", "--checkpoint_dir", str(tiny), "--n_samples", "8", "--seq_len", "32",
-                "--group_size", "64", "--act_order", "true", "--output_dir", str(out))
+    p = run_cli(
+        "quantize",
+        "gptq",
+        "--checkpoint_dir",
+        str(tiny),
+        "--n_samples",
+        "8",
+        "--seq_len",
+        "32",
+        "--group_size",
+        "64",
+        "--act_order",
+        "true",
+        "--output_dir",
+        str(out),
+    )
     assert p.returncode == 0, p.stderr
     assert re.search(r"Time for quantization: [\d.]+ sec total", p.stderr)
     assert re.search(r"Memory used: \d+\.\d\d GB", p.stderr)
     assert (out / "lit_model_gptq.4bit.safetensors").is_file() and not (out / WEIGHTS_FILE).exists()
 
-    g = run_cli("generate", "--checkpoint_dir", str(out), "--quantize", "gptq.int4", "--prompt", "The",
-                "--max_new_tokens", "10", "--temperature", "0", "--precision", "32-true")
+    g = run_cli(
+        "generate",
+        "--checkpoint_dir",
+        str(out),
+        "--quantize",
+        "gptq.int4",
+        "--prompt",
+        "The",
+        "--max_new_tokens",
+        "10",
+        "--temperature",
+        "0",
+        "--precision",
+        "32-true",
+    )
     assert g.returncode == 0, g.stderr
     assert re.search(r"Time for inference 1: [\d.]+ sec total, [\d.]+ tokens/sec", g.stderr)
     assert "int32" in g.stderr.split("Weights:")[1].splitlines()[0]  # the packed storage is what is held
 
     # reference: a dense fp32 model with the dequantized weights, greedy, full forward per token, no KV cache
     tok = Tokenizer(tiny)
-    model = _dense_with(load_model(tiny, progress=False), _dequantized(out / "lit_model_gptq.4bit.safetensors", 4))
+    model = _dense_with(
+        load_model(tiny, progress=False), _dequantized(out / "lit_model_gptq.4bit.safetensors", 4)
+    )
     ids = tok.encode("The")
     with torch.no_grad():
         for _ in range(10):
@@ -289,15 +373,18 @@ def test_bad_flags_are_one_line_errors(tiny):
     assert p.stderr.strip() == "error: --bits must be one of 2, 3, 4, 8, got 5"
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(group_size=0), "--group_size must be a positive integer or -1"),
-    (dict(damp_percent=2.0), r"--damp_percent must be in \[0, 1\]"),
-    (dict(n_samples=0), "--n_samples must be at least 1"),
-    (dict(seq_len=100000), r"--seq_len must be in \[2, 64\]"),
-    (dict(calibration_data="/no/such/file.txt"), "--calibration_data '/no/such/file.txt' does not exist"),
-    (dict(checkpoint_dir="/no/such/dir"), "checkpoint directory '/no/such/dir' does not exist"),
-    (dict(output_dir=__file__), r"--output_dir .*: cannot create it"),  # a file, found before any work
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(group_size=0), "--group_size must be a positive integer or -1"),
+        (dict(damp_percent=2.0), r"--damp_percent must be in \[0, 1\]"),
+        (dict(n_samples=0), "--n_samples must be at least 1"),
+        (dict(seq_len=100000), r"--seq_len must be in \[2, 64\]"),
+        (dict(calibration_data="/no/such/file.txt"), "--calibration_data '/no/such/file.txt' does not exist"),
+        (dict(checkpoint_dir="/no/such/dir"), "checkpoint directory '/no/such/dir' does not exist"),
+        (dict(output_dir=__file__), r"--output_dir .*: cannot create it"),  # a file, found before any work
+    ],
+)
 def test_bad_values_raise_user_errors(tiny, kwargs, message):
     kwargs = {"checkpoint_dir": tiny, **kwargs}
     with pytest.raises(UserError, match=message):
@@ -323,11 +410,13 @@ def test_registry_names_and_honest_help():
         resolve("32-true", "gptq.int4", bogus=1)
 
 
-@pytest.mark.parametrize("bits,precision", [(4, "32-true"), (4, "bf16-true"), (3, "32-true"), (8, "32-true"),
-                                            (2, "32-true")])
+@pytest.mark.parametrize(
+    "bits,precision", [(4, "32-true"), (4, "bf16-true"), (3, "32-true"), (8, "32-true"), (2, "32-true")]
+)
 def test_plugin_loads_into_gptq_linears_matching_dequantized_reference(tiny, tmp_path, bits, precision):
-    out = job.gptq(tiny, bits=bits, group_size=64, act_order=True, n_samples=6, seq_len=32, output_dir=tmp_path,
-                   **QUIET)
+    out = job.gptq(
+        tiny, bits=bits, group_size=64, act_order=True, n_samples=6, seq_len=32, output_dir=tmp_path, **QUIET
+    )
     plugin = resolve(precision, f"gptq.int{bits}")
     dtype = plugin.dtype
     model = load_model(tmp_path, plugin, progress=False)
@@ -335,9 +424,13 @@ def test_plugin_loads_into_gptq_linears_matching_dequantized_reference(tiny, tmp
     assert quantized == {k[: -len(".qweight")] for k in load_file(out) if k.endswith(".qweight")}
     assert len(quantized) == 10 and isinstance(model.lm_head, nn.Linear)
     layers = [model.get_submodule(n) for n in quantized]
-    if bits == 4 and dtype == torch.bfloat16:  # repacked for torch's int4 kernel at load, AutoGPTQ qweight released
+    if (
+        bits == 4 and dtype == torch.bfloat16
+    ):  # repacked for torch's int4 kernel at load, AutoGPTQ qweight released
         assert all(m._kernel is not None and m.qweight is None for m in layers)
-    elif bits == 4 and cpu_kernels.lib() is not None:  # fp32: litquant's kernel reads qweight as it is, one copy
+    elif (
+        bits == 4 and cpu_kernels.lib() is not None
+    ):  # fp32: litquant's kernel reads qweight as it is, one copy
         assert all(m._kernel is None and m.qweight is not None for m in layers)
         assert all(m._c_kernel_ok(torch.empty(1, m.in_features)) for m in layers)
     ref = _dense_with(load_model(tiny, resolve(precision), progress=False), _dequantized(out, bits))
@@ -390,8 +483,9 @@ def test_quantized_lm_head_in_file_is_loaded(tiny, tmp_path):
     assert isinstance(model.lm_head, GPTQLinear)
     ids = torch.randint(0, 200, (1, 8))
     with torch.no_grad():
-        torch.testing.assert_close(model.lm_head(torch.ones(1, 128)), torch.ones(1, 128) @ r.weight.t(),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            model.lm_head(torch.ones(1, 128)), torch.ones(1, 128) @ r.weight.t(), rtol=1e-4, atol=1e-4
+        )
         assert model(ids).shape == (1, 8, model.config.padded_vocab_size)
 
 
@@ -407,15 +501,16 @@ def test_calibration_windows_come_from_the_text_and_are_seeded(tiny, tmp_path):
     assert torch.equal(a, calibration_tokens(tok, 6, 20, f, seed=1))
     assert not torch.equal(a, calibration_tokens(tok, 6, 20, f, seed=2))
     stream = tok.encode(SAMPLE_TEXT, bos=False).tolist() + [tok.eos_id]
-    windows = {tuple(stream[i:i + 20]) for i in range(len(stream) - 19)}
+    windows = {tuple(stream[i : i + 20]) for i in range(len(stream) - 19)}
     assert all(tuple(w) in windows for w in a.tolist())
 
 
 def test_calibration_json_jsonl_and_directories(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_text("first document\nwith two lines\n")
-    (tmp_path / "d" / "b.jsonl").write_text(json.dumps({"text": "second", "id": 1}) + "\n"
-                                            + json.dumps({"text": "third", "id": 2}) + "\n")
+    (tmp_path / "d" / "b.jsonl").write_text(
+        json.dumps({"text": "second", "id": 1}) + "\n" + json.dumps({"text": "third", "id": 2}) + "\n"
+    )
     (tmp_path / "d" / "skip.bin").write_bytes(b"\x00\x01")
     docs = load_documents(tmp_path / "d")
     assert sorted(docs) == ["first document\nwith two lines\n", "second", "third"]
@@ -439,7 +534,9 @@ def test_calibration_too_little_text(tiny, tmp_path):
 # ------------------------------------------------------------------------------------ configs
 
 
-@pytest.mark.parametrize("name,model", [("gptq-litquant-tiny", "litquant-tiny"), ("gptq-llama-2-7b", "Llama-2-7b-hf")])
+@pytest.mark.parametrize(
+    "name,model", [("gptq-litquant-tiny", "litquant-tiny"), ("gptq-llama-2-7b", "Llama-2-7b-hf")]
+)
 def test_config_hub_files_parse_and_fit_their_model(name, model):
     from conftest import REPO
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -469,7 +566,9 @@ def test_defaults_sym_calibration_and_the_quality_gate(tiny, tmp_path, capsys):
     assert qc["sym"] is True and qc["desc_act"] is False and qc["bits"] == 4
     n, t = map(int, re.search(r"Calibration: (\d+) x (\d+) tokens", err).groups())
     assert 8 <= n <= 128 and t == min(Config.from_checkpoint(tiny).block_size, 512)
-    m = re.search(r"Quality gate: held-out perplexity ([\d.e+]+) quantized vs ([\d.e+]+) base .*, (\d+) tokens", err)
+    m = re.search(
+        r"Quality gate: held-out perplexity ([\d.e+]+) quantized vs ([\d.e+]+) base .*, (\d+) tokens", err
+    )
     assert m, err
     quant, base, scored = float(m.group(1)), float(m.group(2)), int(m.group(3))
     # the same windows scored by the evaluator: non-overlapping windows of the calibration length, tail dropped
@@ -493,8 +592,9 @@ def test_eval_tokens_zero_skips_the_gate_and_bad_values(tiny, tmp_path, capsys):
         job.gptq(tiny, n_samples=4, seq_len=32, eval_data=tmp_path / "nope.txt", output_dir=tmp_path, **QUIET)
 
 
-def gptq_memory_bound(config: Config, n_tokens: int, batch_tokens: int, bits: int, group_size: int,
-                      calib_bytes: int) -> dict:
+def gptq_memory_bound(
+    config: Config, n_tokens: int, batch_tokens: int, bits: int, group_size: int, calib_bytes: int
+) -> dict:
     """The README's formula for the peak of `quantize gptq` over the runtime: the quantized output, plus two blocks'
     weights in fp32, plus the calibration activations (the block inputs, and the attention's and MLP's cached
     `proj` inputs), plus one calibration batch on its way through a block (qkv, attention and MLP temporaries), plus
@@ -502,13 +602,21 @@ def gptq_memory_bound(config: Config, n_tokens: int, batch_tokens: int, bits: in
     block = build_model(config, "meta").transformer.h[0]
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     one_block = sum(p.numel() for p in block.parameters()) * 4
-    packed = sum(math.prod(s) * 4 for m in linears
-                 for s in gptq_format.packed_shapes(m.in_features, m.out_features, bits, group_size).values())
+    packed = sum(
+        math.prod(s) * 4
+        for m in linears
+        for s in gptq_format.packed_shapes(m.in_features, m.out_features, bits, group_size).values()
+    )
     activations = n_tokens * (2 * config.n_embd + config.intermediate_size) * calib_bytes
     batch = batch_tokens * (5 * config.n_embd + 3 * config.intermediate_size) * calib_bytes
     widest = max(m.in_features for m in linears)
-    return dict(output=packed * config.n_layer, blocks=2 * one_block, activations=activations, batch=batch,
-                gptq=4 * widest**2 * 4)
+    return dict(
+        output=packed * config.n_layer,
+        blocks=2 * one_block,
+        activations=activations,
+        batch=batch,
+        gptq=4 * widest**2 * 4,
+    )
 
 
 _MEASURE_PEAK = """
@@ -540,14 +648,27 @@ def test_peak_memory_within_the_formula(tmp_path):
     import subprocess
     import sys
 
-    ckpt = make_checkpoint(tmp_path / "m", n_layer=4, n_embd=768, n_head=12, n_query_groups=4, intermediate_size=2048,
-                           block_size=128)
+    ckpt = make_checkpoint(
+        tmp_path / "m",
+        n_layer=4,
+        n_embd=768,
+        n_head=12,
+        n_query_groups=4,
+        intermediate_size=2048,
+        block_size=128,
+    )
     config = Config.from_checkpoint(ckpt)
     bound = sum(gptq_memory_bound(config, 32 * 128, 8 * 128, 4, 64, 4).values())
     peaks = []
     for _ in range(3):
-        proc = subprocess.run([sys.executable, "-c", _MEASURE_PEAK, str(ckpt), str(tmp_path)], capture_output=True,
-                              text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEASURE_PEAK, str(ckpt), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         peaks.append(json.loads(proc.stdout.strip().splitlines()[-1])["used"])
         if peaks[-1] < bound:

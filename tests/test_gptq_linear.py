@@ -15,7 +15,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 
 def random_layer(
-    in_f: int, out_f: int, bits: int, group_size: int, act_order: bool, seed: int = 0, bias: bool = True, device="cpu"
+    in_f: int,
+    out_f: int,
+    bits: int,
+    group_size: int,
+    act_order: bool,
+    seed: int = 0,
+    bias: bool = True,
+    device="cpu",
 ) -> tuple[GPTQLinear, torch.Tensor, torch.Tensor | None]:
     """A GPTQLinear filled with random codes, and its weight computed here from the codes: s * (q - z)."""
     g = torch.Generator().manual_seed(seed)
@@ -225,7 +232,9 @@ def test_from_quantized_runs_the_gptq_result():
     w = lin.weight.detach()
     for result in (gptq.quantize(w, 4, group_size=32, act_order=True), rtn_quantize(w, 3, 32)):
         layer = GPTQLinear.from_quantized(result, bias=lin.bias.detach())
-        torch.testing.assert_close(layer(X), F.linear(X, result.weight, lin.bias.detach()), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            layer(X), F.linear(X, result.weight, lin.bias.detach()), rtol=1e-4, atol=1e-4
+        )
 
 
 # ------------------------------------------------------------------------------------ CUDA
@@ -246,7 +255,9 @@ def test_cuda_int4_kernel_matches_dequantized_reference(group_size, in_f, act_or
     dense_bf16 = F.linear(x, W.bfloat16(), b.bfloat16())
     assert rel_err(y, ref) < max(3 * rel_err(dense_bf16, ref), 1e-2)
     assert not layer.uses_kernel(torch.float16)  # fp16 activations take the dequantize path
-    torch.testing.assert_close(layer(x.half()).float(), F.linear(x.half().float(), W, b), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        layer(x.half()).float(), F.linear(x.half().float(), W, b), rtol=1e-2, atol=1e-2
+    )
 
 
 @pytest.mark.cuda
@@ -259,4 +270,6 @@ def test_cuda_backward_and_device_move():
     (layer(x).float() ** 2).sum().backward()
     x_ref = x.detach().clone().requires_grad_()
     (F.linear(x_ref.float(), W.cuda(), b.cuda()) ** 2).sum().backward()
-    torch.testing.assert_close(x.grad.float(), x_ref.grad, rtol=5e-2, atol=5e-2 * x_ref.grad.abs().max().item())
+    torch.testing.assert_close(
+        x.grad.float(), x_ref.grad, rtol=5e-2, atol=5e-2 * x_ref.grad.abs().max().item()
+    )

@@ -12,9 +12,13 @@ from litquant.io import SafetensorsWriter, open_safetensors, write_safetensors
 
 def _tensors():
     g = torch.Generator().manual_seed(0)
-    return {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).bfloat16(),
-            "c": torch.randint(-9, 9, (2, 2, 2), dtype=torch.int32, generator=g), "d": torch.zeros(0, 4),
-            "e": torch.randint(0, 255, (5,), dtype=torch.uint8, generator=g)}
+    return {
+        "a": torch.randn(3, 5, generator=g),
+        "b": torch.randn(7, generator=g).bfloat16(),
+        "c": torch.randint(-9, 9, (2, 2, 2), dtype=torch.int32, generator=g),
+        "d": torch.zeros(0, 4),
+        "e": torch.randint(0, 255, (5,), dtype=torch.uint8, generator=g),
+    }
 
 
 def test_written_in_any_order_and_read_back_by_safetensors(tmp_path):

@@ -86,7 +86,9 @@ def test_lora_over_bnb_base_matches_reference_weight(mode):
         absmax = w.abs().amax(dim=1, keepdim=True)
         w_ref = torch.round(w * 127 / absmax) * absmax / 127
     else:
-        packed, qs = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=mode.endswith("-dq"))
+        packed, qs = BF.quantize_4bit(
+            w, blocksize=64, quant_type="nf4", compress_statistics=mode.endswith("-dq")
+        )
         w_ref = BF.dequantize_4bit(packed, qs)
     lora = LoRALinear(base, r=8, alpha=16, dropout=0.0)
     _randomize_b(lora)
@@ -161,8 +163,11 @@ def test_qkv_update_goes_to_the_enabled_rows_only(parts):
     add_lora(model, LoRAConfig(r=4, alpha=8, dropout=0.0, **flags))
     qkv = model.transformer.h[0].attn.qkv
     _randomize_b(model)
-    sizes = {"query": c.n_head * c.head_size, "key": c.n_query_groups * c.head_size,
-             "value": c.n_query_groups * c.head_size}
+    sizes = {
+        "query": c.n_head * c.head_size,
+        "key": c.n_query_groups * c.head_size,
+        "value": c.n_query_groups * c.head_size,
+    }
     assert qkv.lora_B.shape[0] == sum(sizes[p] for p in parts)  # no rows for disabled parts
     x = torch.randn(2, 3, c.n_embd)
     base = qkv.base(x)
@@ -171,15 +176,16 @@ def test_qkv_update_goes_to_the_enabled_rows_only(parts):
     for p in ("query", "key", "value"):
         rows = slice(start, start + sizes[p])
         if p in parts:
-            torch.testing.assert_close(out[..., rows], base[..., rows] + upd[..., k:k + sizes[p]])
+            torch.testing.assert_close(out[..., rows], base[..., rows] + upd[..., k : k + sizes[p]])
             k += sizes[p]
         else:
             assert torch.equal(out[..., rows], base[..., rows])
         start += sizes[p]
 
 
-@pytest.mark.parametrize("name,mlp_names", [("tiny-llama-test", ["fc_1", "fc_2", "proj"]),
-                                            ("tiny-pythia-test", ["fc", "proj"])])
+@pytest.mark.parametrize(
+    "name,mlp_names", [("tiny-llama-test", ["fc_1", "fc_2", "proj"]), ("tiny-pythia-test", ["fc", "proj"])]
+)
 def test_targets_and_trainable_parameters(name, mlp_names):
     model = _tiny_gpt(name)
     c = model.config
@@ -187,16 +193,27 @@ def test_targets_and_trainable_parameters(name, mlp_names):
     add_lora(model, cfg)
     mark_only_lora_as_trainable(model)
     wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, LoRALinear))
-    expected = sorted([f"transformer.h.{i}.attn.{p}" for i in range(c.n_layer) for p in ("qkv", "proj")]
-                      + [f"transformer.h.{i}.mlp.{p}" for i in range(c.n_layer) for p in mlp_names] + ["lm_head"])
+    expected = sorted(
+        [f"transformer.h.{i}.attn.{p}" for i in range(c.n_layer) for p in ("qkv", "proj")]
+        + [f"transformer.h.{i}.mlp.{p}" for i in range(c.n_layer) for p in mlp_names]
+        + ["lm_head"]
+    )
     assert wrapped == expected
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     assert all(n.rpartition(".")[2] in ("lora_A", "lora_B") for n in trainable)
     # r * (in + enabled out rows) per wrapped layer
     qv = (c.n_head + c.n_query_groups) * c.head_size
-    mlp = {"fc_1": (c.n_embd, c.intermediate_size), "fc_2": (c.n_embd, c.intermediate_size),
-           "fc": (c.n_embd, c.intermediate_size), "proj": (c.intermediate_size, c.n_embd)}
-    per_block = 4 * (c.n_embd + qv) + 4 * (c.n_head * c.head_size + c.n_embd) + sum(4 * sum(mlp[m]) for m in mlp_names)
+    mlp = {
+        "fc_1": (c.n_embd, c.intermediate_size),
+        "fc_2": (c.n_embd, c.intermediate_size),
+        "fc": (c.n_embd, c.intermediate_size),
+        "proj": (c.intermediate_size, c.n_embd),
+    }
+    per_block = (
+        4 * (c.n_embd + qv)
+        + 4 * (c.n_head * c.head_size + c.n_embd)
+        + sum(4 * sum(mlp[m]) for m in mlp_names)
+    )
     assert sum(trainable.values()) == c.n_layer * per_block + 4 * (c.n_embd + c.padded_vocab_size)
     with pytest.raises(UserError, match="already has LoRA"):
         add_lora(model, cfg)
@@ -207,7 +224,9 @@ def test_only_adapters_train_over_a_quantized_base(tiny_checkpoint):
     add_lora(model, LoRAConfig(r=4, mlp=True))
     mark_only_lora_as_trainable(model)
     model.train()
-    frozen = {n: t.clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if "lora_" not in n}
+    frozen = {
+        n: t.clone() for n, t in [*model.named_parameters(), *model.named_buffers()] if "lora_" not in n
+    }
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     x = torch.randint(0, model.config.vocab_size, (2, 16))
     losses = []
@@ -254,11 +273,15 @@ def test_bad_lora_config_metadata_is_a_user_error(tmp_path):
 
     tensors = {"x": torch.zeros(1)}
     good = lora_metadata(LoRAConfig())
-    for i, (value, message) in enumerate([("{not json", "lora_config in its metadata is not valid JSON"),
-                                          ("[8, 16]", "lora_config: expected a JSON object, got list"),
-                                          ('{"r": "8"}', "lora_config: r must be an integer, got '8'"),
-                                          ('{"query": 1}', "lora_config: query must be true or false, got 1"),
-                                          ('{"r": 0}', "lora_config: LoRA rank must be at least 1")]):
+    for i, (value, message) in enumerate(
+        [
+            ("{not json", "lora_config in its metadata is not valid JSON"),
+            ("[8, 16]", "lora_config: expected a JSON object, got list"),
+            ('{"r": "8"}', "lora_config: r must be an integer, got '8'"),
+            ('{"query": 1}', "lora_config: query must be true or false, got 1"),
+            ('{"r": 0}', "lora_config: LoRA rank must be at least 1"),
+        ]
+    ):
         path = tmp_path / f"bad{i}.safetensors"
         save_safetensors(tensors, path, metadata={**good, "lora_config": value})
         with pytest.raises(UserError, match=message):
@@ -302,23 +325,36 @@ def test_merge_lora_job_in_the_checkpoint_dtype_equals_the_fp32_route(tmp_path, 
     ckpt = make_checkpoint(tmp_path / "base", seed=6)
     assert _merge_load_precision(ckpt, None, torch.bfloat16, torch.device("cpu")) == "32-true"  # fp32 file
     weights = ckpt / WEIGHTS_FILE
-    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()}, str(weights),
-              metadata={"format": "pt", "litquant": "1"})
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in load_file(str(weights)).items()},
+        str(weights),
+        metadata={"format": "pt", "litquant": "1"},
+    )
     q = None if quantize == "none" else quantize
     assert _merge_load_precision(ckpt, q, torch.bfloat16, torch.device("cpu")) == "bf16-true"
-    assert _merge_load_precision(ckpt, q, torch.float16, torch.device("cpu")) == "32-true"  # bf16 -> fp16 rounds
+    assert (
+        _merge_load_precision(ckpt, q, torch.float16, torch.device("cpu")) == "32-true"
+    )  # bf16 -> fp16 rounds
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the job merges
     model = load_model(ckpt, resolve("32-true", q, device), device, progress=False)
     cfg = LoRAConfig(r=4, alpha=8, dropout=0.0, key=True, mlp=True, head=True)
     add_lora(model, cfg)
     _randomize_b(model, seed=7)
-    save_lora(lora_state_dict(model), tmp_path / "run" / LORA_FILE, cfg, base_checkpoint_dir=ckpt.resolve(),
-              base_quantize=quantize, base_precision="32-true")
+    save_lora(
+        lora_state_dict(model),
+        tmp_path / "run" / LORA_FILE,
+        cfg,
+        base_checkpoint_dir=ckpt.resolve(),
+        base_quantize=quantize,
+        base_precision="32-true",
+    )
     merge_lora(model)  # the reference: fp32 throughout, rounded to the checkpoint's bf16 at the end
     ref = {k: v.to(torch.bfloat16).cpu() for k, v in model.state_dict().items()}
 
-    out = merge_lora_job(tmp_path / "run", out_dir=tmp_path / "merged")  # --precision: the checkpoint's (bf16)
+    out = merge_lora_job(
+        tmp_path / "run", out_dir=tmp_path / "merged"
+    )  # --precision: the checkpoint's (bf16)
     got = load_file(str(out / WEIGHTS_FILE))
     assert set(got) == set(ref)
     for k, v in got.items():
@@ -353,8 +389,14 @@ def test_merge_lora_job_and_generate_with_lora_path(tmp_path):
             if isinstance(m, LoRALinear):
                 m.lora_B.mul_(20)
     run_dir = tmp_path / "run"
-    save_lora(lora_state_dict(model), run_dir / LORA_FILE, cfg, base_checkpoint_dir=ckpt.resolve(),
-              base_quantize="bnb.nf4", base_precision="32-true")
+    save_lora(
+        lora_state_dict(model),
+        run_dir / LORA_FILE,
+        cfg,
+        base_checkpoint_dir=ckpt.resolve(),
+        base_quantize="bnb.nf4",
+        base_precision="32-true",
+    )
 
     out = run_cli("merge_lora", "--lora_path", str(run_dir), "--precision", "32-true")
     assert out.returncode == 0, out.stderr

@@ -22,13 +22,26 @@ FAMILIES = {
     "llama-gqa": dict(name="tiny-llama-test"),
     "neox-parallel": dict(name="tiny-pythia-test"),
     "mistral-window": dict(name="tiny-llama-test", sliding_window_size=5),
-    "falcon-mqa-shared-norm": dict(name="tiny-pythia-test", n_query_groups=1, shared_attention_norm=True, bias=False,
-                                   rotary_percentage=1.0),
-    "phi-partial-rope": dict(name="tiny-pythia-test", rotary_percentage=0.4, shared_attention_norm=True,
-                             lm_head_bias=True, gelu_approximate="tanh"),
-    "llama31-rope": dict(name="tiny-llama-test", rope_adjustments=dict(factor=8.0, low_freq_factor=1.0,
-                                                                        high_freq_factor=4.0,
-                                                                        original_max_position_embeddings=16)),
+    "falcon-mqa-shared-norm": dict(
+        name="tiny-pythia-test",
+        n_query_groups=1,
+        shared_attention_norm=True,
+        bias=False,
+        rotary_percentage=1.0,
+    ),
+    "phi-partial-rope": dict(
+        name="tiny-pythia-test",
+        rotary_percentage=0.4,
+        shared_attention_norm=True,
+        lm_head_bias=True,
+        gelu_approximate="tanh",
+    ),
+    "llama31-rope": dict(
+        name="tiny-llama-test",
+        rope_adjustments=dict(
+            factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+        ),
+    ),
 }
 
 
@@ -42,7 +55,7 @@ def test_kv_cache_matches_full_forward(family):
     model.set_kv_cache(batch_size=2, max_seq_length=32)
     parts = [model(x[:, :10], torch.arange(10), 10)]
     for i in range(10, 24):
-        parts.append(model(x[:, i:i + 1], torch.tensor([i]), i + 1))
+        parts.append(model(x[:, i : i + 1], torch.tensor([i]), i + 1))
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=2e-5, rtol=1e-4)
 
 
@@ -108,11 +121,18 @@ def test_llama31_rope_scaling_matches_reference_formula():
     torch.testing.assert_close(got, want, atol=1e-7, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("Llama-2-7b-hf", 6_738_415_616), ("Meta-Llama-3-8B", 8_030_261_248), ("Mistral-7B-v0.1", 7_241_732_096),
-    ("falcon-7b", 7_217_189_760), ("pythia-70m", 70_426_624), ("phi-2", 2_779_683_840),
-    ("TinyLlama-1.1B-Chat-v1.0", 1_100_048_384),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("Llama-2-7b-hf", 6_738_415_616),
+        ("Meta-Llama-3-8B", 8_030_261_248),
+        ("Mistral-7B-v0.1", 7_241_732_096),
+        ("falcon-7b", 7_217_189_760),
+        ("pythia-70m", 70_426_624),
+        ("phi-2", 2_779_683_840),
+        ("TinyLlama-1.1B-Chat-v1.0", 1_100_048_384),
+    ],
+)
 def test_named_configs_have_published_parameter_counts(name, expected):
     """Counts published for each model (HF model cards / `num_parameters()` of the reference implementation)."""
     config = Config.from_name(name)
@@ -141,9 +161,13 @@ def test_top_k_top_p_sampling():
 
 def test_sampling_draws_from_the_softmax_and_per_row_generators_are_independent():
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(4000, 1)
-    counts = torch.bincount(sample(logits, 1.0, generator=torch.Generator().manual_seed(1)).view(-1), minlength=4)
+    counts = torch.bincount(
+        sample(logits, 1.0, generator=torch.Generator().manual_seed(1)).view(-1), minlength=4
+    )
     torch.testing.assert_close(counts / 4000, F.softmax(logits[0], -1), atol=0.025, rtol=0)
-    half = torch.bincount(sample(logits, 2.0, generator=torch.Generator().manual_seed(2)).view(-1), minlength=4)
+    half = torch.bincount(
+        sample(logits, 2.0, generator=torch.Generator().manual_seed(2)).view(-1), minlength=4
+    )
     torch.testing.assert_close(half / 4000, F.softmax(logits[0] / 2, -1), atol=0.025, rtol=0)
     # row 1's draws are the same whatever row 0 is and whichever generator row 0 uses
     g = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]

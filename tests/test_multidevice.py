@@ -34,13 +34,44 @@ def setup_dir(tmp_path_factory):
 
 
 def _args(ckpt, data, out_dir, quantize):
-    args = ["--checkpoint_dir", str(ckpt), "--out_dir", str(out_dir), "--data.path", str(data),
-            "--data.prompt_style", "default", "--data.max_seq_length", "64",
-            "--train.global_batch_size", "8", "--train.micro_batch_size", "4", "--train.max_steps", str(STEPS),
-            "--train.learning_rate", "0.02", "--train.lr_warmup_steps", "0", "--lora_dropout", "0",
-            "--lora_mlp", "true", "--eval.interval", "100", "--eval.max_iters", "2",
-            "--eval.sample_max_new_tokens", "0",
-            "--accelerator", "cpu", "--precision", "32-true", "--logger", "csv"]
+    args = [
+        "--checkpoint_dir",
+        str(ckpt),
+        "--out_dir",
+        str(out_dir),
+        "--data.path",
+        str(data),
+        "--data.prompt_style",
+        "default",
+        "--data.max_seq_length",
+        "64",
+        "--train.global_batch_size",
+        "8",
+        "--train.micro_batch_size",
+        "4",
+        "--train.max_steps",
+        str(STEPS),
+        "--train.learning_rate",
+        "0.02",
+        "--train.lr_warmup_steps",
+        "0",
+        "--lora_dropout",
+        "0",
+        "--lora_mlp",
+        "true",
+        "--eval.interval",
+        "100",
+        "--eval.max_iters",
+        "2",
+        "--eval.sample_max_new_tokens",
+        "0",
+        "--accelerator",
+        "cpu",
+        "--precision",
+        "32-true",
+        "--logger",
+        "csv",
+    ]
     return args + (["--quantize", quantize] if quantize else [])
 
 
@@ -62,9 +93,11 @@ def _compare(out_dir, ref_dir, first_step: int = 1):
     single = json.loads((ref_dir / "metrics.json").read_text())
     assert multi["world_size"] == 2 and single["world_size"] == 1
     ls, lm = torch.tensor(single["train_losses"]), torch.tensor(multi["train_losses"])
-    assert lm[:, 0].tolist() == list(range(first_step, STEPS + 1)) and ls[:, 0].tolist() == list(range(1, STEPS + 1))
+    assert lm[:, 0].tolist() == list(range(first_step, STEPS + 1)) and ls[:, 0].tolist() == list(
+        range(1, STEPS + 1)
+    )
     assert ls[-1, 1] < ls[0, 1] - 0.1  # it trained (so matching curves are not trivially flat)
-    torch.testing.assert_close(lm[:, 1], ls[first_step - 1:, 1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lm[:, 1], ls[first_step - 1 :, 1], rtol=1e-5, atol=1e-5)
     assert multi["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
     a, b = load_file(str(out_dir / LORA_FILE)), load_file(str(ref_dir / LORA_FILE))
     assert a.keys() == b.keys()
@@ -80,8 +113,16 @@ def test_two_processes_match_single_process(setup_dir, single_runs, strategy, qu
     root, ckpt, data = setup_dir
     out_dir = root / f"{strategy}-{quantize}"
     extra = ["--train.save_interval", "2"] if quantize is None else []
-    res = run_cli("finetune", "lora", *_args(ckpt, data, out_dir, quantize), "--devices", "2", "--strategy", strategy,
-                  *extra)
+    res = run_cli(
+        "finetune",
+        "lora",
+        *_args(ckpt, data, out_dir, quantize),
+        "--devices",
+        "2",
+        "--strategy",
+        strategy,
+        *extra,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "distributed_backend=gloo" in res.stderr + res.stdout
     multi = _compare(out_dir, single_runs[quantize])
@@ -97,8 +138,17 @@ def test_fsdp_checkpoint_resumes_on_two_processes(setup_dir, single_runs):
     if not checkpoint.is_dir():
         pytest.skip("needs the FSDP run of test_two_processes_match_single_process")
     out_dir = root / "fsdp-resumed"
-    res = run_cli("finetune", "lora", *_args(ckpt, data, out_dir, None), "--devices", "2", "--strategy", "fsdp",
-                  "--resume", str(checkpoint))
+    res = run_cli(
+        "finetune",
+        "lora",
+        *_args(ckpt, data, out_dir, None),
+        "--devices",
+        "2",
+        "--strategy",
+        "fsdp",
+        "--resume",
+        str(checkpoint),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     multi = _compare(out_dir, single_runs[None], first_step=3)
     assert multi["start_step"] == 2

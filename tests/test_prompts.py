@@ -103,8 +103,11 @@ def to_messages(prompt: str, history, system):
 CONVERSATIONS = [
     ("What is 2 + 2?", [], None),
     ("  Explain recursion.\n", [], "You are a helpful assistant."),
-    ("And in Python?", [(" What is a list? ", "An ordered, mutable sequence.\n"), ("Tuples?", "  Immutable ones.")],
-     "Be brief.\nUse examples."),
+    (
+        "And in Python?",
+        [(" What is a list? ", "An ordered, mutable sequence.\n"), ("Tuples?", "  Immutable ones.")],
+        "Be brief.\nUse examples.",
+    ),
     ("Last question", [("first", "first answer")], None),
 ]
 IDS = ["single", "system", "history+system", "history"]
@@ -118,8 +121,9 @@ def test_llama2_chat_matches_published_template(prompt, history, system):
 
 @pytest.mark.parametrize("prompt,history,system", CONVERSATIONS, ids=IDS)
 def test_llama3_instruct_matches_published_template(prompt, history, system):
-    expected = render(LLAMA3_INSTRUCT_TEMPLATE, to_messages(prompt, history, system), "<|begin_of_text|>",
-                      "<|end_of_text|>")
+    expected = render(
+        LLAMA3_INSTRUCT_TEMPLATE, to_messages(prompt, history, system), "<|begin_of_text|>", "<|end_of_text|>"
+    )
     assert Llama3Instruct().apply(prompt, history=history, system=system) == expected
 
 
@@ -156,7 +160,10 @@ def test_plain_styles():
     # raw continuation of a base model: the transcript is just the texts in order
     assert Default().apply("c", history=[("a", "b")], system="s") == "sabc"
     assert Falcon().apply("Hi?") == "User: Hi?\nAssistant:"
-    assert Falcon().apply("Hi?", history=[("Yo", "Hello.")]) == "User: Yo\nAssistant: Hello.\nUser: Hi?\nAssistant:"
+    assert (
+        Falcon().apply("Hi?", history=[("Yo", "Hello.")])
+        == "User: Yo\nAssistant: Hello.\nUser: Hi?\nAssistant:"
+    )
     assert Phi2().apply("Add 2 and 3.") == "Instruct: Add 2 and 3.\nOutput:"
 
 
@@ -174,12 +181,26 @@ def test_from_name():
 
 
 EXPECTED_STYLE = {
-    "Llama-2-7b-chat-hf": Llama2Chat, "Llama-2-70b-chat-hf": Llama2Chat, "Llama-2-7b-hf": Default,
-    "Meta-Llama-3-8B-Instruct": Llama3Instruct, "Llama-3.1-8B-Instruct": Llama3Instruct, "Meta-Llama-3-8B": Default,
-    "Llama-3.1-8B": Default, "Mistral-7B-Instruct-v0.1": MistralInstruct, "Mistral-7B-Instruct-v0.2": MistralInstruct,
-    "Mistral-7B-v0.1": Default, "falcon-7b-instruct": Falcon, "falcon-40b-instruct": Falcon, "falcon-7b": Default,
-    "phi-2": Phi2, "TinyLlama-1.1B-Chat-v1.0": TinyLlama, "TinyLlama-1.1B-intermediate-step-1431k-3T": Default,
-    "pythia-70m": Default, "litquant-tiny": Codegen, "tiny-llama-test": Default, "some-unknown-model": Default,
+    "Llama-2-7b-chat-hf": Llama2Chat,
+    "Llama-2-70b-chat-hf": Llama2Chat,
+    "Llama-2-7b-hf": Default,
+    "Meta-Llama-3-8B-Instruct": Llama3Instruct,
+    "Llama-3.1-8B-Instruct": Llama3Instruct,
+    "Meta-Llama-3-8B": Default,
+    "Llama-3.1-8B": Default,
+    "Mistral-7B-Instruct-v0.1": MistralInstruct,
+    "Mistral-7B-Instruct-v0.2": MistralInstruct,
+    "Mistral-7B-v0.1": Default,
+    "falcon-7b-instruct": Falcon,
+    "falcon-40b-instruct": Falcon,
+    "falcon-7b": Default,
+    "phi-2": Phi2,
+    "TinyLlama-1.1B-Chat-v1.0": TinyLlama,
+    "TinyLlama-1.1B-intermediate-step-1431k-3T": Default,
+    "pythia-70m": Default,
+    "litquant-tiny": Codegen,
+    "tiny-llama-test": Default,
+    "some-unknown-model": Default,
 }
 
 
@@ -202,7 +223,13 @@ def test_every_chat_config_gets_a_chat_style():
 def llama3_like(tmp_path_factory) -> Tokenizer:
     out = tmp_path_factory.mktemp("l3")
     texts = list(pydoc_data.topics.topics.values())[:4]
-    specials = ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>")
+    specials = (
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|eot_id|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+    )
     return train_bpe_tokenizer(texts, 400, out, special_tokens=specials)
 
 
@@ -224,6 +251,6 @@ def test_falcon_stop_sequence_matches_generated_text(llama3_like):
     stops = Falcon().stop_tokens(tok)
     # the model writing the next turn itself: the ids of that text end with one of the stop sequences
     generated = tok.encode("Sure, here it is.\nUser:", bos=False).tolist()
-    assert any(s and generated[-len(s):] == s for s in stops)
+    assert any(s and generated[-len(s) :] == s for s in stops)
     generated = tok.encode("Phi says hi.\nInstruct:", bos=False).tolist()
-    assert any(s and generated[-len(s):] == s for s in Phi2().stop_tokens(tok))
+    assert any(s and generated[-len(s) :] == s for s in Phi2().stop_tokens(tok))

@@ -49,8 +49,14 @@ def sp_proto() -> bytes:
     """A tiny llama-style SentencePiece model (unk=0, bos=1, eos=2) trained on the same text."""
     buf = io.BytesIO()
     lines = [line for text in TRAIN_TEXTS for line in text.splitlines() if line.strip()]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=400,
-                                   model_type="bpe", num_threads=1, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=400,
+        model_type="bpe",
+        num_threads=1,
+        minloglevel=2,
+    )
     return buf.getvalue()
 
 
@@ -71,8 +77,18 @@ def test_trained_bpe_files_and_ids(bpe_dir):
     assert tok.backend == "huggingface"
     assert tok.vocab_size == hf.get_vocab_size() == 512
     assert tok_cfg["add_bos_token"] is True
-    assert gen_cfg["bos_token_id"] == hf.token_to_id(tok_cfg["bos_token"]) == tok.bos_id == hf.token_to_id("<|bos|>")
-    assert gen_cfg["eos_token_id"] == hf.token_to_id(tok_cfg["eos_token"]) == tok.eos_id == hf.token_to_id("<|eos|>")
+    assert (
+        gen_cfg["bos_token_id"]
+        == hf.token_to_id(tok_cfg["bos_token"])
+        == tok.bos_id
+        == hf.token_to_id("<|bos|>")
+    )
+    assert (
+        gen_cfg["eos_token_id"]
+        == hf.token_to_id(tok_cfg["eos_token"])
+        == tok.eos_id
+        == hf.token_to_id("<|eos|>")
+    )
     assert tok.stop_ids == {tok.eos_id}
     assert tok.use_bos is True
     assert tok.token_to_id("<|pad|>") == hf.token_to_id("<|pad|>") is not None
@@ -101,7 +117,9 @@ def test_bpe_compresses_text(bpe_dir):
 def test_bpe_training_is_deterministic(tmp_path):
     a = train_bpe_tokenizer(iter(TRAIN_TEXTS[:6]), 400, tmp_path / "a")
     b = train_bpe_tokenizer(list(TRAIN_TEXTS[:6]), 400, tmp_path / "b")
-    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (
+        tmp_path / "b" / "tokenizer.json"
+    ).read_bytes()
     assert torch.equal(a.encode(HELD_OUT[:500]), b.encode(HELD_OUT[:500]))
 
 
@@ -176,7 +194,9 @@ def test_no_bos_when_config_says_so(post_processor_dir):
 def bpe4_dir(tmp_path_factory) -> Path:
     """A tokenizer with an extra end-of-turn token (like Llama 3's <|eot_id|>)."""
     out = tmp_path_factory.mktemp("bpe4")
-    train_bpe_tokenizer(TRAIN_TEXTS[:4], 400, out, special_tokens=("<|bos|>", "<|eos|>", "<|pad|>", "<|eot|>"))
+    train_bpe_tokenizer(
+        TRAIN_TEXTS[:4], 400, out, special_tokens=("<|bos|>", "<|eos|>", "<|pad|>", "<|eot|>")
+    )
     return out
 
 
@@ -184,13 +204,19 @@ def test_special_tokens_as_dicts_and_eos_list(bpe4_dir, tmp_path):
     d = copy_tokenizer_json(bpe4_dir, tmp_path / "ckpt")
     hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
     bos, eos, eot = (hf.token_to_id(t) for t in ("<|bos|>", "<|eos|>", "<|eot|>"))
-    write_json(d / "tokenizer_config.json", {
-        "bos_token": {"content": "<|bos|>", "lstrip": False, "normalized": False, "special": True},
-        "eos_token": {"content": "<|eos|>", "lstrip": False, "normalized": False, "special": True},
-    })
+    write_json(
+        d / "tokenizer_config.json",
+        {
+            "bos_token": {"content": "<|bos|>", "lstrip": False, "normalized": False, "special": True},
+            "eos_token": {"content": "<|eos|>", "lstrip": False, "normalized": False, "special": True},
+        },
+    )
     write_json(d / "generation_config.json", {"bos_token_id": bos, "eos_token_id": [eot, eos]})
     tok = Tokenizer(d)
-    assert (tok.bos_id, tok.eos_id) == (bos, eos)  # eos_token of tokenizer_config is the one `eos=True` appends
+    assert (tok.bos_id, tok.eos_id) == (
+        bos,
+        eos,
+    )  # eos_token of tokenizer_config is the one `eos=True` appends
     assert tok.stop_ids == {eos, eot}  # every eos id of generation_config stops generation
     assert tok.use_bos is False  # no add_bos_token, no post-processor: HF would not add BOS either
     assert tok.encode("hi", eos=True)[-1].item() == eos
@@ -230,7 +256,9 @@ def sp_dir(sp_proto, tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("text", [HELD_OUT[:1500], "Hello world, the quick brown fox.", "  two  spaces\nnewline", ""])
+@pytest.mark.parametrize(
+    "text", [HELD_OUT[:1500], "Hello world, the quick brown fox.", "  two  spaces\nnewline", ""]
+)
 def test_sentencepiece_matches_sentencepiece(sp_dir, sp_proto, text):
     sp = spm.SentencePieceProcessor(model_proto=sp_proto)
     tok = Tokenizer(sp_dir)

@@ -6,7 +6,22 @@ See "## Benchmarks" in docs/ARCHITECTURE.md.
 """
 
 from litquant.benchmark.environment import CPU_MMAP_THRESHOLD, cpu_name, environment, git_commit
-from litquant.benchmark.measure import MeasureSpec, benchmark_prompt, measure_in_subprocess, measure_mode, random_model
+from litquant.benchmark.measure import (
+    MeasureSpec,
+    benchmark_prompt,
+    measure_in_subprocess,
+    measure_mode,
+    random_model,
+)
 
-__all__ = ["CPU_MMAP_THRESHOLD", "MeasureSpec", "benchmark_prompt", "cpu_name", "environment", "git_commit",
-           "measure_in_subprocess", "measure_mode", "random_model"]
+__all__ = [
+    "CPU_MMAP_THRESHOLD",
+    "MeasureSpec",
+    "benchmark_prompt",
+    "cpu_name",
+    "environment",
+    "git_commit",
+    "measure_in_subprocess",
+    "measure_mode",
+    "random_model",
+]

@@ -56,9 +56,13 @@ class MeasureSpec:
 
     def check(self, config, device: torch.device) -> None:
         """Every setting, before any work (the mode names are `modes.check_modes`'s)."""
-        for name, v, lo in (("--runs", self.runs, 1), ("--warmup", self.warmup, 0),
-                            ("--prompt_tokens", self.prompt_tokens, 1), ("--max_new_tokens", self.max_new_tokens, 1),
-                            ("--ppl_tokens", self.ppl_tokens, 0)):
+        for name, v, lo in (
+            ("--runs", self.runs, 1),
+            ("--warmup", self.warmup, 0),
+            ("--prompt_tokens", self.prompt_tokens, 1),
+            ("--max_new_tokens", self.max_new_tokens, 1),
+            ("--ppl_tokens", self.ppl_tokens, 0),
+        ):
             if v < lo:
                 raise UserError(f"{name} must be at least {lo}")
         if self.threads is not None and self.threads < 1:
@@ -68,8 +72,10 @@ class MeasureSpec:
 
     def check_context(self, config) -> None:
         if self.prompt_tokens + self.max_new_tokens > config.block_size:
-            raise UserError(f"--prompt_tokens {self.prompt_tokens} + --max_new_tokens {self.max_new_tokens} exceed "
-                            f"the model's context of {config.block_size} tokens")
+            raise UserError(
+                f"--prompt_tokens {self.prompt_tokens} + --max_new_tokens {self.max_new_tokens} exceed "
+                f"the model's context of {config.block_size} tokens"
+            )
 
     def check_compile(self, device: torch.device) -> None:
         if self.compile and device.type != "cuda":
@@ -129,7 +135,9 @@ def benchmark_prompt(tokenizer, n: int) -> tuple[str, list[int]]:
         if again == ids:
             return text, ids
         ids = again[:n]
-    raise UserError("cannot cut the held-out text into a prompt that re-encodes to itself with this tokenizer")
+    raise UserError(
+        "cannot cut the held-out text into a prompt that re-encodes to itself with this tokenizer"
+    )
 
 
 def _median(xs: list[float]) -> float:
@@ -140,7 +148,9 @@ def run_stats(runs: list[dict]) -> dict:
     """Per-run timings -> the medians the table shows."""
     return {
         "prefill_tokens_per_sec": _median([r["prompt_tokens"] / r["prefill_s"] for r in runs]),
-        "decode_tokens_per_sec": _median([r["decode_steps"] / r["decode_s"] for r in runs if r["decode_steps"]]),
+        "decode_tokens_per_sec": _median(
+            [r["decode_steps"] / r["decode_s"] for r in runs if r["decode_steps"]]
+        ),
         "time_to_first_token_s": _median([r["prefill_s"] for r in runs]),
         "tokens_per_sec": _median([r["new_tokens"] / (r["prefill_s"] + r["decode_s"]) for r in runs]),
     }
@@ -159,7 +169,9 @@ def measure_mode(spec: MeasureSpec) -> dict:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = pick_device(spec.accelerator)
-    prec, quantize = split_mode(spec.mode, spec.precision)  # None: the registry's default for the mode on this device
+    prec, quantize = split_mode(
+        spec.mode, spec.precision
+    )  # None: the registry's default for the mode on this device
     spec.check_compile(device)
     plugin = resolve(prec, quantize, device)  # bad flags fail before the baseline is taken
     torch.manual_seed(spec.seed)
@@ -171,8 +183,14 @@ def measure_mode(spec: MeasureSpec) -> dict:
         model = random_model(config, plugin, device, spec.seed)
         tokenizer = None
     else:  # the load path every job takes; torch's thread count left as it is (or --threads)
-        llm = LLM.load(spec.checkpoint_dir, quantize, prec, accelerator=device.type, progress=False,
-                       configure_threads=False)
+        llm = LLM.load(
+            spec.checkpoint_dir,
+            quantize,
+            prec,
+            accelerator=device.type,
+            progress=False,
+            configure_threads=False,
+        )
         model, plugin, tokenizer, config = llm.model, llm.plugin, llm.tokenizer, llm.config
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -186,8 +204,13 @@ def measure_mode(spec: MeasureSpec) -> dict:
         prompt_text, ids = benchmark_prompt(tokenizer, spec.prompt_tokens)
         prompt = torch.tensor(ids, device=device)
     else:
-        prompt = torch.randint(0, config.vocab_size, (spec.prompt_tokens,), device=device,
-                               generator=torch.Generator(device=device).manual_seed(spec.seed))
+        prompt = torch.randint(
+            0,
+            config.vocab_size,
+            (spec.prompt_tokens,),
+            device=device,
+            generator=torch.Generator(device=device).manual_seed(spec.seed),
+        )
     model.set_kv_cache(batch_size=1, max_seq_length=prompt.numel() + spec.max_new_tokens, device=device)
     step = compiled_decode_step(model) if spec.compile else None
 
@@ -196,8 +219,15 @@ def measure_mode(spec: MeasureSpec) -> dict:
         with plugin.forward_context():
             res = generate(model, prompt, spec.max_new_tokens, temperature=0.0, decode_step=step)
         if i >= spec.warmup:
-            records.append(dict(prompt_tokens=int(prompt.numel()), new_tokens=int(res.new_tokens.numel()),
-                                prefill_s=res.prefill_s, decode_s=res.decode_s, decode_steps=res.decode_steps))
+            records.append(
+                dict(
+                    prompt_tokens=int(prompt.numel()),
+                    new_tokens=int(res.new_tokens.numel()),
+                    prefill_s=res.prefill_s,
+                    decode_s=res.decode_s,
+                    decode_steps=res.decode_steps,
+                )
+            )
         if new_ids is None:
             new_ids = res.new_tokens.tolist()
     text = tokenizer.decode(prompt.tolist() + new_ids) if tokenizer is not None else None
@@ -209,7 +239,9 @@ def measure_mode(spec: MeasureSpec) -> dict:
         model.max_seq_length = config.block_size
         w, s = check_window(spec.window, None, config.block_size)
         with plugin.forward_context():
-            ppl = perplexity(model, heldout_tokens(tokenizer, spec.ppl_tokens), w, s, batch_size=DEFAULT_BATCH_SIZE)
+            ppl = perplexity(
+                model, heldout_tokens(tokenizer, spec.ppl_tokens), w, s, batch_size=DEFAULT_BATCH_SIZE
+            )
         ppl.update(window=w, stride=s)
 
     wbytes = sum(by_dtype.values())
@@ -259,17 +291,25 @@ def measure_in_subprocess(spec: MeasureSpec, timeout: Optional[float]) -> dict:
     with tempfile.TemporaryDirectory(prefix="litquant-bench-") as tmp:
         spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_file.write_text(spec.to_json())
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        }
         if spec.accelerator == "cpu":
             env.setdefault("MALLOC_MMAP_THRESHOLD_", CPU_MMAP_THRESHOLD)
         try:
             cmd = [sys.executable, "-m", "litquant.benchmark", "--_worker", str(spec_file), str(result_file)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.getcwd(), timeout=timeout)
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=env, cwd=os.getcwd(), timeout=timeout
+            )
         except subprocess.TimeoutExpired:
             return failed(spec.mode, f"timed out after {timeout:.0f} s")
         if result_file.is_file():
             return json.loads(result_file.read_text())
         tail = [l for l in (proc.stderr or "").strip().splitlines() if l.strip()]
-        why = ("killed (out of memory?)" if proc.returncode in (-9, 137)
-               else (tail[-1] if tail else f"exit {proc.returncode}"))
+        why = (
+            "killed (out of memory?)"
+            if proc.returncode in (-9, 137)
+            else (tail[-1] if tail else f"exit {proc.returncode}")
+        )
         return failed(spec.mode, f"failed: {why}")

@@ -11,7 +11,16 @@ import torch
 from litquant.errors import UserError
 from litquant.quantization.modes import all_modes, get_mode
 
-DEFAULT_MODES = ("32-true", "bf16-true", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "gptq.int4")
+DEFAULT_MODES = (
+    "32-true",
+    "bf16-true",
+    "bnb.nf4",
+    "bnb.nf4-dq",
+    "bnb.fp4",
+    "bnb.fp4-dq",
+    "bnb.int8",
+    "gptq.int4",
+)
 PRECISION_MODES = ("32-true", "16-true", "bf16-true")
 
 
@@ -54,8 +63,10 @@ def check_modes(mode_list: list[str], precision: Optional[str], device: torch.de
         try:
             get_mode(quant)
         except UserError as e:
-            raise UserError(f"unknown mode {m!r}; choose one of: {', '.join(PRECISION_MODES)}, "
-                            f"{str(e).partition('choose one of: ')[2]}") from None
+            raise UserError(
+                f"unknown mode {m!r}; choose one of: {', '.join(PRECISION_MODES)}, "
+                f"{str(e).partition('choose one of: ')[2]}"
+            ) from None
 
 
 def weights_needed(config, mode: str, precision: Optional[str], device: torch.device) -> Optional[int]:

@@ -24,17 +24,33 @@ def _unit(results: list[dict]) -> tuple[str, float]:
 
 def table_rows(results: list[dict], roofline: bool) -> tuple[list[str], list[list[str]]]:
     unit, div = _unit(results)
-    cols = ["mode", "load s", f"weights {unit}", f"peak mem {unit}", "prefill tok/s", "decode tok/s", "TTFT ms",
-            "tok/s", "perplexity"] + (["% of BW roofline"] if roofline else [])
+    cols = [
+        "mode",
+        "load s",
+        f"weights {unit}",
+        f"peak mem {unit}",
+        "prefill tok/s",
+        "decode tok/s",
+        "TTFT ms",
+        "tok/s",
+        "perplexity",
+    ] + (["% of BW roofline"] if roofline else [])
     rows = []
     for r in results:
         if "error" in r:
             rows.append([r["mode"], r["error"]] + [""] * (len(cols) - 2))
             continue
-        row = [r["mode"], _fmt(r["load_s"], ".2f"), _fmt(r["weight_bytes"] / div, ".3f"),
-               _fmt(r["peak_memory_bytes"] / div, ".3f"), _fmt(r["prefill_tokens_per_sec"], ".1f"),
-               _fmt(r["decode_tokens_per_sec"], ".1f"), _fmt(r["time_to_first_token_s"] * 1000, ".1f"),
-               _fmt(r["tokens_per_sec"], ".1f"), _fmt(r["perplexity"], ".3f")]
+        row = [
+            r["mode"],
+            _fmt(r["load_s"], ".2f"),
+            _fmt(r["weight_bytes"] / div, ".3f"),
+            _fmt(r["peak_memory_bytes"] / div, ".3f"),
+            _fmt(r["prefill_tokens_per_sec"], ".1f"),
+            _fmt(r["decode_tokens_per_sec"], ".1f"),
+            _fmt(r["time_to_first_token_s"] * 1000, ".1f"),
+            _fmt(r["tokens_per_sec"], ".1f"),
+            _fmt(r["perplexity"], ".3f"),
+        ]
         if roofline:
             row.append(_fmt(r.get("roofline_fraction") and 100 * r["roofline_fraction"], ".1f"))
         rows.append(row)
@@ -45,19 +61,23 @@ def header(report: dict) -> str:
     """Two lines: what ran where, and with which settings."""
     env, s = report["environment"], report["settings"]
     what = f"{s['model_name']} (random init)" if s["random_init"] else s["checkpoint_dir"]
-    return (f"{what} on {env['device_name']}; torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, "
-            f"commit {env['commit']}, {env['date']}\n"
-            f"prompt {s['prompt_tokens']} tokens, {s['max_new_tokens']} new tokens (greedy), "
-            f"median of {s['runs']} runs "
-            f"after {s['warmup']} warm-up; perplexity: first {s['ppl_tokens']} held-out tokens"
-            + (", compiled decode step (static KV cache)" if s["compile"] else ""))
+    return (
+        f"{what} on {env['device_name']}; torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, "
+        f"commit {env['commit']}, {env['date']}\n"
+        f"prompt {s['prompt_tokens']} tokens, {s['max_new_tokens']} new tokens (greedy), "
+        f"median of {s['runs']} runs "
+        f"after {s['warmup']} warm-up; perplexity: first {s['ppl_tokens']} held-out tokens"
+        + (", compiled decode step (static KV cache)" if s["compile"] else "")
+    )
 
 
 def format_terminal(report: dict) -> str:
     cols, rows = table_rows(report["results"], report["bandwidth"] is not None)
     failed = {i for i, r in enumerate(report["results"]) if "error" in r}
-    widths = [max([len(c), *(len(r[i]) for j, r in enumerate(rows) if j not in failed or i == 0)])
-              for i, c in enumerate(cols)]
+    widths = [
+        max([len(c), *(len(r[i]) for j, r in enumerate(rows) if j not in failed or i == 0)])
+        for i, c in enumerate(cols)
+    ]
 
     def line(cells):
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -70,13 +90,26 @@ def format_terminal(report: dict) -> str:
 def format_markdown(report: dict) -> str:
     cols, rows = table_rows(report["results"], report["bandwidth"] is not None)
     env = report["environment"]
-    out = [f"## {env['device_name']}", "", header(report).replace("\n", "  \n"), "",
-           "| " + " | ".join(cols) + " |", "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|"]
+    out = [
+        f"## {env['device_name']}",
+        "",
+        header(report).replace("\n", "  \n"),
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|",
+    ]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     out.append("")
     where = "the mode's own process" if report["settings"]["isolate"] else "the one process all modes ran in"
-    out.append("Peak memory: " + ("CUDA peak allocated bytes" if env["device"] == "cuda" else
-                                  "peak resident set (Python/torch libraries included)") + f" of {where}.")
+    out.append(
+        "Peak memory: "
+        + (
+            "CUDA peak allocated bytes"
+            if env["device"] == "cuda"
+            else "peak resident set (Python/torch libraries included)"
+        )
+        + f" of {where}."
+    )
     return "\n".join(out) + "\n"
 
 
@@ -88,13 +121,19 @@ def write_chart(report: dict, path: Path) -> Optional[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("Skipping the PNG chart: matplotlib is not installed (pip install 'litquant[plot]')", file=sys.stderr)
+        print(
+            "Skipping the PNG chart: matplotlib is not installed (pip install 'litquant[plot]')",
+            file=sys.stderr,
+        )
         return None
     ok = [r for r in report["results"] if "error" not in r]
     unit, div = _unit(ok)
     # CPU peak RSS is mostly the Python/torch libraries for small models: weights show the modes apart better
-    key, what = ("peak_memory_bytes", "peak memory") if report["environment"]["device"] == "cuda" else \
-        ("weight_bytes", "weight memory")
+    key, what = (
+        ("peak_memory_bytes", "peak memory")
+        if report["environment"]["device"] == "cuda"
+        else ("weight_bytes", "weight memory")
+    )
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for r in ok:
         x, y = r[key] / div, r["decode_tokens_per_sec"]

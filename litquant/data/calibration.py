@@ -27,8 +27,9 @@ def load_documents(source: Optional[Path] = None) -> list[str]:
         return corpus_documents()[0]
     source = Path(source)
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*")
-                       if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSON_SUFFIXES)
+        files = sorted(
+            p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + JSON_SUFFIXES
+        )
         if not files:
             raise UserError(
                 f"--calibration_data {source} has no {', '.join(TEXT_SUFFIXES + JSON_SUFFIXES)} files"

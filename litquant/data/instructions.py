@@ -68,8 +68,10 @@ def check_examples(rows: list[dict], source: str) -> list[dict]:
         raise UserError(f"{source} holds no examples")
     missing = [k for k in ("instruction", "output") if k not in rows[0]]
     if missing:
-        raise UserError(f"{source}: examples need 'instruction' and 'output' fields (Alpaca layout); "
-                        f"missing {missing}, found {sorted(rows[0])}")
+        raise UserError(
+            f"{source}: examples need 'instruction' and 'output' fields (Alpaca layout); "
+            f"missing {missing}, found {sorted(rows[0])}"
+        )
     out = []
     for i, r in enumerate(rows):
         if not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
@@ -96,8 +98,11 @@ def load_splits(path: Optional[Path], val_fraction: float, seed: int) -> tuple[l
         return split_train_val(load_bundled_task(), val_fraction, seed)
     path = Path(path)
     if path.is_dir():
+
         def find(*stems: str) -> Optional[Path]:
-            return next((path / f"{s}{x}" for s in stems for x in DATA_SUFFIXES if (path / f"{s}{x}").is_file()), None)
+            return next(
+                (path / f"{s}{x}" for s in stems for x in DATA_SUFFIXES if (path / f"{s}{x}").is_file()), None
+            )
 
         train, val = find("train"), find("val", "validation", "test")
         if train is not None and val is not None:
@@ -137,7 +142,11 @@ def encode_example(
 
 
 def encode_dataset(
-    tokenizer: "Tokenizer", style: PromptStyle, examples: Sequence[dict], max_seq_length: int, mask_prompt: bool = True
+    tokenizer: "Tokenizer",
+    style: PromptStyle,
+    examples: Sequence[dict],
+    max_seq_length: int,
+    mask_prompt: bool = True,
 ) -> tuple[list[EncodedExample], list[dict]]:
     """The encoded examples that still have an answer token to learn (after the shift), and those examples."""
     out, kept = [], []
@@ -170,7 +179,9 @@ _WORDS = (
 _ARGS = "x y a b n m left right first second start stop low high base step width height".split()
 _OPS = {"sum": "+", "difference": "-", "product": "*", "quotient": "/", "remainder": "%"}
 _VERBS = "get compute make find load parse apply build".split()
-_MODULES = "os sys json re math time random string itertools functools collections pathlib shutil struct".split()
+_MODULES = (
+    "os sys json re math time random string itertools functools collections pathlib shutil struct".split()
+)
 
 
 def _name(rng: random.Random) -> str:
@@ -180,8 +191,11 @@ def _name(rng: random.Random) -> str:
 def _func_example(rng: random.Random) -> dict:
     word, symbol = rng.choice(sorted(_OPS.items()))
     name, (a, b) = _name(rng), rng.sample(_ARGS, 2)
-    return {"instruction": f"Write a Python function {name} that returns the {word} of {a} and {b}.", "input": "",
-            "output": f"def {name}({a}, {b}):\n    return {a} {symbol} {b}"}
+    return {
+        "instruction": f"Write a Python function {name} that returns the {word} of {a} and {b}.",
+        "input": "",
+        "output": f"def {name}({a}, {b}):\n    return {a} {symbol} {b}",
+    }
 
 
 def _call_example(rng: random.Random) -> dict:
@@ -191,8 +205,11 @@ def _call_example(rng: random.Random) -> dict:
 
 def _import_example(rng: random.Random) -> dict:
     module, name = rng.choice(_MODULES), _name(rng)
-    return {"instruction": f"Import {name} from the {module} module.", "input": "",
-            "output": f"from {module} import {name}"}
+    return {
+        "instruction": f"Import {name} from the {module} module.",
+        "input": "",
+        "output": f"from {module} import {name}",
+    }
 
 
 def _attribute_example(rng: random.Random) -> dict:
@@ -200,7 +217,12 @@ def _attribute_example(rng: random.Random) -> dict:
     return {"instruction": f"Get the {attr} attribute of {obj}.", "input": "", "output": f"{obj}.{attr}"}
 
 
-TASK_KINDS = {"func": _func_example, "call": _call_example, "import": _import_example, "attribute": _attribute_example}
+TASK_KINDS = {
+    "func": _func_example,
+    "call": _call_example,
+    "import": _import_example,
+    "attribute": _attribute_example,
+}
 
 
 def task_kind(example: dict) -> str:

@@ -19,9 +19,15 @@ def hf_model_type(config: Config) -> str:
     mt = config.hf_model_type
     if mt:
         if mt not in HF_FAMILIES:
-            raise UserError(f"unsupported Hugging Face model_type {mt!r} (supported: {', '.join(HF_FAMILIES)})")
+            raise UserError(
+                f"unsupported Hugging Face model_type {mt!r} (supported: {', '.join(HF_FAMILIES)})"
+            )
         return mt
-    if config.mlp_class_name == "LLaMAMLP" and config.norm_class_name == "RMSNorm" and not config.parallel_residual:
+    if (
+        config.mlp_class_name == "LLaMAMLP"
+        and config.norm_class_name == "RMSNorm"
+        and not config.parallel_residual
+    ):
         return "mistral" if config.sliding_window_size is not None else "llama"
     if config.mlp_class_name == "GptNeoxMLP" and config.norm_class_name == "LayerNorm":
         if config.lm_head_bias:
@@ -45,8 +51,13 @@ def hf_config(config: Config, tie_word_embeddings: bool = False, dtype: Optional
             raise UserError(f"config {config.name!r} cannot be exported as Hugging Face {mt}: {what}")
 
     common = dict(
-        model_type=mt, vocab_size=config.padded_vocab_size, hidden_size=C, num_hidden_layers=config.n_layer,
-        num_attention_heads=nh, max_position_embeddings=config.block_size, rope_theta=float(config.rope_base),
+        model_type=mt,
+        vocab_size=config.padded_vocab_size,
+        hidden_size=C,
+        num_hidden_layers=config.n_layer,
+        num_attention_heads=nh,
+        max_position_embeddings=config.block_size,
+        rope_theta=float(config.rope_base),
         tie_word_embeddings=tie_word_embeddings,
     )
     llama_like = mt in ("llama", "mistral")
@@ -64,8 +75,12 @@ def hf_config(config: Config, tie_word_embeddings: bool = False, dtype: Optional
     if llama_like:
         need(config.rotary_percentage == 1.0, "needs full rotary")
         d = dict(
-            architectures=["MistralForCausalLM" if mt == "mistral" else "LlamaForCausalLM"], **common,
-            intermediate_size=config.intermediate_size, num_key_value_heads=ng, head_dim=hs, hidden_act="silu",
+            architectures=["MistralForCausalLM" if mt == "mistral" else "LlamaForCausalLM"],
+            **common,
+            intermediate_size=config.intermediate_size,
+            num_key_value_heads=ng,
+            head_dim=hs,
+            hidden_act="silu",
             rms_norm_eps=config.norm_eps,
         )
         if mt == "llama":
@@ -76,7 +91,10 @@ def hf_config(config: Config, tie_word_embeddings: bool = False, dtype: Optional
             need(not config.bias, "mistral has no biases")
             d["sliding_window"] = config.sliding_window_size
     elif mt == "falcon":
-        need(config.rotary_percentage == 1.0 and config.gelu_approximate == "none", "needs full rotary and exact gelu")
+        need(
+            config.rotary_percentage == 1.0 and config.gelu_approximate == "none",
+            "needs full rotary and exact gelu",
+        )
         if not config.parallel_residual:
             need(ng in (1, nh), "sequential falcon blocks need multi-query or multi-head attention")
             new_arch, num_ln = False, None
@@ -86,28 +104,48 @@ def hf_config(config: Config, tie_word_embeddings: bool = False, dtype: Optional
         else:
             new_arch, num_ln = True, 2
         d = dict(
-            architectures=["FalconForCausalLM"], **common, num_kv_heads=ng, new_decoder_architecture=new_arch,
-            multi_query=ng == 1 if not new_arch else True, parallel_attn=config.parallel_residual,
-            num_ln_in_parallel_attn=num_ln, bias=config.bias, alibi=False, activation="gelu",
-            ffn_hidden_size=config.intermediate_size, layer_norm_epsilon=config.norm_eps,
+            architectures=["FalconForCausalLM"],
+            **common,
+            num_kv_heads=ng,
+            new_decoder_architecture=new_arch,
+            multi_query=ng == 1 if not new_arch else True,
+            parallel_attn=config.parallel_residual,
+            num_ln_in_parallel_attn=num_ln,
+            bias=config.bias,
+            alibi=False,
+            activation="gelu",
+            ffn_hidden_size=config.intermediate_size,
+            layer_norm_epsilon=config.norm_eps,
         )
     elif mt == "gpt_neox":
         need(ng == nh and config.bias and not config.lm_head_bias, "needs multi-head attention and biases")
         need(not (config.parallel_residual and config.shared_attention_norm), "has no shared attention norm")
         d = dict(
-            architectures=["GPTNeoXForCausalLM"], **common, intermediate_size=config.intermediate_size,
+            architectures=["GPTNeoXForCausalLM"],
+            **common,
+            intermediate_size=config.intermediate_size,
             hidden_act="gelu" if config.gelu_approximate == "none" else "gelu_new",
-            rotary_pct=config.rotary_percentage, rotary_emb_base=config.rope_base, layer_norm_eps=config.norm_eps,
-            use_parallel_residual=config.parallel_residual, attention_bias=True,
+            rotary_pct=config.rotary_percentage,
+            rotary_emb_base=config.rope_base,
+            layer_norm_eps=config.norm_eps,
+            use_parallel_residual=config.parallel_residual,
+            attention_bias=True,
         )
         del d["rope_theta"]  # written as rotary_emb_base
     else:  # phi
-        need(config.bias and config.lm_head_bias and config.parallel_residual and config.shared_attention_norm,
-             "needs biases, an lm_head bias and a parallel block with one norm")
+        need(
+            config.bias and config.lm_head_bias and config.parallel_residual and config.shared_attention_norm,
+            "needs biases, an lm_head bias and a parallel block with one norm",
+        )
         d = dict(
-            architectures=["PhiForCausalLM"], **common, intermediate_size=config.intermediate_size,
-            num_key_value_heads=ng, hidden_act="gelu" if config.gelu_approximate == "none" else "gelu_new",
-            partial_rotary_factor=config.rotary_percentage, layer_norm_eps=config.norm_eps, qk_layernorm=False,
+            architectures=["PhiForCausalLM"],
+            **common,
+            intermediate_size=config.intermediate_size,
+            num_key_value_heads=ng,
+            hidden_act="gelu" if config.gelu_approximate == "none" else "gelu_new",
+            partial_rotary_factor=config.rotary_percentage,
+            layer_norm_eps=config.norm_eps,
+            qk_layernorm=False,
         )
     if dtype is not None:
         d["torch_dtype"] = str(dtype).removeprefix("torch.")

@@ -46,7 +46,9 @@ def export_hf(
         check_lit_state({n: slices[n].get_shape() for n in plain}, config, str(weights), skip=set(modules))
 
         tie = "lm_head" not in modules and _file_can_tie(f, slices, config)
-        d = hf_config(config, tie, DTYPES[slices["transformer.wte.weight"].get_dtype()])  # checked before any writes
+        d = hf_config(
+            config, tie, DTYPES[slices["transformer.wte.weight"].get_dtype()]
+        )  # checked before any writes
         if qc is not None:
             d["quantization_config"] = qc
         if tie:
@@ -72,7 +74,9 @@ def export_hf(
                 if meta:
                     yield from gptq_plan_hf(u, slices, config, bits)
                 else:
-                    yield from iter_gptq_lit_to_hf([(u, gptq_layer_tensors(f, slices, u, bits))], config, bits)
+                    yield from iter_gptq_lit_to_hf(
+                        [(u, gptq_layer_tensors(f, slices, u, bits))], config, bits
+                    )
 
         write_hf_dir(checkpoint_dir, output_dir, shards, tensors, d)
     if qc is not None:

@@ -19,16 +19,24 @@ from litquant.io import DTYPES, atomic_write_text, open_safetensors, write_safet
 
 # Files an HF directory carries besides the weights; copied unchanged on export.
 HF_SIDE_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
 )
 HF_MAX_SHARD_SIZE = 5_000_000_000  # bytes; what transformers itself uses for hub uploads
 
 
 def hf_weight_files(checkpoint_dir: Path) -> list[Path]:
     """The weight shards of an HF directory: safetensors preferred, else pytorch_model*.bin."""
-    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
-                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+    for index_name, pattern in (
+        ("model.safetensors.index.json", "*.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
+    ):
         index = checkpoint_dir / index_name
         if index.is_file():
             try:
@@ -40,8 +48,11 @@ def hf_weight_files(checkpoint_dir: Path) -> list[Path]:
                 raise UserError(f"{index} lists shards that are missing: {', '.join(missing)}")
             return [checkpoint_dir / n for n in names]
         # our own outputs and Mistral's native-format duplicate are not HF transformers weights
-        files = sorted(p for p in checkpoint_dir.glob(pattern) if p.is_file()
-                       and not p.name.startswith(("lit_model", "consolidated", "adapter_model")))
+        files = sorted(
+            p
+            for p in checkpoint_dir.glob(pattern)
+            if p.is_file() and not p.name.startswith(("lit_model", "consolidated", "adapter_model"))
+        )
         if files:
             return files
     raise UserError(f"no Hugging Face weight files (*.safetensors or pytorch_model*.bin) in {checkpoint_dir}")
@@ -56,8 +67,10 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError:
-        raise UserError(f"{path}: refusing to unpickle it, it holds more than tensors (a .bin may run code; "
-                        "use the model's .safetensors files)") from None
+        raise UserError(
+            f"{path}: refusing to unpickle it, it holds more than tensors (a .bin may run code; "
+            "use the model's .safetensors files)"
+        ) from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise UserError(f"{path} cannot be read (truncated or corrupt? {str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -135,9 +148,7 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[
     return shards
 
 
-def write_hf_dir(
-    checkpoint_dir: Path, output_dir: Path, shards: list[list[str]], tensors, d: dict
-) -> None:
+def write_hf_dir(checkpoint_dir: Path, output_dir: Path, shards: list[list[str]], tensors, d: dict) -> None:
     """Write the shards, the index or not, config.json and side files. `tensors(shard, meta)` yields a shard's HF
     tensors one at a time (meta=True: meta tensors, the shard file's plan), each written as soon as it is made."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -156,10 +167,13 @@ def write_hf_dir(
         (output_dir / "model.safetensors.index.json").unlink(missing_ok=True)
         stale = [p for p in output_dir.glob("model-*-of-*.safetensors")]
     else:
-        atomic_write_text(output_dir / "model.safetensors.index.json",
-                          json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        stale = [output_dir / "model.safetensors"] + [p for p in output_dir.glob("model-*-of-*.safetensors")
-                                                       if p.name not in set(weight_map.values())]
+        atomic_write_text(
+            output_dir / "model.safetensors.index.json",
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2),
+        )
+        stale = [output_dir / "model.safetensors"] + [
+            p for p in output_dir.glob("model-*-of-*.safetensors") if p.name not in set(weight_map.values())
+        ]
     for p in stale:
         p.unlink(missing_ok=True)
     atomic_write_text(output_dir / "config.json", json.dumps(d, indent=2) + "\n")

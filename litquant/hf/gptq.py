@@ -50,7 +50,9 @@ def _gptq_pack_rows(rows: Mapping[str, torch.Tensor], bits: int, source: str) ->
     from litquant.quantization.gptq_format import pack
 
     if rows["zeros"].numel() and int(rows["zeros"].min()) < 1:
-        raise UserError(f"{source}: a zero point of 0 cannot be stored in the GPTQ v1 format (qzeros = zero - 1)")
+        raise UserError(
+            f"{source}: a zero point of 0 cannot be stored in the GPTQ v1 format (qzeros = zero - 1)"
+        )
     out = pack(rows["codes"], rows["zeros"].t(), rows["scales"].t(), rows["g_idx"], bits)
     if "bias" in rows:
         out["bias"] = rows["bias"].contiguous()
@@ -70,19 +72,25 @@ def iter_gptq_lit_to_hf(
     for name, t in modules:
         pieces = hf_pieces(name + ".weight", config, to_hf)
         if pieces is None:
-            raise UserError(f"quantized layer {name!r} has no Hugging Face {hf_model_type(config)} equivalent")
+            raise UserError(
+                f"quantized layer {name!r} has no Hugging Face {hf_model_type(config)} equivalent"
+            )
         if pieces[0][1] is None:  # a rename: the packed tensors are kept as they are
             hf_module = pieces[0][0].removesuffix(".weight")
             for attr, v in t.items():
                 yield f"{hf_module}.{attr}", v
             continue
-        rows = _gptq_rows(t, bits)  # q/k/v: the fp weight's row transform on the unpacked rows, each piece repacked
+        rows = _gptq_rows(
+            t, bits
+        )  # q/k/v: the fp weight's row transform on the unpacked rows, each piece repacked
         for hf_name, fn in pieces:
             for attr, v in _gptq_pack_rows(_gptq_map_rows(rows, fn), bits, name).items():
                 yield f"{hf_name.removesuffix('.weight')}.{attr}", v
 
 
-def gptq_plan_hf(module: str, slices: Mapping, config: Config, bits: int) -> Iterator[tuple[str, torch.Tensor]]:
+def gptq_plan_hf(
+    module: str, slices: Mapping, config: Config, bits: int
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Meta tensors of what `iter_gptq_lit_to_hf` makes of one stored litquant GPTQ layer."""
     to_hf = {lit: hf for hf, lit in weight_map(config).items()}
     in_features = slices[f"{module}.g_idx"].get_shape()[0]
@@ -104,11 +112,16 @@ def gptq_modules(names: Iterable[str]) -> tuple[list[str], list[str]]:
     return sorted(modules, key=layer_order), plain
 
 
-def _gptq_plan(module: str, in_features: int, out_features: int, groups: int, bits: int,
-               bias: Optional[torch.dtype]) -> Iterator[tuple[str, torch.Tensor]]:
+def _gptq_plan(
+    module: str, in_features: int, out_features: int, groups: int, bits: int, bias: Optional[torch.dtype]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Meta tensors of one quantized layer's AutoGPTQ tensors (a file's plan: the layout's shapes)."""
-    shapes = {"qweight": ((in_features * bits + 31) // 32, out_features), "qzeros": (groups, out_features * bits // 32),
-              "scales": (groups, out_features), "g_idx": (in_features,)}
+    shapes = {
+        "qweight": ((in_features * bits + 31) // 32, out_features),
+        "qzeros": (groups, out_features * bits // 32),
+        "scales": (groups, out_features),
+        "g_idx": (in_features,),
+    }
     dtypes = {"qweight": torch.int32, "qzeros": torch.int32, "scales": torch.float16, "g_idx": torch.int32}
     for attr, shape in shapes.items():
         yield f"{module}.{attr}", torch.empty(shape, dtype=dtypes[attr], device="meta")
@@ -129,13 +142,21 @@ def import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_name
     q = {**(meta if isinstance(meta, dict) else {}), **hf["quantization_config"]}
     fmt = q.get("checkpoint_format", "gptq")
     if fmt not in ("gptq", "gptq_v2"):
-        raise UserError(f"{source}: GPTQ checkpoint_format {fmt!r} is not supported (only 'gptq' and 'gptq_v2')")
+        raise UserError(
+            f"{source}: GPTQ checkpoint_format {fmt!r} is not supported (only 'gptq' and 'gptq_v2')"
+        )
     v2 = fmt == "gptq_v2"
     check_quantize_config({**q, "checkpoint_format": "gptq"}, source)
     bits, group_size = int(q["bits"]), int(q["group_size"])
-    qc = quantize_config(bits, group_size, bool(q.get("desc_act", False)), bool(q.get("sym", False)),
-                         float(q.get("damp_percent", 0.01)), bool(q.get("true_sequential", True)),
-                         bool(q.get("static_groups", False)))
+    qc = quantize_config(
+        bits,
+        group_size,
+        bool(q.get("desc_act", False)),
+        bool(q.get("sym", False)),
+        float(q.get("damp_percent", 0.01)),
+        bool(q.get("true_sequential", True)),
+        bool(q.get("static_groups", False)),
+    )
     torch_dtype = parse_dtype(dtype)
     config = hf_import_config(hf, checkpoint_dir, model_name)
     to_lit = import_map(config)
@@ -185,8 +206,10 @@ def import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_name
         if "bias" in t and torch_dtype is not None:
             t["bias"] = t["bias"].to(torch_dtype)
         if (t["scales"].shape[1], in_features) != tuple(want):
-            raise UserError(f"quantized layer {hf_module!r} is {t['scales'].shape[1]}x{in_features} (out x in) "
-                            f"but the config needs {tuple(want)[0]}x{tuple(want)[1]}")
+            raise UserError(
+                f"quantized layer {hf_module!r} is {t['scales'].shape[1]}x{in_features} (out x in) "
+                f"but the config needs {tuple(want)[0]}x{tuple(want)[1]}"
+            )
         return t
 
     def quantized_tensors() -> Iterator[tuple[str, torch.Tensor]]:
@@ -210,13 +233,20 @@ def import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_name
                 got3 = pending.pop(lit_module)
                 parts = [_gptq_rows(got3[p], bits, v2) for p in "qkv"]
                 if not all(torch.equal(p["g_idx"], parts[0]["g_idx"]) for p in parts):
-                    raise UserError(f"{hf_module.rsplit('.', 1)[0]}: q/k/v were quantized with different g_idx "
-                                    "(act-order permutations), so they cannot be fused into one qkv layer")
-                rows = {k: (parts[0][k] if k == "g_idx" else torch.cat([p[k] for p in parts])) for k in parts[0]}
+                    raise UserError(
+                        f"{hf_module.rsplit('.', 1)[0]}: q/k/v were quantized with different g_idx "
+                        "(act-order permutations), so they cannot be fused into one qkv layer"
+                    )
+                rows = {
+                    k: (parts[0][k] if k == "g_idx" else torch.cat([p[k] for p in parts])) for k in parts[0]
+                }
                 t = _gptq_pack_rows(rows, bits, hf_module)
             elif lit_module.endswith(".attn.qkv") and fused_hf_qkv(config):
-                t = _gptq_pack_rows(_gptq_map_rows(_gptq_rows(t, bits, v2), lambda r: deinterleave_qkv(r, config)),
-                                    bits, hf_module)
+                t = _gptq_pack_rows(
+                    _gptq_map_rows(_gptq_rows(t, bits, v2), lambda r: deinterleave_qkv(r, config)),
+                    bits,
+                    hf_module,
+                )
             elif v2:
                 t = _gptq_pack_rows(_gptq_rows(t, bits, v2), bits, hf_module)
             for a, v in t.items():
@@ -230,23 +260,34 @@ def import_gptq(checkpoint_dir: Path, hf: dict, dtype: Optional[str], model_name
     def plan() -> Iterator[tuple[str, torch.Tensor]]:
         for m in sorted(quantized, key=layer_order):
             out_features, in_features = shapes[m + ".weight"]
-            hf_bias = [headers[f"{h}.bias"].dtype for h in hf_modules
-                       if f"{h}.bias" in headers and lit_module_of(h)[0] == m]
+            hf_bias = [
+                headers[f"{h}.bias"].dtype
+                for h in hf_modules
+                if f"{h}.bias" in headers and lit_module_of(h)[0] == m
+            ]
             bias = (torch_dtype or hf_bias[0]) if m + ".bias" in shapes and hf_bias else None
-            yield from _gptq_plan(m, in_features, out_features, num_groups(in_features, group_size), bits, bias)
+            yield from _gptq_plan(
+                m, in_features, out_features, num_groups(in_features, group_size), bits, bias
+            )
         yield from iter_hf_to_lit(((k, headers[k]) for k in plain), config, torch_dtype, tie, shapes=rest)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         yield from quantized_tensors()
-        yield from iter_hf_to_lit(iter_hf_files(files, only=set(plain)), config, torch_dtype, tie, shapes=rest)
+        yield from iter_hf_to_lit(
+            iter_hf_files(files, only=set(plain)), config, torch_dtype, tie, shapes=rest
+        )
 
     out = checkpoint_dir / gptq_file(bits)
-    write_safetensors(out, tensors(), plan(),
-                      metadata={"format": "pt", "litquant": "1", "quantize_config": json.dumps(qc)})
+    write_safetensors(
+        out, tensors(), plan(), metadata={"format": "pt", "litquant": "1", "quantize_config": json.dumps(qc)}
+    )
     write_quantize_config(checkpoint_dir, qc)
     config.save(checkpoint_dir)
-    print(f"Wrote {out} ({len(quantized)} GPTQ layers, {bits} bits, group_size {group_size}) and {CONFIG_FILE}; "
-          f"run it with --quantize gptq.int{bits}", flush=True)
+    print(
+        f"Wrote {out} ({len(quantized)} GPTQ layers, {bits} bits, group_size {group_size}) and {CONFIG_FILE}; "
+        f"run it with --quantize gptq.int{bits}",
+        flush=True,
+    )
 
 
 def gptq_export_source(checkpoint_dir: Path, bits: int) -> tuple[Path, dict]:
@@ -255,14 +296,18 @@ def gptq_export_source(checkpoint_dir: Path, bits: int) -> tuple[Path, dict]:
 
     weights = checkpoint_dir / gptq_file(bits)
     if not weights.is_file():
-        raise UserError(f"{checkpoint_dir} has no {weights.name}: make it with `litquant quantize gptq --bits {bits}`")
+        raise UserError(
+            f"{checkpoint_dir} has no {weights.name}: make it with `litquant quantize gptq --bits {bits}`"
+        )
     qc = read_quantize_config(weights)
     if qc["bits"] != bits:
         raise UserError(f"{weights} was quantized with {qc['bits']} bits, not {bits}")
     return weights, qc
 
 
-def check_gptq_layers(modules: Iterable[str], slices: Mapping, config: Config, bits: int, source: Path) -> None:
+def check_gptq_layers(
+    modules: Iterable[str], slices: Mapping, config: Config, bits: int, source: Path
+) -> None:
     """The stored quantized layers must match the config (from their headers; nothing read)."""
     shapes = expected_shapes(config)
     for m in modules:

@@ -14,7 +14,9 @@ from litquant.errors import UserError
 from litquant.hf.config import hf_model_type
 
 # Buffers older HF checkpoints saved next to the weights; derived state we rebuild, so skipped.
-_SKIP = re.compile(r"(\.inv_freq|\.attention\.bias|\.attention\.masked_bias|\.attn\.bias|\.attn\.masked_bias)$")
+_SKIP = re.compile(
+    r"(\.inv_freq|\.attention\.bias|\.attention\.masked_bias|\.attn\.bias|\.attn\.masked_bias)$"
+)
 _LAYER = re.compile(r"\.(\d+)\.")
 _QKV = re.compile(r"\.attn\.qkv\.(weight|bias)$")
 _QKV_PIECE = re.compile(r"\.attn\.([qkv])\.(weight|bias)$")
@@ -143,7 +145,7 @@ def name_template(name: str) -> tuple[str, Optional[int]]:
     m = _LAYER.search(name)
     if m is None:
         return name, None
-    return name[: m.start()] + ".{}." + name[m.end():], int(m.group(1))
+    return name[: m.start()] + ".{}." + name[m.end() :], int(m.group(1))
 
 
 def layer_order(name: str) -> tuple[int, str]:
@@ -175,8 +177,13 @@ def hf_pieces(
     if _QKV.search(name):
         if not fused_hf_qkv(config):
             sizes = qkv_sizes(config)
-            return [(to_hf[template.replace(".attn.qkv.", f".attn.{p}.")].format(layer),
-                     lambda t, i=i: t.split(sizes)[i]) for i, p in enumerate("qkv")]
+            return [
+                (
+                    to_hf[template.replace(".attn.qkv.", f".attn.{p}.")].format(layer),
+                    lambda t, i=i: t.split(sizes)[i],
+                )
+                for i, p in enumerate("qkv")
+            ]
         return [(to_hf[template].format(layer), lambda t: interleave_qkv(t, config))]
     hf_template = to_hf.get(template)
     return None if hf_template is None else [(hf_template.format(layer), None)]
@@ -224,9 +231,13 @@ def iter_hf_to_lit(
     def emit(lit_name: str, t: torch.Tensor, source: str) -> tuple[str, torch.Tensor]:
         want = shapes.get(lit_name)
         if want is None:
-            raise UserError(f"unexpected weight {source!r} for this {mt} config (the config has no {lit_name})")
+            raise UserError(
+                f"unexpected weight {source!r} for this {mt} config (the config has no {lit_name})"
+            )
         if t.shape != want:
-            raise UserError(f"weight {source!r} has shape {tuple(t.shape)} but the config needs {tuple(want)}")
+            raise UserError(
+                f"weight {source!r} has shape {tuple(t.shape)} but the config needs {tuple(want)}"
+            )
         if lit_name in done:
             raise UserError(f"weight {source!r} appears twice in the checkpoint")
         done.add(lit_name)
@@ -239,7 +250,9 @@ def iter_hf_to_lit(
             continue
         mapped = lit_name_of(hf_name, to_lit)
         if mapped is None:
-            raise UserError(f"unexpected weight {hf_name!r} for a {mt} model (does config.json match the weights?)")
+            raise UserError(
+                f"unexpected weight {hf_name!r} for a {mt} model (does config.json match the weights?)"
+            )
         lit_name, part = mapped
         if part:  # separate q/k/v: wait for all three, then concatenate
             rows = q_rows if part == "q" else kv_rows
@@ -257,7 +270,9 @@ def iter_hf_to_lit(
         if fused and _QKV.search(lit_name):
             want = shapes.get(lit_name)
             if want is not None and t.shape != want:
-                raise UserError(f"weight {hf_name!r} has shape {tuple(t.shape)} but the config needs {tuple(want)}")
+                raise UserError(
+                    f"weight {hf_name!r} has shape {tuple(t.shape)} but the config needs {tuple(want)}"
+                )
             t = deinterleave_qkv(t, config)
         lit_name, t = emit(lit_name, t, hf_name)
         if lit_name == "transformer.wte.weight" and tie:
@@ -268,8 +283,11 @@ def iter_hf_to_lit(
         name, parts = next(iter(pending.items()))
         template, layer = name_template(name)
         hf_names = {v: k for k, v in weight_map(config).items()}
-        absent = [hf_names[template.replace(".attn.qkv.", f".attn.{p}.")].format(layer)
-                  for p in "qkv" if p not in parts]
+        absent = [
+            hf_names[template.replace(".attn.qkv.", f".attn.{p}.")].format(layer)
+            for p in "qkv"
+            if p not in parts
+        ]
         raise UserError(f"incomplete attention weights: the checkpoint lacks {', '.join(absent)}")
     if tie and wte is not None and "lm_head.weight" in shapes and "lm_head.weight" not in done:
         yield emit("lm_head.weight", wte.clone(), "lm_head.weight (tied to the embedding)")
@@ -322,7 +340,9 @@ def check_lit_state(
         if name not in shapes:
             raise UserError(f"{source}: unexpected tensor {name!r} for this config")
         if tuple(shape) != tuple(shapes[name]):
-            raise UserError(f"{source}: {name} has shape {tuple(shape)} but the config needs {tuple(shapes[name])}")
+            raise UserError(
+                f"{source}: {name} has shape {tuple(shape)} but the config needs {tuple(shapes[name])}"
+            )
     missing = sorted(set(shapes) - set(names_shapes))
     if missing:
         raise UserError(f"{source} is missing tensors: {', '.join(missing[:5])}")
@@ -335,11 +355,18 @@ def lit_to_hf(
     (None: when lm_head equals the embedding) `lm_head.weight` is left out, as HF saves it."""
     check_lit_state({k: v.shape for k, v in lit_state.items()}, config, "state dict")
     if tie_word_embeddings is None:
-        tie_word_embeddings = can_tie(lit_state.get("transformer.wte.weight"), lit_state.get("lm_head.weight"), config)
+        tie_word_embeddings = can_tie(
+            lit_state.get("transformer.wte.weight"), lit_state.get("lm_head.weight"), config
+        )
     return dict(iter_lit_to_hf(lit_state.items(), config, tie_word_embeddings))
 
 
 def can_tie(wte: Optional[torch.Tensor], lm_head: Optional[torch.Tensor], config: Config) -> bool:
     """Whether lm_head can be saved tied to the embedding: same shape, equal values, no bias."""
-    return (wte is not None and lm_head is not None and not config.lm_head_bias
-            and wte.shape == lm_head.shape and torch.equal(wte, lm_head))
+    return (
+        wte is not None
+        and lm_head is not None
+        and not config.lm_head_bias
+        and wte.shape == lm_head.shape
+        and torch.equal(wte, lm_head)
+    )

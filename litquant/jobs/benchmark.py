@@ -76,12 +76,28 @@ def main(
             raise UserError("--model_name is for --random_init; to benchmark weights use --checkpoint_dir")
         opened = Checkpoint.open(checkpoint_dir)
         checkpoint, config = opened.path, opened.config
-    spec = MeasureSpec(checkpoint_dir=str(checkpoint) if checkpoint else None, precision=precision,
-                       accelerator=device.type, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, runs=runs,
-                       warmup=warmup, ppl_tokens=ppl_tokens, window=window, random_init=random_init,
-                       model_name=model_name, compile=compile, seed=seed, threads=threads)
+    spec = MeasureSpec(
+        checkpoint_dir=str(checkpoint) if checkpoint else None,
+        precision=precision,
+        accelerator=device.type,
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        runs=runs,
+        warmup=warmup,
+        ppl_tokens=ppl_tokens,
+        window=window,
+        random_init=random_init,
+        model_name=model_name,
+        compile=compile,
+        seed=seed,
+        threads=threads,
+    )
     spec.check(config, device)
-    mode_list = [m.strip() for m in modes.split(",") if m.strip()] if modes else default_modes(checkpoint, random_init)
+    mode_list = (
+        [m.strip() for m in modes.split(",") if m.strip()]
+        if modes
+        else default_modes(checkpoint, random_init)
+    )
     if not mode_list:
         raise UserError("no modes to benchmark")
     check_modes(mode_list, precision, device)
@@ -89,27 +105,45 @@ def main(
     if threads:
         torch.set_num_threads(threads)
     env = environment(device)
-    bandwidth = (bandwidth_gbps * 1e9 if bandwidth_gbps
-                 else (peak_bandwidth(env["device_name"]) if device.type == "cuda" else None))
-    settings = dict(checkpoint_dir=spec.checkpoint_dir, model_name=model_name or config.name,
-                    random_init=random_init, precision=precision, prompt_tokens=prompt_tokens,
-                    max_new_tokens=max_new_tokens, runs=runs, warmup=warmup,
-                    ppl_tokens=0 if random_init else ppl_tokens, window=window, compile=compile, seed=seed,
-                    isolate=isolate, threads=threads)
+    bandwidth = (
+        bandwidth_gbps * 1e9
+        if bandwidth_gbps
+        else (peak_bandwidth(env["device_name"]) if device.type == "cuda" else None)
+    )
+    settings = dict(
+        checkpoint_dir=spec.checkpoint_dir,
+        model_name=model_name or config.name,
+        random_init=random_init,
+        precision=precision,
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=max_new_tokens,
+        runs=runs,
+        warmup=warmup,
+        ppl_tokens=0 if random_init else ppl_tokens,
+        window=window,
+        compile=compile,
+        seed=seed,
+        isolate=isolate,
+        threads=threads,
+    )
     report = {"environment": env, "settings": settings, "bandwidth": bandwidth, "results": []}
     print(header(report), file=sys.stderr)
     avail = available_memory(device)
     for mode in mode_list:
         need = weights_needed(config, mode, precision, device)
         if need is not None and avail is not None and need > 0.9 * avail:
-            result = failed(mode, f"skipped: needs ~{need / 1e9:.1f} GB of weights, {avail / 1e9:.1f} GB available")
+            result = failed(
+                mode, f"skipped: needs ~{need / 1e9:.1f} GB of weights, {avail / 1e9:.1f} GB available"
+            )
         elif isolate:
             print(f"[{mode}] measuring ...", file=sys.stderr, flush=True)
             result = measure_in_subprocess(spec.for_mode(mode), timeout)
         else:
             result = measure_or_error(spec.for_mode(mode))
         if bandwidth and "error" not in result:
-            result["roofline_fraction"] = result["decode_tokens_per_sec"] * result["bytes_per_decode_step"] / bandwidth
+            result["roofline_fraction"] = (
+                result["decode_tokens_per_sec"] * result["bytes_per_decode_step"] / bandwidth
+            )
         report["results"].append(result)
         if "error" in result:
             print(f"[{mode}] {result['error']}", file=sys.stderr, flush=True)

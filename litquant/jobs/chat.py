@@ -58,8 +58,10 @@ def main(
     llm = LLM.load(checkpoint_dir, quantize, precision, None, accelerator)
     if prompt_style:  # the flag wins over the checkpoint's chat template
         llm.chat_template, llm.prompt_style = None, PromptStyle.from_name(prompt_style)
-    print(f"Chat format: {'the checkpoint chat template' if llm.chat_template else type(llm.prompt_style).__name__}",
-          file=sys.stderr)
+    print(
+        f"Chat format: {'the checkpoint chat template' if llm.chat_template else type(llm.prompt_style).__name__}",
+        file=sys.stderr,
+    )
     torch.manual_seed(seed)
     messages: list[dict] = [{"role": "system", "content": system}] if system is not None else []
     interactive = sys.stdin.isatty()
@@ -72,8 +74,10 @@ def main(
         turn = messages + [{"role": "user", "content": line.rstrip("\n")}]
         room = llm.config.block_size - len(llm.encode_chat(turn))
         if room < 1:
-            raise UserError(f"the conversation no longer fits the model's context of {llm.config.block_size} "
-                            "tokens; start again with --multiturn false")
+            raise UserError(
+                f"the conversation no longer fits the model's context of {llm.config.block_size} "
+                "tokens; start again with --multiturn false"
+            )
         print(">> Reply: ", end="", flush=True)
         t0, pieces = time.perf_counter(), []
         for piece in llm.chat(turn, min(max_new_tokens, room), temperature, top_k, top_p, stream=True):
@@ -82,7 +86,10 @@ def main(
         print()
         took = time.perf_counter() - t0
         n = len(llm.tokenizer.encode("".join(pieces), bos=False))
-        print(f"Time for inference: {took:.02f} sec total, {n / took:.02f} tokens/sec, {n} tokens", file=sys.stderr)
+        print(
+            f"Time for inference: {took:.02f} sec total, {n / took:.02f} tokens/sec, {n} tokens",
+            file=sys.stderr,
+        )
         if multiturn:
             messages = turn + [{"role": "assistant", "content": "".join(pieces).strip()}]
     print(memory_used_line(llm.device), file=sys.stderr)

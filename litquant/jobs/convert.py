@@ -18,7 +18,9 @@ from litquant.io import write_safetensors
 from litquant.quantization.gptq_plugin import gptq_file
 
 
-def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[str] = None, model_name: Optional[str] = None) -> None:
+def convert_hf_checkpoint(
+    checkpoint_dir: Path, dtype: Optional[str] = None, model_name: Optional[str] = None
+) -> None:
     """Convert a Hugging Face model directory to a litquant checkpoint, in place.
 
     Reads `config.json` (or the named config) and the `*.safetensors` / `pytorch_model*.bin` shards;
@@ -51,14 +53,21 @@ def convert_hf_checkpoint(checkpoint_dir: Path, dtype: Optional[str] = None, mod
     # one pass over the headers plans the output file (meta tensors through the same mapping), the second
     # streams: each tensor is read, mapped and written before the next is read
     plan = iter_hf_to_lit(iter_hf_files(files, meta=True), config, torch_dtype, tie)
-    n = write_safetensors(checkpoint_dir / WEIGHTS_FILE, iter_hf_to_lit(iter_hf_files(files), config, torch_dtype, tie),
-                          plan, metadata={"format": "pt", "litquant": "1"})
+    n = write_safetensors(
+        checkpoint_dir / WEIGHTS_FILE,
+        iter_hf_to_lit(iter_hf_files(files), config, torch_dtype, tie),
+        plan,
+        metadata={"format": "pt", "litquant": "1"},
+    )
     config.save(checkpoint_dir)
     print(f"Wrote {checkpoint_dir / WEIGHTS_FILE} ({n / 1e6:.1f}M parameters) and {CONFIG_FILE}", flush=True)
 
 
 def convert_lit_checkpoint(
-    checkpoint_dir: Path, output_dir: Path, max_shard_size: int = HF_MAX_SHARD_SIZE, quantize: Optional[str] = None
+    checkpoint_dir: Path,
+    output_dir: Path,
+    max_shard_size: int = HF_MAX_SHARD_SIZE,
+    quantize: Optional[str] = None,
 ) -> None:
     """Export a litquant checkpoint as a Hugging Face model directory.
 

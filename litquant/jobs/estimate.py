@@ -74,13 +74,23 @@ def main(
         config = Config.from_name(model_name)
     mode_list = [m.strip() for m in modes.split(",") if m.strip()] if modes else list(DEFAULT_MODES)
     if file_bits and not modes:
-        file_mode = next(m.name for m in all_modes().values() if isinstance(m, GPTQMode) and m.bits == file_bits)
+        file_mode = next(
+            m.name for m in all_modes().values() if isinstance(m, GPTQMode) and m.bits == file_bits
+        )
         mode_list = [file_mode if m == "gptq.int4" else m for m in mode_list]
     for m in mode_list:
         quant_mode(m)  # unknown names fail before any work
     result = estimate(
-        config, mode_list, precision, context_length, batch_size, quantize_lm_head,
-        next(g for g in (gptq_group_size, file_group, 128) if g is not None), finetune, lora_r, lora_targets,
+        config,
+        mode_list,
+        precision,
+        context_length,
+        batch_size,
+        quantize_lm_head,
+        next(g for g in (gptq_group_size, file_group, 128) if g is not None),
+        finetune,
+        lora_r,
+        lora_targets,
     )
     if checkpoint_dir is not None:
         result["files_on_disk"] = {

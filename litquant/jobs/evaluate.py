@@ -99,5 +99,3 @@ def main(
         atomic_write_text(out_file, json.dumps(result, indent=2))
         print(f"Wrote {out_file}", file=sys.stderr)
     return result
-
-

@@ -76,12 +76,37 @@ def lora(
         seed: seed for adapter init and dropout.
     """
     hparams = job_hparams(locals())  # first: only the arguments are local yet
-    adapters = LoRAConfig(r=lora_r, alpha=lora_alpha, dropout=lora_dropout, query=lora_query, key=lora_key,
-                          value=lora_value, projection=lora_projection, mlp=lora_mlp, head=lora_head)
-    run = RunSpec(kind="lora", checkpoint_dir=checkpoint_dir, out_dir=out_dir, precision=precision, quantize=quantize,
-                  devices=devices, num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, data=data,
-                  train=train, eval=eval, optimizer=optimizer, logger=logger, resume=resume, seed=seed,
-                  hparams=hparams, lora=adapters)
+    adapters = LoRAConfig(
+        r=lora_r,
+        alpha=lora_alpha,
+        dropout=lora_dropout,
+        query=lora_query,
+        key=lora_key,
+        value=lora_value,
+        projection=lora_projection,
+        mlp=lora_mlp,
+        head=lora_head,
+    )
+    run = RunSpec(
+        kind="lora",
+        checkpoint_dir=checkpoint_dir,
+        out_dir=out_dir,
+        precision=precision,
+        quantize=quantize,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        accelerator=accelerator,
+        data=data,
+        train=train,
+        eval=eval,
+        optimizer=optimizer,
+        logger=logger,
+        resume=resume,
+        seed=seed,
+        hparams=hparams,
+        lora=adapters,
+    )
     return launch(run, train_lora)
 
 
@@ -124,8 +149,23 @@ def full(
         quantize: not supported here (full finetuning needs full-precision weights); use `finetune lora`.
     """
     hparams = job_hparams(locals(), exclude=("quantize",))  # first: only the arguments are local yet
-    run = RunSpec(kind="full", checkpoint_dir=checkpoint_dir, out_dir=out_dir,
-                  precision=full_precision(precision, quantize, accelerator), quantize=None, devices=devices,
-                  num_nodes=num_nodes, strategy=strategy, accelerator=accelerator, data=data, train=train, eval=eval,
-                  optimizer=optimizer, logger=logger, resume=resume, seed=seed, hparams=hparams)
+    run = RunSpec(
+        kind="full",
+        checkpoint_dir=checkpoint_dir,
+        out_dir=out_dir,
+        precision=full_precision(precision, quantize, accelerator),
+        quantize=None,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
+        accelerator=accelerator,
+        data=data,
+        train=train,
+        eval=eval,
+        optimizer=optimizer,
+        logger=logger,
+        resume=resume,
+        seed=seed,
+        hparams=hparams,
+    )
     return launch(run, train_full)

@@ -72,8 +72,11 @@ def main(
         raise UserError("--compile is for CUDA; on CPU run without it")
     if compile and batch_size != 1:
         raise UserError("--compile runs one sequence at a time: add --batch_size 1")
-    prompts = read_prompts(prompts_file) if prompts_file is not None else \
-        ([prompt] if isinstance(prompt, str) else list(prompt))
+    prompts = (
+        read_prompts(prompts_file)
+        if prompts_file is not None
+        else ([prompt] if isinstance(prompt, str) else list(prompt))
+    )
     if not prompts:
         raise UserError("no prompts given")
     # everything the prompts need is checked before the (possibly long, quantizing) model load
@@ -84,8 +87,10 @@ def main(
         if not ids:
             raise UserError(f"prompt {i + 1} is empty after tokenization")
         if len(ids) + max_new_tokens > checkpoint.config.block_size:
-            raise UserError(f"prompt {i + 1} ({len(ids)} tokens) + --max_new_tokens {max_new_tokens} exceeds the "
-                            f"model's context of {checkpoint.config.block_size} tokens")
+            raise UserError(
+                f"prompt {i + 1} ({len(ids)} tokens) + --max_new_tokens {max_new_tokens} exceeds the "
+                f"model's context of {checkpoint.config.block_size} tokens"
+            )
         encoded += [ids] * num_samples
     llm = LLM.load(checkpoint, quantize, precision, lora_path, accelerator, quantize_lm_head)
     weights = weights_line(llm.model)  # as loaded (kernels may add a repacked layout on first use)
@@ -105,12 +110,18 @@ def main(
         texts.append(text)
         print(text, flush=True)
         took = s.t_done - s.t_added
-        print(f"Time for inference {i}: {took:.02f} sec total, {len(s.tokens) / took:.02f} tokens/sec",
-              file=sys.stderr, flush=True)
+        print(
+            f"Time for inference {i}: {took:.02f} sec total, {len(s.tokens) / took:.02f} tokens/sec",
+            file=sys.stderr,
+            flush=True,
+        )
     if len(seqs) > 1:
         n = sum(len(s.tokens) for s in seqs)
-        print(f"All {len(seqs)} sequences, {min(batch_size, len(seqs))} at a time: {elapsed:.02f} sec total, "
-              f"{n / elapsed:.02f} tokens/sec", file=sys.stderr)
+        print(
+            f"All {len(seqs)} sequences, {min(batch_size, len(seqs))} at a time: {elapsed:.02f} sec total, "
+            f"{n / elapsed:.02f} tokens/sec",
+            file=sys.stderr,
+        )
     print(weights, file=sys.stderr)
     print(memory_used_line(llm.device), file=sys.stderr)
     return texts

@@ -56,7 +56,9 @@ def main(
         quantize = meta.get("base_quantize") or None
     out_dir = Path(out_dir) if out_dir is not None else lora_path.parent / "merged"
     if out_dir.resolve() == checkpoint_dir.resolve():
-        raise UserError("--out_dir must differ from the base --checkpoint_dir (it would overwrite the base weights)")
+        raise UserError(
+            "--out_dir must differ from the base --checkpoint_dir (it would overwrite the base weights)"
+        )
 
     if precision is not None:
         save_dtype = PRECISIONS[parse_precision(precision, "cpu")]
@@ -70,13 +72,20 @@ def main(
     # fp16, `merge_lora` dequantizes and adds in fp32), so the base loads in the save dtype unless that would round
     # a tensor before the merge; the merged Linears are then stored in it one by one: no full fp32 copy, no second one.
     load_precision = _merge_load_precision(checkpoint_dir, quantize, save_dtype, device)
-    plugin = resolve(load_precision, quantize, device, **base_options(quantize))  # GPTQ: dequantizing needs qweight
+    plugin = resolve(
+        load_precision, quantize, device, **base_options(quantize)
+    )  # GPTQ: dequantizing needs qweight
     model = load_model(checkpoint, plugin, device)
     load_lora(model, lora_path, dtype=torch.float32)
     merge_lora(model, save_dtype)
-    model.to(save_dtype)  # what merging did not replace (embeddings, norms, plain Linears), in place, tensor by tensor
+    model.to(
+        save_dtype
+    )  # what merging did not replace (embeddings, norms, plain Linears), in place, tensor by tensor
     save_checkpoint(model.state_dict(), model.config, out_dir)
     copy_side_files(checkpoint_dir, out_dir)
-    print(f"Merged {lora_path} into {checkpoint_dir} ({quantize or 'full precision'} base, dequantized); "
-          f"saved {out_dir / WEIGHTS_FILE} ({str(save_dtype).replace('torch.', '')})", file=sys.stderr)
+    print(
+        f"Merged {lora_path} into {checkpoint_dir} ({quantize or 'full precision'} base, dequantized); "
+        f"saved {out_dir / WEIGHTS_FILE} ({str(save_dtype).replace('torch.', '')})",
+        file=sys.stderr,
+    )
     return out_dir

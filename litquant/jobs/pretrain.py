@@ -92,8 +92,10 @@ def main(
     tokenizer = train_bpe_tokenizer(train_docs, vocab_size, out_dir)
     train_ids = tokenize_documents(tokenizer, train_docs)
     val_ids = tokenizer.encode(DOC_SEPARATOR.join(heldout_docs), bos=False)
-    fabric.print(f"Tokenizer trained in {time.perf_counter() - t0:.1f}s: {train_ids.numel():,} train tokens, "
-                 f"{val_ids.numel():,} held-out tokens")
+    fabric.print(
+        f"Tokenizer trained in {time.perf_counter() - t0:.1f}s: {train_ids.numel():,} train tokens, "
+        f"{val_ids.numel():,} held-out tokens"
+    )
 
     config = Config.from_name(model_name, vocab_size=tokenizer.vocab_size, padded_vocab_size=None)
     if seq_len > config.block_size:
@@ -105,7 +107,9 @@ def main(
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=learning_rate, betas=(0.9, 0.95), fused=False,
+        lr=learning_rate,
+        betas=(0.9, 0.95),
+        fused=False,
     )
     model, optimizer = fabric.setup(model, optimizer)
     gen = torch.Generator().manual_seed(seed)
@@ -125,7 +129,7 @@ def main(
     model.train()
     for step in range(max_steps):
         starts = torch.randint(0, train_ids.numel() - seq_len - 1, (micro_batch_size,), generator=gen)
-        batch = torch.stack([train_ids[s:s + seq_len + 1] for s in starts]).to(fabric.device)
+        batch = torch.stack([train_ids[s : s + seq_len + 1] for s in starts]).to(fabric.device)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         logits = model(batch[:, :-1])
@@ -136,8 +140,10 @@ def main(
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == max_steps - 1:
             elapsed = time.perf_counter() - t_start
-            fabric.print(f"step {step:5d} | loss {loss.item():.4f} | lr {lr_at(step):.2e} | "
-                         f"{(step + 1) * micro_batch_size * seq_len / elapsed:,.0f} tokens/sec")
+            fabric.print(
+                f"step {step:5d} | loss {loss.item():.4f} | lr {lr_at(step):.2e} | "
+                f"{(step + 1) * micro_batch_size * seq_len / elapsed:,.0f} tokens/sec"
+            )
         if (step + 1) % eval_interval == 0 and step + 1 < max_steps:
             ppl = evaluate()
             history.append({"step": step + 1, "heldout_perplexity": ppl})
@@ -146,17 +152,25 @@ def main(
     ppl = evaluate()
     history.append({"step": max_steps, "heldout_perplexity": ppl})
     train_s = time.perf_counter() - t_start
-    fabric.print(f"Training took {train_s:.1f}s; held-out perplexity {ppl:.2f} (a uniform guess: {config.vocab_size})")
+    fabric.print(
+        f"Training took {train_s:.1f}s; held-out perplexity {ppl:.2f} (a uniform guess: {config.vocab_size})"
+    )
     state = {k: v.to(getattr(torch, save_dtype)) for k, v in model.state_dict().items()}
     save_checkpoint(state, config, out_dir)
     import json
 
-    summary = {"model": config.name, "parameters": num_parameters(model), "max_steps": max_steps,
-               "micro_batch_size": micro_batch_size, "seq_len": seq_len, "seed": seed,
-               "train_seconds": round(train_s, 1),
-               "heldout_perplexity": round(ppl, 3), "eval_precision": precision, "history": history}
+    summary = {
+        "model": config.name,
+        "parameters": num_parameters(model),
+        "max_steps": max_steps,
+        "micro_batch_size": micro_batch_size,
+        "seq_len": seq_len,
+        "seed": seed,
+        "train_seconds": round(train_s, 1),
+        "heldout_perplexity": round(ppl, 3),
+        "eval_precision": precision,
+        "history": history,
+    }
     atomic_write_text(out_dir / "pretrain_summary.json", json.dumps(summary, indent=2))
     fabric.print(memory_used_line(fabric.device))
     return summary
-
-

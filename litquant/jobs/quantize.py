@@ -89,7 +89,9 @@ def gptq(
             raise UserError(f"{flag} must be at least 1, got {value}")
     checkpoint = Checkpoint.open(checkpoint_dir)
     source, config = checkpoint.file(), checkpoint.config
-    settings = GPTQSettings(bits, group_size, act_order, sym, damp_percent, static_groups, true_sequential, block_size)
+    settings = GPTQSettings(
+        bits, group_size, act_order, sym, damp_percent, static_groups, true_sequential, block_size
+    )
     settings.check(config)
     device = torch.device("cuda" if pick_accelerator(accelerator) == "cuda" else "cpu")
     dtype = PRECISIONS[parse_precision(precision, device)]
@@ -99,7 +101,10 @@ def gptq(
         raise UserError(f"--seq_len must be in [2, {config.block_size}] (the model's context), got {seq_len}")
     if n_samples is None:
         n_samples, why = default_n_samples(config, seq_len, device, dtype)
-        print(f"Calibration: {n_samples} x {seq_len} tokens ({why}; --n_samples and --seq_len choose)", file=sys.stderr)
+        print(
+            f"Calibration: {n_samples} x {seq_len} tokens ({why}; --n_samples and --seq_len choose)",
+            file=sys.stderr,
+        )
     if eval_tokens is None:
         eval_tokens = 4096 if device.type == "cuda" else 1024
     if eval_tokens < 0 or eval_tokens == 1:
@@ -125,7 +130,9 @@ def gptq(
     reset_peak_memory(device)
     t0 = time.perf_counter()
     out = output_dir / gptq_file(bits)
-    quantized, gate = quantize_model(checkpoint, settings, tokens, out, device, dtype, batch_size, gate_tokens)
+    quantized, gate = quantize_model(
+        checkpoint, settings, tokens, out, device, dtype, batch_size, gate_tokens
+    )
     qc = settings.quantize_config()
     atomic_write_text(output_dir / QUANTIZE_CONFIG_FILE, json.dumps(qc, indent=2) + "\n")
     if output_dir.resolve() != checkpoint.path.resolve():
@@ -142,11 +149,13 @@ def gptq(
     print(memory_used_line(device), file=sys.stderr)
     if gate is not None:
         base, quant = gate["base"], gate["quantized"]
-        print(f"Quality gate: held-out perplexity {quant:.4g} quantized vs {base:.4g} base "
-              f"({(quant / base - 1) * 100:+.2f}%), "
-              f"{gate['tokens']} tokens of {gate_source}", file=sys.stderr)
+        print(
+            f"Quality gate: held-out perplexity {quant:.4g} quantized vs {base:.4g} base "
+            f"({(quant / base - 1) * 100:+.2f}%), "
+            f"{gate['tokens']} tokens of {gate_source}",
+            file=sys.stderr,
+        )
     return out
-
 
 
 def bnb(
@@ -177,7 +186,9 @@ def bnb(
     checkpoint = Checkpoint.open(checkpoint_dir)
     source = checkpoint.file()
     keep_dtype = None if precision is None else PRECISIONS[parse_precision(precision, "cpu")]
-    metadata = prequantized_metadata(bnb_mode, quantize_lm_head, keep_dtype, source)  # stat the source before reading
+    metadata = prequantized_metadata(
+        bnb_mode, quantize_lm_head, keep_dtype, source
+    )  # stat the source before reading
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The compute dtype does not change the quantized bits (weights are quantized from the source dtype).
@@ -204,5 +215,3 @@ def bnb(
     print(f"Time: {elapsed:.02f} seconds.", file=sys.stderr)
     print(memory_used_line(device), file=sys.stderr)
     return out
-
-

@@ -59,7 +59,9 @@ def main(
     checkpoint = Checkpoint.open(checkpoint_dir)
     context = checkpoint.config.block_size
     if max_seq_length is not None and not 1 < max_seq_length <= context:
-        raise UserError(f"--max_seq_length must be in 2..{context} (the model's context), got {max_seq_length}")
+        raise UserError(
+            f"--max_seq_length must be in 2..{context} (the model's context), got {max_seq_length}"
+        )
     _check_port(host, port)  # before the (possibly long) load
     llm = LLM.load(checkpoint, quantize, precision, lora_path, accelerator, quantize_lm_head)
     from litquant.serve.app import serve

@@ -59,7 +59,9 @@ class BnbMode(QuantMode):
 
     def __init__(self, kind: str) -> None:
         self.kind, self.name, self.help = kind, f"bnb.{kind}", _HELP[kind]
-        self.storage = "int8" if kind == "int8-training" else kind  # int8-training stores exactly what int8 stores
+        self.storage = (
+            "int8" if kind == "int8-training" else kind
+        )  # int8-training stores exactly what int8 stores
         self.four_bit = self.qlora = kind in FOUR_BIT
         self.nominal_bits = 4 if self.four_bit else 8
         self.prequantized = f"lit_model_bnb.{self.storage}.safetensors"  # what `litquant quantize bnb` writes
@@ -75,22 +77,31 @@ class BnbMode(QuantMode):
                 f"bitsandbytes {_bnb().__version__} has no CPU support for {self.name}: "
                 f"pip install -U 'bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}', or run on CUDA (--accelerator cuda)"
             )
-        return BitsandbytesPrecision(self, precision, quantize_lm_head=bool(options.get("quantize_lm_head", False)))
+        return BitsandbytesPrecision(
+            self, precision, quantize_lm_head=bool(options.get("quantize_lm_head", False))
+        )
 
-    def make_linear(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
-                    device: torch.device | str) -> "_QuantLinear":
+    def make_linear(
+        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: torch.device | str
+    ) -> "_QuantLinear":
         if self.four_bit:
             quant_type, dq = FOUR_BIT[self.kind]
             return Linear4bit(in_features, out_features, bias, quant_type, dq, dtype, device)
-        return Linear8bit(in_features, out_features, bias, self.kind == "int8-training", INT8_THRESHOLD, dtype, device)
+        return Linear8bit(
+            in_features, out_features, bias, self.kind == "int8-training", INT8_THRESHOLD, dtype, device
+        )
 
-    def linear_bytes(self, in_features: int, out_features: int, group_size: int = 128, runtime: bool = True) -> int:
+    def linear_bytes(
+        self, in_features: int, out_features: int, group_size: int = 128, runtime: bool = True
+    ) -> int:
         n = in_features * out_features
         if not self.four_bit:
             return n + 4 * out_features  # int8 codes, fp32 absmax per row
         blocks = math.ceil(n / BLOCKSIZE)
         codes = (n + 1) // 2
-        if FOUR_BIT[self.kind][1]:  # uint8 absmax per block, fp32 scale per 256 of them, the 256-entry code, offset
+        if FOUR_BIT[self.kind][
+            1
+        ]:  # uint8 absmax per block, fp32 scale per 256 of them, the 256-entry code, offset
             return codes + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + 4 * 256 + 4
         return codes + 4 * blocks
 
@@ -121,16 +132,24 @@ class BitsandbytesPrecision(LitquantPrecision):
                 f"{path} {problem}, and there is no {WEIGHTS_FILE} to quantize from: "
                 f"run `litquant quantize bnb --mode {self.mode.storage}` with matching options"
             )
-        return LoadPlan(WEIGHTS_FILE, self._wanted, note=f"Not using {name} ({problem}): quantizing {WEIGHTS_FILE} "
-                        "while loading")
+        return LoadPlan(
+            WEIGHTS_FILE,
+            self._wanted,
+            note=f"Not using {name} ({problem}): quantizing {WEIGHTS_FILE} while loading",
+        )
 
     def convert_module(self, module: nn.Module, plan: Optional[LoadPlan] = None) -> nn.Module:
         """Swap every nn.Linear the plan names (all but lm_head unless quantize_lm_head) in place. Meta Linears become
         empty quantized modules for the loader to fill; materialised ones are quantized now. Idempotent."""
 
         def make(name: str, linear: nn.Linear) -> _QuantLinear:
-            new = self.mode.make_linear(linear.in_features, linear.out_features, linear.bias is not None, self.dtype,
-                                        linear.weight.device)
+            new = self.mode.make_linear(
+                linear.in_features,
+                linear.out_features,
+                linear.bias is not None,
+                self.dtype,
+                linear.weight.device,
+            )
             new.train(linear.training)
             if not linear.weight.is_meta:
                 new.quantize_(linear.weight.detach())
@@ -150,7 +169,9 @@ class BitsandbytesPrecision(LitquantPrecision):
             return f"{fallback} (litquant CPU kernels unavailable: {cpu_kernels.build_error})"
         ours = f"litquant {cpu_kernels.isa()} kernels"
         if self.mode.four_bit:
-            return f"{ours}: fused 4-bit matmul (<= {GEMV_MAX_ROWS_4BIT} rows), tiled dequantize + matmul beyond"
+            return (
+                f"{ours}: fused 4-bit matmul (<= {GEMV_MAX_ROWS_4BIT} rows), tiled dequantize + matmul beyond"
+            )
         if self.mode.kind == "int8" and cpu_kernels.vnni():
             return f"{ours}: fused LLM.int8 (<= {GEMV_MAX_ROWS_INT8} rows), bitsandbytes int8 matmul beyond"
         if self.mode.kind == "int8":
@@ -160,8 +181,10 @@ class BitsandbytesPrecision(LitquantPrecision):
     def hints(self, device: torch.device) -> list[str]:
         out = super().hints(device)
         if device.type == "cpu" and cpu_kernels.lib() is None:
-            out.append(f"litquant's CPU kernels are unavailable ({cpu_kernels.build_error}): {self.mode.name} runs a "
-                       "much slower fallback")
+            out.append(
+                f"litquant's CPU kernels are unavailable ({cpu_kernels.build_error}): {self.mode.name} runs a "
+                "much slower fallback"
+            )
         return out
 
 

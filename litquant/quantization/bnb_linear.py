@@ -20,7 +20,9 @@ from litquant.errors import UserError
 from litquant.quantization import cpu_kernels
 
 BLOCKSIZE = 64  # bnb's default 4-bit block
-NESTED_BLOCKSIZE = 256  # double quantization: blocks of absmax values (the only size bnb's fused kernels take)
+NESTED_BLOCKSIZE = (
+    256  # double quantization: blocks of absmax values (the only size bnb's fused kernels take)
+)
 QUANTIZE_CHUNK = 1 << 22  # weights are quantized this many elements at a time (bounds the temporaries)
 INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold on input magnitudes
 # litquant's CPU kernels (cpu_kernels.c): up to this many input rows the fused 4-bit / int8 matmul, beyond it a
@@ -95,7 +97,12 @@ class _QuantLinear(nn.Module):
     _quant_names: tuple[str, ...] = ()
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, compute_dtype: torch.dtype, device: torch.device | str
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        compute_dtype: torch.dtype,
+        device: torch.device | str,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -130,12 +137,15 @@ class _QuantLinear(nn.Module):
     def _input_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """grad @ W for the backward pass: tile by tile on CPU, else the whole dequantized weight."""
         if self._cpu_fast(grad):
-            return cpu_kernels.tiled_linear(grad, self.out_features, self.in_features, self._dequant_rows, True)
+            return cpu_kernels.tiled_linear(
+                grad, self.out_features, self.in_features, self._dequant_rows, True
+            )
         return grad @ self.dequantize(grad.dtype)
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
-        y = cpu_kernels.tiled_linear(x.reshape(-1, self.in_features), self.out_features, self.in_features,
-                                     self._dequant_rows)
+        y = cpu_kernels.tiled_linear(
+            x.reshape(-1, self.in_features), self.out_features, self.in_features, self._dequant_rows
+        )
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # -- shared --------------------------------------------------------------------------------------------------
@@ -157,14 +167,20 @@ class _QuantLinear(nn.Module):
             y = y + self.bias
         return y.to(in_dtype)
 
-    def load_litquant_tensor(self, attr: str, tensor: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype]):
+    def load_litquant_tensor(
+        self, attr: str, tensor: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype]
+    ):
         """The loader's hook: a full-precision `weight` is quantized on `device` right away; the tensors of a
         pre-quantized file are checked against the expected shapes/dtypes and taken as they are."""
         if attr == "bias":
             if self.bias is None or tuple(tensor.shape) != (self.out_features,):
-                raise UserError(f"{self._where()}: unexpected bias of shape {tuple(tensor.shape)} (config mismatch?)")
-            self.bias = nn.Parameter(  # dtype None: as stored (a pre-quantized file keeps the source's dtypes)
-                tensor.to(device=device, dtype=dtype), requires_grad=self.bias.requires_grad
+                raise UserError(
+                    f"{self._where()}: unexpected bias of shape {tuple(tensor.shape)} (config mismatch?)"
+                )
+            self.bias = (
+                nn.Parameter(  # dtype None: as stored (a pre-quantized file keeps the source's dtypes)
+                    tensor.to(device=device, dtype=dtype), requires_grad=self.bias.requires_grad
+                )
             )
         elif attr == "weight" and tensor.is_floating_point():
             if tuple(tensor.shape) != (self.out_features, self.in_features):
@@ -241,7 +257,9 @@ class Linear4bit(_QuantLinear):
         self.double_quant = double_quant
         self.blocksize = BLOCKSIZE
         self.mode_name = quant_type + ("-dq" if double_quant else "")
-        self._quant_names = ("weight", "absmax") + (("nested_absmax", "nested_code", "offset") if double_quant else ())
+        self._quant_names = ("weight", "absmax") + (
+            ("nested_absmax", "nested_code", "offset") if double_quant else ()
+        )
         self._set_state(self._empty_state(device))
 
     @property
@@ -272,8 +290,10 @@ class Linear4bit(_QuantLinear):
         # once exactly as quantize_4bit(compress_statistics=True) does, so the bits are bnb's.
         flat = weight.contiguous().reshape(-1)
         step = max(QUANTIZE_CHUNK // self.blocksize, 1) * self.blocksize
-        parts = [F.quantize_4bit(flat[i : i + step], blocksize=self.blocksize, quant_type=self.quant_type)
-                 for i in range(0, flat.numel(), step)]
+        parts = [
+            F.quantize_4bit(flat[i : i + step], blocksize=self.blocksize, quant_type=self.quant_type)
+            for i in range(0, flat.numel(), step)
+        ]
         packed = torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
         absmax = torch.cat([qs.absmax for _, qs in parts]) if len(parts) > 1 else parts[0][1].absmax
         del parts, flat
@@ -281,8 +301,12 @@ class Linear4bit(_QuantLinear):
         if self.double_quant:
             offset = absmax.mean()
             qabsmax, nested = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
-            state.update(absmax=qabsmax, nested_absmax=nested.absmax, nested_code=nested.code,
-                         offset=offset.float().reshape(()))
+            state.update(
+                absmax=qabsmax,
+                nested_absmax=nested.absmax,
+                nested_code=nested.code,
+                offset=offset.float().reshape(()),
+            )
         self._set_state(state)
 
     def _absmax(self) -> torch.Tensor:
@@ -297,19 +321,29 @@ class Linear4bit(_QuantLinear):
         state2 = None
         if self.double_quant:
             state2 = F.QuantState(
-                absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
+                absmax=self.nested_absmax,
+                code=self.nested_code,
+                blocksize=NESTED_BLOCKSIZE,
+                dtype=torch.float32,
             )
         return F.QuantState(
-            absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
-            code=_code(self.quant_type, self.absmax.device), blocksize=self.blocksize, quant_type=self.quant_type,
-            dtype=dtype or self.compute_dtype, offset=self.offset if self.double_quant else None, state2=state2,
+            absmax=self.absmax,
+            shape=torch.Size((self.out_features, self.in_features)),
+            code=_code(self.quant_type, self.absmax.device),
+            blocksize=self.blocksize,
+            quant_type=self.quant_type,
+            dtype=dtype or self.compute_dtype,
+            offset=self.offset if self.double_quant else None,
+            state2=state2,
         )
 
     @torch.no_grad()
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The (out, in) weight the quantized storage stands for, in `dtype` (default: the compute dtype)."""
         dtype = dtype or self.compute_dtype
-        if self._cpu_fast(self.absmax):  # the same fp32 products as bnb's dequantize_4bit, several times faster
+        if self._cpu_fast(
+            self.absmax
+        ):  # the same fp32 products as bnb's dequantize_4bit, several times faster
             w = self._dequant_rows(0, self.out_features, torch.float32, None)
             return w if dtype == torch.float32 else w.to(dtype)
         qs = self.quant_state(dtype)
@@ -318,10 +352,19 @@ class Linear4bit(_QuantLinear):
     def _dq(self) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
         return (self.nested_code, self.nested_absmax, float(self.offset)) if self.double_quant else None
 
-    def _dequant_rows(self, n0: int, n1: int, dtype: torch.dtype, out: Optional[torch.Tensor]) -> torch.Tensor:
+    def _dequant_rows(
+        self, n0: int, n1: int, dtype: torch.dtype, out: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         return cpu_kernels.bnb4_dequantize(
-            self.weight, self.out_features, self.in_features, self.absmax, _code(self.quant_type, self.absmax.device),
-            self._dq(), rows=(n0, n1), dtype=dtype, out=out,
+            self.weight,
+            self.out_features,
+            self.in_features,
+            self.absmax,
+            _code(self.quant_type, self.absmax.device),
+            self._dq(),
+            rows=(n0, n1),
+            dtype=dtype,
+            out=out,
         )
 
     def _cpu_fast(self, x: torch.Tensor) -> bool:
@@ -333,17 +376,30 @@ class Linear4bit(_QuantLinear):
             if x.numel() > GEMV_MAX_ROWS_4BIT * self.in_features:
                 return self._tiled(x)
             y = cpu_kernels.bnb4_matmul(
-                x.reshape(-1, self.in_features), self.weight, self.out_features, self.in_features, self.absmax,
-                _code(self.quant_type, x.device), self._dq(),
+                x.reshape(-1, self.in_features),
+                self.weight,
+                self.out_features,
+                self.in_features,
+                self.absmax,
+                _code(self.quant_type, x.device),
+                self._dq(),
             )
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = [self.out_features, self.in_features]
         if not self.double_quant:
-            return torch.ops.bitsandbytes.gemm_4bit.default(x, self.weight, shape, self.absmax, self.blocksize,
-                                                            self.quant_type)
+            return torch.ops.bitsandbytes.gemm_4bit.default(
+                x, self.weight, shape, self.absmax, self.blocksize, self.quant_type
+            )
         return torch.ops.bitsandbytes.gemm_4bit.default(
-            x, self.weight, shape, self.nested_absmax, self.blocksize, self.quant_type,
-            absmax_8bit=self.absmax, absmax_code=self.nested_code, absmax_offset=self.offset,
+            x,
+            self.weight,
+            shape,
+            self.nested_absmax,
+            self.blocksize,
+            self.quant_type,
+            absmax_8bit=self.absmax,
+            absmax_code=self.nested_code,
+            absmax_offset=self.offset,
         )
 
 
@@ -392,7 +448,9 @@ class Linear8bit(_QuantLinear):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         return (self.weight * (self.absmax[:, None] / 127.0)).to(dtype or self.compute_dtype)  # fp32 product
 
-    def _dequant_rows(self, n0: int, n1: int, dtype: torch.dtype, out: Optional[torch.Tensor]) -> torch.Tensor:
+    def _dequant_rows(
+        self, n0: int, n1: int, dtype: torch.dtype, out: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         return cpu_kernels.int8_dequantize(self.weight, self.absmax, rows=(n0, n1), dtype=dtype, out=out)
 
     def _cpu_fast(self, x: torch.Tensor) -> bool:
@@ -408,13 +466,18 @@ class Linear8bit(_QuantLinear):
         # Outlier columns are found per sequence (the rows of x's second-to-last dim: one sequence's tokens), so
         # a sequence's result does not depend on what else is in the batch.
         group = x.shape[-2] if x.dim() >= 3 else x.numel() // self.in_features
-        if self._cpu_fast(x) and (x.numel() <= GEMV_MAX_ROWS_INT8 * self.in_features or not cpu_kernels.vnni()):
-            y = cpu_kernels.int8_matmul(x.reshape(-1, self.in_features), self.weight, self.absmax, self.threshold,
-                                        group)
+        if self._cpu_fast(x) and (
+            x.numel() <= GEMV_MAX_ROWS_INT8 * self.in_features or not cpu_kernels.vnni()
+        ):
+            y = cpu_kernels.int8_matmul(
+                x.reshape(-1, self.in_features), self.weight, self.absmax, self.threshold, group
+            )
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = x.shape
         x = x.reshape(-1, group, self.in_features)
-        outliers = (x.abs() >= self.threshold).any(dim=1, keepdim=True) if self.threshold > 0 else None  # (G, 1, K)
+        outliers = (
+            (x.abs() >= self.threshold).any(dim=1, keepdim=True) if self.threshold > 0 else None
+        )  # (G, 1, K)
         cols = outliers.any(dim=0).squeeze(0).nonzero().squeeze(1) if outliers is not None else None
         has_outliers = cols is not None and cols.numel() > 0
         xr = (x.masked_fill(outliers, 0) if has_outliers else x).reshape(-1, self.in_features)

@@ -38,8 +38,10 @@ _SIGNATURES = {
     "lq_int8_dequant": ([_P, _I64, _I64, _P, _I64, _I64, _P, _INT, _INT], None),
     "lq_gptq_gemm": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _INT, _I64, _I64, _INT, _P, _P, _INT], None),
     "lq_gptq_work": ([_I64, _I64, _I64, _INT, _INT], _I64),
-    "lq_gptq_columns": ([_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _INT, _INT, _P,
-                         _INT], None),
+    "lq_gptq_columns": (
+        [_P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _INT, _INT, _P, _INT],
+        None,
+    ),
     "lq_gptq_dequant_t": ([_P, _I64, _I64, _P, _P, _P, _INT, _I64, _I64, _P, _INT, _INT], None),
 }
 build_error: Optional[str] = None  # why lib() is None, for the one-line notice
@@ -68,14 +70,27 @@ def _extra_flags() -> tuple[str, ...]:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("LITQUANT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "litquant")
+    root = os.environ.get("LITQUANT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "litquant"
+    )
     return Path(root).expanduser() / "kernels"
 
 
 def _command(cc: str, flags: tuple[str, ...]) -> list[str]:
     # -ffp-contract=off: a*b+c stays two roundings where bitsandbytes has two (the kernels' FMAs are intrinsics)
-    return [cc, "-O3", "-march=native", *flags, "-fopenmp", "-fPIC", "-shared", "-ffp-contract=off",
-            "-fno-math-errno", "-fno-trapping-math", str(SOURCE)]
+    return [
+        cc,
+        "-O3",
+        "-march=native",
+        *flags,
+        "-fopenmp",
+        "-fPIC",
+        "-shared",
+        "-ffp-contract=off",
+        "-fno-math-errno",
+        "-fno-trapping-math",
+        str(SOURCE),
+    ]
 
 
 def _build(cmd: list[str], so: Path) -> None:
@@ -123,7 +138,13 @@ def load(flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     except (OSError, subprocess.SubprocessError) as e:
         raise OSError(f"{cc} --version failed: {e}") from None
     cmd = _command(cc, flags)
-    key_src = SOURCE.read_bytes() + HEADER.read_bytes() + version.encode() + _cpu_id().encode() + " ".join(cmd).encode()
+    key_src = (
+        SOURCE.read_bytes()
+        + HEADER.read_bytes()
+        + version.encode()
+        + _cpu_id().encode()
+        + " ".join(cmd).encode()
+    )
     so = _cache_dir() / f"litquant_cpu_{hashlib.sha256(key_src).hexdigest()[:16]}.so"
     if not so.is_file():
         _build(cmd, so)
@@ -167,8 +188,9 @@ def _buffer(numel: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:numel]
 
 
-def tiled_linear(x: torch.Tensor, n: int, k: int, dequant, transpose: bool = False, step: int = 1,
-                 kn: bool = False) -> torch.Tensor:
+def tiled_linear(
+    x: torch.Tensor, n: int, k: int, dequant, transpose: bool = False, step: int = 1, kn: bool = False
+) -> torch.Tensor:
     """x @ W^T (or x @ W with transpose=True, for the input gradient) in x's dtype, with the (n, k) weight
     dequantized by `dequant(n0, n1, dtype, out)` at most TILE_ELEMENTS at a time into a reused buffer: memory
     stays at the quantized size plus one tile, and the matmul is torch's (BLAS). `dequant` fills rows n0..n1 of W
@@ -194,9 +216,16 @@ def tiled_linear(x: torch.Tensor, n: int, k: int, dequant, transpose: bool = Fal
 
 def _need(t: torch.Tensor, dtype: torch.dtype, numel: Optional[int] = None, what: str = "tensor") -> None:
     """The C side trusts pointers: check what it will read (dtype, layout, size) before handing one over."""
-    if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or (numel is not None and t.numel() < numel):
-        raise ValueError(f"cpu_kernels: {what} must be a contiguous CPU {dtype} of >= {numel} elements, got "
-                         f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})")
+    if (
+        t.dtype != dtype
+        or t.device.type != "cpu"
+        or not t.is_contiguous()
+        or (numel is not None and t.numel() < numel)
+    ):
+        raise ValueError(
+            f"cpu_kernels: {what} must be a contiguous CPU {dtype} of >= {numel} elements, got "
+            f"{t.dtype} {tuple(t.shape)} on {t.device} (contiguous: {t.is_contiguous()})"
+        )
 
 
 def _bnb4_args(w, n, k, absmax, lut, dq) -> None:
@@ -238,8 +267,15 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 # ---- bitsandbytes 4-bit -------------------------------------------------------------------------------------
 
 
-def bnb4_matmul(x: torch.Tensor, w: torch.Tensor, n: int, k: int, absmax: torch.Tensor, lut: torch.Tensor,
-                dq: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None) -> torch.Tensor:
+def bnb4_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    n: int,
+    k: int,
+    absmax: torch.Tensor,
+    lut: torch.Tensor,
+    dq: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
+) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) fp32, W the (N, K) bnb 4-bit weight `w` with per-64 `absmax` (fp32, or uint8 codes
     with dq = (nested_code, nested_absmax, offset))."""
     x = _f32(x)
@@ -250,16 +286,35 @@ def bnb4_matmul(x: torch.Tensor, w: torch.Tensor, n: int, k: int, absmax: torch.
     ncode, nabs, off = dq if dq is not None else (None, None, 0.0)
     work = torch.empty_like(x)
     lib().lq_bnb4_gemm(
-        x.data_ptr(), x.shape[0], k, w.data_ptr(), n, None if dq else absmax.data_ptr(),
-        absmax.data_ptr() if dq else None, _ptr(ncode), _ptr(nabs), off, lut.data_ptr(), y.data_ptr(),
-        work.data_ptr(), _threads(),
+        x.data_ptr(),
+        x.shape[0],
+        k,
+        w.data_ptr(),
+        n,
+        None if dq else absmax.data_ptr(),
+        absmax.data_ptr() if dq else None,
+        _ptr(ncode),
+        _ptr(nabs),
+        off,
+        lut.data_ptr(),
+        y.data_ptr(),
+        work.data_ptr(),
+        _threads(),
     )
     return y
 
 
-def bnb4_dequantize(w: torch.Tensor, n: int, k: int, absmax: torch.Tensor, lut: torch.Tensor,
-                    dq: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None, rows: tuple[int, int] = None,
-                    dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def bnb4_dequantize(
+    w: torch.Tensor,
+    n: int,
+    k: int,
+    absmax: torch.Tensor,
+    lut: torch.Tensor,
+    dq: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
+    rows: tuple[int, int] = None,
+    dtype: torch.dtype = torch.float32,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     n0, n1 = rows or (0, n)
     _bnb4_args(w, n, k, absmax, lut, dq)
     out = torch.empty(n1 - n0, k, dtype=dtype) if out is None else out
@@ -268,8 +323,20 @@ def bnb4_dequantize(w: torch.Tensor, n: int, k: int, absmax: torch.Tensor, lut: 
         raise ValueError(f"cpu_kernels: rows {n0}..{n1} of {n}, dtype {dtype}")
     ncode, nabs, off = dq if dq is not None else (None, None, 0.0)
     lib().lq_bnb4_dequant(
-        w.data_ptr(), n, k, None if dq else absmax.data_ptr(), absmax.data_ptr() if dq else None, _ptr(ncode),
-        _ptr(nabs), off, lut.data_ptr(), n0, n1, out.data_ptr(), int(dtype == torch.bfloat16), _threads(),
+        w.data_ptr(),
+        n,
+        k,
+        None if dq else absmax.data_ptr(),
+        absmax.data_ptr() if dq else None,
+        _ptr(ncode),
+        _ptr(nabs),
+        off,
+        lut.data_ptr(),
+        n0,
+        n1,
+        out.data_ptr(),
+        int(dtype == torch.bfloat16),
+        _threads(),
     )
     return out
 
@@ -277,8 +344,9 @@ def bnb4_dequantize(w: torch.Tensor, n: int, k: int, absmax: torch.Tensor, lut: 
 # ---- int8 ---------------------------------------------------------------------------------------------------
 
 
-def int8_matmul(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, threshold: float,
-                group: Optional[int] = None) -> torch.Tensor:
+def int8_matmul(
+    x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, threshold: float, group: Optional[int] = None
+) -> torch.Tensor:
     """LLM.int8: x (M, K) @ W^T -> (M, N) fp32, W = w (N, K) int8 * absmax / 127; outlier columns (any |x| >=
     threshold within a group of `group` consecutive rows, one sequence's tokens; default: all M rows) in fp32,
     the rest quantized per row of x and multiplied exactly in int32."""
@@ -294,13 +362,29 @@ def int8_matmul(x: torch.Tensor, w: torch.Tensor, absmax: torch.Tensor, threshol
         raise ValueError(f"cpu_kernels: {m} rows do not split into outlier groups of {group}")
     y = torch.empty(m, n, dtype=torch.float32)
     work = torch.empty(lib().lq_int8_work(m, k, m // group), dtype=torch.uint8)
-    lib().lq_int8_gemm(x.data_ptr(), m, k, w.data_ptr(), absmax.data_ptr(), n, threshold, group, y.data_ptr(),
-                       work.data_ptr(), _threads())
+    lib().lq_int8_gemm(
+        x.data_ptr(),
+        m,
+        k,
+        w.data_ptr(),
+        absmax.data_ptr(),
+        n,
+        threshold,
+        group,
+        y.data_ptr(),
+        work.data_ptr(),
+        _threads(),
+    )
     return y
 
 
-def int8_dequantize(w: torch.Tensor, absmax: torch.Tensor, rows: tuple[int, int] = None,
-                    dtype: torch.dtype = torch.float32, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def int8_dequantize(
+    w: torch.Tensor,
+    absmax: torch.Tensor,
+    rows: tuple[int, int] = None,
+    dtype: torch.dtype = torch.float32,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     n, k = w.shape
     n0, n1 = rows or (0, n)
     _need(w, torch.int8, n * k, "the int8 weight")
@@ -309,8 +393,17 @@ def int8_dequantize(w: torch.Tensor, absmax: torch.Tensor, rows: tuple[int, int]
     _need(out, dtype, (n1 - n0) * k, "out")
     if not 0 <= n0 <= n1 <= n or dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"cpu_kernels: rows {n0}..{n1} of {n}, dtype {dtype}")
-    lib().lq_int8_dequant(w.data_ptr(), n, k, absmax.data_ptr(), n0, n1, out.data_ptr(),
-                          int(dtype == torch.bfloat16), _threads())
+    lib().lq_int8_dequant(
+        w.data_ptr(),
+        n,
+        k,
+        absmax.data_ptr(),
+        n0,
+        n1,
+        out.data_ptr(),
+        int(dtype == torch.bfloat16),
+        _threads(),
+    )
     return out
 
 
@@ -324,8 +417,16 @@ def gptq_ordered(g_idx: torch.Tensor, group_size: int) -> bool:
     return bool(torch.equal(g_idx, torch.arange(k, dtype=g_idx.dtype) // gs))
 
 
-def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                g_idx: torch.Tensor, bits: int, group_size: int, ordered: bool) -> torch.Tensor:
+def gptq_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    group_size: int,
+    ordered: bool,
+) -> torch.Tensor:
     """x (M, K) @ W^T -> (M, N) fp32 for an AutoGPTQ layer (bits 2/4/8, N a multiple of `lib().lq_gptq_tile()`);
     `ordered` = gptq_ordered(g_idx, group_size)."""
     x = _f32(x)
@@ -333,39 +434,86 @@ def gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sc
     n, groups = scales.shape[1], scales.shape[0]
     _gptq_args(qweight, qzeros, scales, g_idx, bits)
     if g_idx.numel() != k or n % lib().lq_gptq_tile():
-        raise ValueError(f"cpu_kernels: x has {k} features (g_idx {g_idx.numel()}); out_features {n} must be a "
-                         f"multiple of {lib().lq_gptq_tile()}")
+        raise ValueError(
+            f"cpu_kernels: x has {k} features (g_idx {g_idx.numel()}); out_features {n} must be a "
+            f"multiple of {lib().lq_gptq_tile()}"
+        )
     y = torch.empty(m, n, dtype=torch.float32)
     work = torch.empty(lib().lq_gptq_work(m, n, groups, int(ordered), _threads()), dtype=torch.float32)
     lib().lq_gptq_gemm(
-        x.data_ptr(), m, k, qweight.data_ptr(), n, qzeros.data_ptr(), scales.data_ptr(), g_idx.data_ptr(),
-        int(ordered), group_size if group_size > 0 else k, groups, bits, y.data_ptr(), work.data_ptr(), _threads(),
+        x.data_ptr(),
+        m,
+        k,
+        qweight.data_ptr(),
+        n,
+        qzeros.data_ptr(),
+        scales.data_ptr(),
+        g_idx.data_ptr(),
+        int(ordered),
+        group_size if group_size > 0 else k,
+        groups,
+        bits,
+        y.data_ptr(),
+        work.data_ptr(),
+        _threads(),
     )
     return y
 
 
-def gptq_dequantize_t(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-                      bits: int, cols: tuple[int, int] = None, dtype: torch.dtype = torch.float32,
-                      out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def gptq_dequantize_t(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    cols: tuple[int, int] = None,
+    dtype: torch.dtype = torch.float32,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Columns [n0, n1) of W^T (K, n1 - n0): the dequantized GPTQ weight, transposed (qweight's own direction)."""
     n, k = scales.shape[1], g_idx.shape[0]
     n0, n1 = cols or (0, n)
     _gptq_args(qweight, qzeros, scales, g_idx, bits)
-    if not 0 <= n0 <= n1 <= n or n0 % lanes() or (n1 - n0) % lanes() or dtype not in (torch.float32, torch.bfloat16):
+    if (
+        not 0 <= n0 <= n1 <= n
+        or n0 % lanes()
+        or (n1 - n0) % lanes()
+        or dtype not in (torch.float32, torch.bfloat16)
+    ):
         raise ValueError(f"cpu_kernels: columns {n0}..{n1} of {n} (multiples of {lanes()}), dtype {dtype}")
     out = torch.empty(k, n1 - n0, dtype=dtype) if out is None else out
     _need(out, dtype, k * (n1 - n0), "out")
-    lib().lq_gptq_dequant_t(qweight.data_ptr(), n, k, qzeros.data_ptr(), scales.data_ptr(), g_idx.data_ptr(), bits,
-                            n0, n1, out.data_ptr(), int(dtype == torch.bfloat16), _threads())
+    lib().lq_gptq_dequant_t(
+        qweight.data_ptr(),
+        n,
+        k,
+        qzeros.data_ptr(),
+        scales.data_ptr(),
+        g_idx.data_ptr(),
+        bits,
+        n0,
+        n1,
+        out.data_ptr(),
+        int(dtype == torch.bfloat16),
+        _threads(),
+    )
     return out
 
 
 # ---- GPTQ, the algorithm --------------------------------------------------------------------------------------
 
 
-def gptq_columns(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, sym: bool,
-                 gs: int = 0, col_group: Optional[torch.Tensor] = None,
-                 table: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+def gptq_columns(
+    W1: torch.Tensor,
+    Hinv1: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    sym: bool,
+    gs: int = 0,
+    col_group: Optional[torch.Tensor] = None,
+    table: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+):
     """One lazy-update block of GPTQ on W1 (count, rows): each row of W1 is a column of the weight, in processing
     order, updated in place. scale/zero (rows,) hold the current group's grid (updated when a group starts: every
     `gs` columns, or per column from `table` with static groups). -> (Q, Err, new grids (n, rows) x 2, sum err^2)."""
@@ -381,12 +529,32 @@ def gptq_columns(W1: torch.Tensor, Hinv1: torch.Tensor, scale: torch.Tensor, zer
         _need(table[1], torch.float32, (int(col_group.max()) + 1) * rows, "the group zeros")
     Q, Err = torch.empty_like(W1), torch.empty_like(W1)
     n_new = (count + gs - 1) // gs if gs > 0 else 0
-    new_s, new_z = torch.empty(n_new, rows, dtype=torch.float32), torch.empty(n_new, rows, dtype=torch.float32)
+    new_s, new_z = (
+        torch.empty(n_new, rows, dtype=torch.float32),
+        torch.empty(n_new, rows, dtype=torch.float32),
+    )
     loss = ctypes.c_double(0.0)
     ts, tz = table if table is not None else (None, None)
     lib().lq_gptq_columns(
-        W1.data_ptr(), rows, rows, count, Hinv1.data_ptr(), Hinv1.stride(0), Q.data_ptr(), Err.data_ptr(),
-        scale.data_ptr(), zero.data_ptr(), new_s.data_ptr(), new_z.data_ptr(), gs, _ptr(col_group), _ptr(ts),
-        _ptr(tz), bits, int(sym), ctypes.addressof(loss), _threads(),
+        W1.data_ptr(),
+        rows,
+        rows,
+        count,
+        Hinv1.data_ptr(),
+        Hinv1.stride(0),
+        Q.data_ptr(),
+        Err.data_ptr(),
+        scale.data_ptr(),
+        zero.data_ptr(),
+        new_s.data_ptr(),
+        new_z.data_ptr(),
+        gs,
+        _ptr(col_group),
+        _ptr(ts),
+        _ptr(tz),
+        bits,
+        int(sym),
+        ctypes.addressof(loss),
+        _threads(),
     )
     return Q, Err, new_s, new_z, loss.value

@@ -111,7 +111,9 @@ def _onednn_gram_ok() -> bool:
 class GPTQ:
     """Collects the Hessian of one Linear's inputs, then quantizes its weight with GPTQ."""
 
-    STRIPS = 4  # H is symmetric: only its upper part is accumulated, in this many row strips (1.5x fewer flops)
+    STRIPS = (
+        4  # H is symmetric: only its upper part is accumulated, in this many row strips (1.5x fewer flops)
+    )
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.in_features = in_features
@@ -126,7 +128,9 @@ class GPTQ:
     def add_batch(self, inp: torch.Tensor) -> None:
         """inp [..., in_features]: every row is one sample; keeps H = 2/n * sum x x^T as a running mean in fp32."""
         if inp.shape[-1] != self.in_features:
-            raise ValueError(f"expected inputs with {self.in_features} features, got shape {tuple(inp.shape)}")
+            raise ValueError(
+                f"expected inputs with {self.in_features} features, got shape {tuple(inp.shape)}"
+            )
         x = inp.detach().reshape(-1, self.in_features).to(device=self._upper.device, dtype=torch.float32)
         n = x.shape[0]
         if n == 0:
@@ -153,7 +157,9 @@ class GPTQ:
         damp_percent, block_size, static_groups). release=True drops the accumulator first (the last layer it
         serves), so that only GPTQ's own working copies are alive."""
         if self.nsamples == 0:
-            raise UserError("GPTQ: no calibration inputs were collected for this layer (did the forward reach it?)")
+            raise UserError(
+                "GPTQ: no calibration inputs were collected for this layer (did the forward reach it?)"
+            )
         if release:  # the accumulator becomes H in place: no second in_features^2 matrix
             H, self._upper = self._upper.triu_(), torch.empty(0)
             H.add_(H.triu(1).mT)
@@ -198,7 +204,9 @@ def gptq_quantize(
     if not _consume_h:
         H = H.clone()
     if not torch.isfinite(H).all():
-        raise UserError("GPTQ: the calibration Hessian has NaN/Inf values (non-finite activations in calibration)")
+        raise UserError(
+            "GPTQ: the calibration Hessian has NaN/Inf values (non-finite activations in calibration)"
+        )
 
     # dead inputs (always zero in calibration): their weights cannot matter, zero them; H_ii = 1 keeps H invertible
     dead = torch.diagonal(H) == 0
@@ -229,9 +237,13 @@ def gptq_quantize(
     Q = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)  # the codes (0..2**bits-1)
     step = _c_block(W, gs, block_size, in_features)
     if step:
-        losses = _columns_c(W, Hinv, Q, scales, zeros, gs, step, bits, sym, orig_list if static_groups else None)
+        losses = _columns_c(
+            W, Hinv, Q, scales, zeros, gs, step, bits, sym, orig_list if static_groups else None
+        )
     else:
-        losses = _columns_torch(W, Hinv, Q, scales, zeros, gs, block_size, bits, sym, orig_list, static_groups)
+        losses = _columns_torch(
+            W, Hinv, Q, scales, zeros, gs, block_size, bits, sym, orig_list, static_groups
+        )
 
     if static_groups:
         g_idx = gptq_format.default_g_idx(in_features, group_size, W.device)
@@ -273,22 +285,28 @@ def _columns_c(W, Hinv, Q, scales, zeros, gs: int, step: int, bits: int, sym: bo
             col_group = torch.tensor([static_orig[j] // gs for j in range(i1, i2)], dtype=torch.int64)
         elif gs <= step:
             gs_c = gs
-        elif i1 % gs == 0:  # a group wider than the block starts here: its grid from all its columns as they are
+        elif (
+            i1 % gs == 0
+        ):  # a group wider than the block starts here: its grid from all its columns as they are
             scale, zero = (t.contiguous() for t in quant_params(W[:, i1 : i1 + gs], bits, sym))
             scales[i1 // gs], zeros[i1 // gs] = scale, zero
-        Q1, Err1, new_s, new_z, loss = cpu_kernels.gptq_columns(W1, Hinv[i1:i2, i1:i2], scale, zero, bits, sym, gs_c,
-                                                                col_group, table)
+        Q1, Err1, new_s, new_z, loss = cpu_kernels.gptq_columns(
+            W1, Hinv[i1:i2, i1:i2], scale, zero, bits, sym, gs_c, col_group, table
+        )
         if gs_c:
             g0 = i1 // gs
             scales[g0 : g0 + new_s.shape[0]], zeros[g0 : g0 + new_z.shape[0]] = new_s, new_z
         Q[:, i1:i2] = Q1.t()
         losses += loss
-        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of everything after the block
+        W[:, i2:].addmm_(
+            Err1.t(), Hinv[i1:i2, i2:], alpha=-1
+        )  # lazy batch update of everything after the block
     return losses
 
 
-def _columns_torch(W, Hinv, Q, scales, zeros, gs: int, block_size: int, bits: int, sym: bool, orig_list,
-                   static_groups: bool) -> float:
+def _columns_torch(
+    W, Hinv, Q, scales, zeros, gs: int, block_size: int, bits: int, sym: bool, orig_list, static_groups: bool
+) -> float:
     """GPTQ's column loop in torch ops (CUDA, fp64, and wherever the C loop is not available)."""
     in_features = W.shape[1]
     losses = 0.0

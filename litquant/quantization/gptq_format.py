@@ -31,7 +31,9 @@ def num_groups(in_features: int, group_size: int) -> int:
     return math.ceil(in_features / group_size)
 
 
-def packed_shapes(in_features: int, out_features: int, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
+def packed_shapes(
+    in_features: int, out_features: int, bits: int, group_size: int
+) -> dict[str, tuple[int, ...]]:
     """Shapes of the four tensors of one quantized Linear; raises UserError if the layer cannot be packed."""
     check_packable(in_features, out_features, bits)
     groups = num_groups(in_features, group_size)
@@ -53,7 +55,9 @@ def check_packable(in_features: int, out_features: int, bits: int) -> None:
             )
 
 
-def default_g_idx(in_features: int, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+def default_g_idx(
+    in_features: int, group_size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """g_idx of a layer quantized without act-order: channel i belongs to group i // group_size."""
     if group_size == -1:
         return torch.zeros(in_features, dtype=torch.int32, device=device)
@@ -143,7 +147,9 @@ def check_shapes(
     """Check that the four tensors of one layer agree with each other and with `bits` (UserError if not)."""
     _check_bits(bits)
     if g_idx.dim() != 1 or scales.dim() != 2:
-        raise UserError(f"GPTQ g_idx must be 1-D and scales 2-D, got {tuple(g_idx.shape)} and {tuple(scales.shape)}")
+        raise UserError(
+            f"GPTQ g_idx must be 1-D and scales 2-D, got {tuple(g_idx.shape)} and {tuple(scales.shape)}"
+        )
     in_features, (groups, out_features) = g_idx.shape[0], scales.shape
     expected = {
         "qweight": (in_features * bits // 32, out_features),

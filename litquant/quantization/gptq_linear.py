@@ -186,12 +186,20 @@ class GPTQLinear(nn.Module):
         return self.out_features % cpu_kernels.lanes() == 0
 
     def _dequant_t(self, n0: int, n1: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
-        return cpu_kernels.gptq_dequantize_t(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
-                                             cols=(n0, n1), dtype=dtype, out=out)
+        return cpu_kernels.gptq_dequantize_t(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, cols=(n0, n1), dtype=dtype, out=out
+        )
 
     def _tiled(self, x2d: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        return cpu_kernels.tiled_linear(x2d, self.out_features, self.in_features, self._dequant_t, transpose,
-                                        step=cpu_kernels.lanes(), kn=True)
+        return cpu_kernels.tiled_linear(
+            x2d,
+            self.out_features,
+            self.in_features,
+            self._dequant_t,
+            transpose,
+            step=cpu_kernels.lanes(),
+            kn=True,
+        )
 
     def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
         k = self._kernel
@@ -200,10 +208,23 @@ class GPTQLinear(nn.Module):
                 return self._tiled(x2d)
             if self._ordered is None:
                 self._ordered = cpu_kernels.gptq_ordered(self.g_idx, self.group_size)
-            y = cpu_kernels.gptq_matmul(x2d, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits,
-                                        self.group_size, self._ordered)
+            y = cpu_kernels.gptq_matmul(
+                x2d,
+                self.qweight,
+                self.qzeros,
+                self.scales,
+                self.g_idx,
+                self.bits,
+                self.group_size,
+                self._ordered,
+            )
             return y.to(x2d.dtype)
-        if k is None or not self.uses_kernel(x2d.dtype) or x2d.device != k.device or not self._kernel_wins(x2d):
+        if (
+            k is None
+            or not self.uses_kernel(x2d.dtype)
+            or x2d.device != k.device
+            or not self._kernel_wins(x2d)
+        ):
             return x2d @ self.dequantized_weight(x2d.dtype).t()
         if k.perm is not None:
             x2d = x2d.index_select(1, k.perm)
@@ -252,13 +273,17 @@ class GPTQLinear(nn.Module):
         if bool((perm == torch.arange(k, device=device)).all()):
             perm = None
 
-        intweight, zeros, scales, _ = gptq_format.unpack(self.qweight, self.qzeros, self.scales, self.g_idx, 4)
+        intweight, zeros, scales, _ = gptq_format.unpack(
+            self.qweight, self.qzeros, self.scales, self.g_idx, 4
+        )
         q = intweight.to(torch.int32)
         if perm is not None:
             q = q[:, perm]
         group_of_chunk = g_sorted[::kernel_group]  # GPTQ group of each kernel group
         s = scales.to(torch.float32)[group_of_chunk]  # [k / kernel_group, n]
-        z = (8 - zeros[group_of_chunk]).to(torch.float32) * s  # (q - zero) * s == (q - 8) * s + (8 - zero) * s
+        z = (8 - zeros[group_of_chunk]).to(
+            torch.float32
+        ) * s  # (q - zero) * s == (q - 8) * s + (8 - zero) * s
         scales_and_zeros = torch.stack([s, z], dim=-1).contiguous()
         if device.type == "cuda":
             inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
@@ -324,7 +349,9 @@ class GPTQLinear(nn.Module):
             )
         if attr in ("qweight", "qzeros", "g_idx"):
             if tensor.dtype != torch.int32 and not (attr == "g_idx" and tensor.dtype == torch.int64):
-                raise UserError(f"{where}.{attr} must be int32, got {str(tensor.dtype).replace('torch.', '')}")
+                raise UserError(
+                    f"{where}.{attr} must be int32, got {str(tensor.dtype).replace('torch.', '')}"
+                )
             tensor = tensor.to(torch.int32)
         elif attr == "scales":
             tensor = tensor.to(torch.float16)
@@ -372,4 +399,3 @@ def _cpu_kernel_supports(dtype: torch.dtype) -> bool:
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
-

@@ -37,10 +37,9 @@ SEQUENTIAL_GROUPS = {
 MLP_CACHE_BYTES = 1 << 30
 CPU_CALIBRATION_S = 240  # what the default calibration size aims at on a CPU
 
+
 class _StopForward(Exception):
     """Raised by a hook once the layers being calibrated have seen their input: the rest of the block is skipped."""
-
-
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,9 @@ class GPTQSettings:
         if self.bits not in SUPPORTED_BITS:
             raise UserError(f"--bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
         if self.group_size != -1 and self.group_size < 1:
-            raise UserError(f"--group_size must be a positive integer or -1 (per channel), got {self.group_size}")
+            raise UserError(
+                f"--group_size must be a positive integer or -1 (per channel), got {self.group_size}"
+            )
         if not 0.0 <= self.damp_percent <= 1.0:
             raise UserError(f"--damp_percent must be in [0, 1], got {self.damp_percent}")
         if self.block_size < 1:
@@ -75,8 +76,15 @@ class GPTQSettings:
         """The AutoGPTQ quantize_config.json of these settings."""
         from litquant.quantization.gptq_plugin import quantize_config
 
-        return quantize_config(self.bits, self.group_size, self.act_order, self.sym, self.damp_percent,
-                               self.true_sequential, self.static_groups)
+        return quantize_config(
+            self.bits,
+            self.group_size,
+            self.act_order,
+            self.sym,
+            self.damp_percent,
+            self.true_sequential,
+            self.static_groups,
+        )
 
     def gptq_kwargs(self) -> dict:
         """GPTQ.quantize's arguments."""
@@ -85,20 +93,34 @@ class GPTQSettings:
         return d
 
 
-def quantize_model(checkpoint: Checkpoint, settings: GPTQSettings, tokens: torch.Tensor, out: Path,
-                   device: torch.device, dtype: torch.dtype, batch_size: int = 8,
-                   gate_tokens: Optional[torch.Tensor] = None) -> tuple[list[str], Optional[dict]]:
+def quantize_model(
+    checkpoint: Checkpoint,
+    settings: GPTQSettings,
+    tokens: torch.Tensor,
+    out: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 8,
+    gate_tokens: Optional[torch.Tensor] = None,
+) -> tuple[list[str], Optional[dict]]:
     """GPTQ of every block of `checkpoint` with the calibration windows `tokens`, written to `out` as it is made:
     every tensor that is not a quantized weight as saved, then each block's packed layers as soon as the block is
     done (nothing accumulates). -> (the quantized Linears, the quality gate of `gate_tokens` or None)."""
     config = checkpoint.config
     source = checkpoint.file()
-    quantized = [f"transformer.h.{i}.{name}" for i in range(config.n_layer)
-                 for group in SEQUENTIAL_GROUPS[config.mlp_class_name] for name in group]
+    quantized = [
+        f"transformer.h.{i}.{name}"
+        for i in range(config.n_layer)
+        for group in SEQUENTIAL_GROUPS[config.mlp_class_name]
+        for name in group
+    ]
     metadata = {"format": "pt", "litquant": "1", "quantize_config": json.dumps(settings.quantize_config())}
-    with open_safetensors(source) as f, SafetensorsWriter(
-        out, output_plan(f, quantized, settings.bits, settings.group_size), metadata=metadata
-    ) as writer:
+    with (
+        open_safetensors(source) as f,
+        SafetensorsWriter(
+            out, output_plan(f, quantized, settings.bits, settings.group_size), metadata=metadata
+        ) as writer,
+    ):
         skip = {m + ".weight" for m in quantized}
         for key in f.keys():
             if key not in skip:
@@ -108,12 +130,15 @@ def quantize_model(checkpoint: Checkpoint, settings: GPTQSettings, tokens: torch
             for attr, t in packed.items():
                 writer.write(f"{module}.{attr}", t)
 
-        gate = quantize_blocks(source, config, tokens, settings, device, dtype, batch_size, emit=emit,
-                               gate_tokens=gate_tokens)
+        gate = quantize_blocks(
+            source, config, tokens, settings, device, dtype, batch_size, emit=emit, gate_tokens=gate_tokens
+        )
     return quantized, gate
 
 
-def default_n_samples(config: Config, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[int, str]:
+def default_n_samples(
+    config: Config, seq_len: int, device: torch.device, dtype: torch.dtype
+) -> tuple[int, str]:
     """Calibration windows when --n_samples is not given: the GPTQ paper's 128 on a GPU; on a CPU as many as about
     CPU_CALIBRATION_S seconds of calibration allow, between 8 and 128. The cost per token (block forwards, ~2.5
     per block, in the calibration dtype; Hessians in fp32) is timed here on the model's own widest layer."""
@@ -122,7 +147,7 @@ def default_n_samples(config: Config, seq_len: int, device: torch.device, dtype:
     block = build_model(config, "meta").transformer.h[0]
     linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
     weights = sum(m.in_features * m.out_features for m in linears)
-    hessian = sum(m.in_features ** 2 for m in linears if m is not getattr(block.mlp, "fc_2", None))
+    hessian = sum(m.in_features**2 for m in linears if m is not getattr(block.mlp, "fc_2", None))
     wide = max(linears, key=lambda m: m.in_features * m.out_features)
     rows = min(seq_len * 4, 1024)
     x = torch.randn(rows, wide.in_features, dtype=dtype)
@@ -138,8 +163,11 @@ def default_n_samples(config: Config, seq_len: int, device: torch.device, dtype:
     hess_rate = 2 * rows * wide.in_features**2 / timings[1]
     per_token = config.n_layer * (2.5 * 2 * weights / fwd_rate + 2 * hessian / hess_rate)  # seconds
     n = max(8, min(128, int(CPU_CALIBRATION_S / per_token / seq_len)))
-    return n, f"default for this model on this CPU, about {n * seq_len * per_token / 60:.0f} min of calibration at " \
-              f"the {fwd_rate / 1e9:.0f} GFLOP/s measured"
+    return (
+        n,
+        f"default for this model on this CPU, about {n * seq_len * per_token / 60:.0f} min of calibration at "
+        f"the {fwd_rate / 1e9:.0f} GFLOP/s measured",
+    )
 
 
 @torch.no_grad()
@@ -174,17 +202,26 @@ def quantize_blocks(
 
     with open_safetensors(source) as f:
         wte = f.get_tensor("transformer.wte.weight").to(device=device, dtype=dtype)
-        xs = [F.embedding(b.to(device), wte) for b in tokens.split(batch_size)]  # this block's inputs, per batch
-        gate = ([F.embedding(b.to(device), wte) for b in gate_tokens.split(batch_size)]
-                if gate_tokens is not None else [])
-        gate_q = [g.clone() for g in gate]  # the held-out windows through the quantized blocks; `gate`: the originals
+        xs = [
+            F.embedding(b.to(device), wte) for b in tokens.split(batch_size)
+        ]  # this block's inputs, per batch
+        gate = (
+            [F.embedding(b.to(device), wte) for b in gate_tokens.split(batch_size)]
+            if gate_tokens is not None
+            else []
+        )
+        gate_q = [
+            g.clone() for g in gate
+        ]  # the held-out windows through the quantized blocks; `gate`: the originals
         n_tokens = tokens.numel()
         del wte
         keys = list(f.keys())
         bar = tqdm(total=config.n_layer * len(groups), desc="Quantizing", unit="step", disable=not progress)
         for i, block in enumerate(model.transformer.h):
             prefix = f"transformer.h.{i}."
-            stored = _load_block(f, block, prefix, [k for k in keys if k.startswith(prefix)], device, dtype, source)
+            stored = _load_block(
+                f, block, prefix, [k for k in keys if k.startswith(prefix)], device, dtype, source
+            )
             gate = [block(g, *_rope_for(cos, sin, mask, g), None) for g in gate]  # the base model's block
             tails = [_TailCache(block.attn, "attn.")]
             if n_tokens * block.mlp.proj.in_features * dtype.itemsize <= MLP_CACHE_BYTES:
@@ -192,7 +229,9 @@ def quantize_blocks(
             done: set[str] = set()
             for group in groups:
                 layers = {name: block.get_submodule(name) for name in group}
-                recording = [t for t in tails if t.usable(group, done)]  # true-sequential: attn.proj, mlp.proj
+                recording = [
+                    t for t in tails if t.usable(group, done)
+                ]  # true-sequential: attn.proj, mlp.proj
                 for t in recording:
                     t.record()
                 hessians = _HessianCollector(layers, device)
@@ -216,11 +255,17 @@ def quantize_blocks(
                 names = list(layers)
                 for k, (name, layer) in enumerate(layers.items()):
                     gptq = hessians.gptqs[name]
-                    last = all(hessians.gptqs[n] is not gptq for n in names[k + 1 :])  # its Hessian serves no more
+                    last = all(
+                        hessians.gptqs[n] is not gptq for n in names[k + 1 :]
+                    )  # its Hessian serves no more
                     # GPTQ sees the weight as saved, not its calibration-dtype copy (fp32 file, bf16 calibration)
-                    result = gptq.quantize(stored.pop(name + ".weight", layer.weight), **gptq_kwargs, release=last)
+                    result = gptq.quantize(
+                        stored.pop(name + ".weight", layer.weight), **gptq_kwargs, release=last
+                    )
                     emit(prefix + name, {k: v.cpu() for k, v in result.pack().items()})
-                    layer.weight.data = result.weight.to(dtype)  # later steps and blocks see the quantized layer
+                    layer.weight.data = result.weight.to(
+                        dtype
+                    )  # later steps and blocks see the quantized layer
                     bar.set_postfix_str(f"block {i} {name} loss {result.loss:.3g}")
                 hessians.free()
                 release_freed_memory()  # the Hessians and GPTQ's temporaries: give glibc's holes back
@@ -257,8 +302,10 @@ def _gate(f, config: Config, base: list, quant: list, tokens: torch.Tensor, devi
     head = {"weight": f.get_tensor("lm_head.weight").to(device=device, dtype=dtype)}
     if config.lm_head_bias:
         head["bias"] = f.get_tensor("lm_head.bias").to(device=device, dtype=dtype)
-    ln_f.load_state_dict({k: f.get_tensor(f"transformer.ln_f.{k}").to(device=device, dtype=dtype)
-                          for k in ln_f.state_dict()}, assign=True)
+    ln_f.load_state_dict(
+        {k: f.get_tensor(f"transformer.ln_f.{k}").to(device=device, dtype=dtype) for k in ln_f.state_dict()},
+        assign=True,
+    )
     targets = tokens.to(device)[:, 1:].split(len(base[0])) if base else []
     out = {}
     for name, xs in (("base", base), ("quantized", quant)):
@@ -289,7 +336,9 @@ class _HessianCollector:
 
         self.gptqs: dict[str, GPTQ] = {}
         self._seen: list[tuple[torch.Tensor, GPTQ]] = []  # inputs of the current forward, and where they went
-        self._new = lambda layer: GPTQ(layer.in_features, device)  # an in_features² Hessian: made once per layer
+        self._new = lambda layer: GPTQ(
+            layer.in_features, device
+        )  # an in_features² Hessian: made once per layer
         self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in layers.items()]
 
     def _hook(self, name: str):
@@ -351,7 +400,9 @@ class _TailCache:
     def start(self) -> None:
         self._handle.remove()
         self._handle = None
-        self.module.forward = lambda *args, **kwargs: self.module.proj(self.inputs[self.batch])  # shadows the class's
+        self.module.forward = lambda *args, **kwargs: self.module.proj(
+            self.inputs[self.batch]
+        )  # shadows the class's
         self.active = True
 
     def stop(self) -> None:
@@ -363,15 +414,16 @@ class _TailCache:
         self.inputs.clear()
 
 
-def _load_block(f, block: nn.Module, prefix: str, keys: list[str], device: torch.device, dtype: torch.dtype,
-                source: Path) -> dict[str, torch.Tensor]:
+def _load_block(
+    f, block: nn.Module, prefix: str, keys: list[str], device: torch.device, dtype: torch.dtype, source: Path
+) -> dict[str, torch.Tensor]:
     """Stream one block's tensors from the open safetensors file onto the device (replacing the meta ones), in
     the calibration dtype. Returns, on the device, the float tensors whose stored dtype differs from it, as
     stored, so that GPTQ quantizes the real weights (keyed by name within the block)."""
     state, stored = {}, {}
     for k in keys:
         t = f.get_tensor(k)
-        name = k[len(prefix):]
+        name = k[len(prefix) :]
         if t.is_floating_point() and t.dtype != dtype and name.endswith(".weight"):
             stored[name] = t.to(device)
         state[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
@@ -379,7 +431,9 @@ def _load_block(f, block: nn.Module, prefix: str, keys: list[str], device: torch
         block.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
-        raise UserError(f"{source}: block {prefix[:-1]} does not match model_config.yaml ({detail})") from None
+        raise UserError(
+            f"{source}: block {prefix[:-1]} does not match model_config.yaml ({detail})"
+        ) from None
     return stored
 
 
@@ -410,5 +464,3 @@ def check_shapes(config: Config, bits: int) -> None:
                 check_packable(m.in_features, m.out_features, bits)
             except UserError as e:
                 raise UserError(f"{name}: {e}") from None
-
-

@@ -28,7 +28,7 @@ _HELP = {
     2: "GPTQ 2-bit (AutoGPTQ layout): dequantize + matmul per call, no fused kernel",
     3: "GPTQ 3-bit (AutoGPTQ layout): dequantize + matmul per call, no fused kernel",
     4: "GPTQ 4-bit (AutoGPTQ layout), torch int4 tinygemm kernels on CPU and CUDA; "
-       "make it with `litquant quantize gptq`",
+    "make it with `litquant quantize gptq`",
     8: "GPTQ 8-bit (AutoGPTQ layout): dequantize + matmul per call, no fused kernel",
 }
 
@@ -48,8 +48,15 @@ def quantize_config(
 ) -> dict[str, Any]:
     """The AutoGPTQ `quantize_config.json` fields (also HF's config.json `quantization_config`)."""
     return dict(
-        bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, damp_percent=damp_percent,
-        true_sequential=true_sequential, static_groups=static_groups, quant_method="gptq", checkpoint_format="gptq",
+        bits=bits,
+        group_size=group_size,
+        desc_act=desc_act,
+        sym=sym,
+        damp_percent=damp_percent,
+        true_sequential=true_sequential,
+        static_groups=static_groups,
+        quant_method="gptq",
+        checkpoint_format="gptq",
     )
 
 
@@ -78,7 +85,9 @@ def check_quantize_config(qc: Any, source: str) -> None:
         raise UserError(f"{source}: quant_method is {qc.get('quant_method')!r}, not 'gptq'")
     fmt = qc.get("checkpoint_format", "gptq")
     if fmt != "gptq":
-        raise UserError(f"{source}: checkpoint_format {fmt!r} is not supported (litquant reads 'gptq', AutoGPTQ's v1)")
+        raise UserError(
+            f"{source}: checkpoint_format {fmt!r} is not supported (litquant reads 'gptq', AutoGPTQ's v1)"
+        )
     if qc.get("bits") not in SUPPORTED_BITS:
         raise UserError(f"{source}: GPTQ bits must be one of {SUPPORTED_BITS}, got {qc.get('bits')!r}")
     gs = qc.get("group_size")
@@ -105,8 +114,12 @@ class GPTQMode(QuantMode):
         self.needs_file = self.file  # only a checkpoint that has this file loads in this mode
 
     def plugin(self, precision: str, device: torch.device, **options: Any) -> "GPTQPrecision":
-        return GPTQPrecision(self, precision, keep_source=bool(options.get("keep_source", False)),
-                             quantize_lm_head=bool(options.get("quantize_lm_head", False)))
+        return GPTQPrecision(
+            self,
+            precision,
+            keep_source=bool(options.get("keep_source", False)),
+            quantize_lm_head=bool(options.get("quantize_lm_head", False)),
+        )
 
     def preferred_precision(self, device: torch.device) -> Optional[str]:
         """4-bit: bf16 activations on AVX-512 CPUs, native bf16 or not: torch's int4 kernel with bf16 activations beats
@@ -116,12 +129,16 @@ class GPTQMode(QuantMode):
 
         return "bf16-true" if self.bits == 4 and device.type == "cpu" and cpu_has_avx512() else None
 
-    def linear_bytes(self, in_features: int, out_features: int, group_size: int = 128, runtime: bool = True) -> int:
+    def linear_bytes(
+        self, in_features: int, out_features: int, group_size: int = 128, runtime: bool = True
+    ) -> int:
         """The AutoGPTQ tensors (int32 qweight, qzeros, g_idx; fp16 scales), or at runtime with the int4 kernel its
         repacked weight (n/2 bytes, replacing qweight) and fp32 (scale, zero) per kernel group and row."""
         shapes = gptq_format.packed_shapes(in_features, out_features, self.bits, group_size)
         qweight = 4 * math.prod(shapes["qweight"])
-        rest = 4 * math.prod(shapes["qzeros"]) + 2 * math.prod(shapes["scales"]) + 4 * math.prod(shapes["g_idx"])
+        rest = (
+            4 * math.prod(shapes["qzeros"]) + 2 * math.prod(shapes["scales"]) + 4 * math.prod(shapes["g_idx"])
+        )
         kernel_group = self.kernel_group(in_features, out_features, group_size) if runtime else None
         if kernel_group is None:
             return qweight + rest
@@ -132,15 +149,25 @@ class GPTQMode(QuantMode):
         256/128/64/32 that divides in_features and never spans two GPTQ groups."""
         if self.bits != 4 or out_features % 16:
             return None
-        return next((kg for kg in (256, 128, 64, 32)
-                     if in_features % kg == 0 and (group_size == -1 or group_size % kg == 0)), None)
+        return next(
+            (
+                kg
+                for kg in (256, 128, 64, 32)
+                if in_features % kg == 0 and (group_size == -1 or group_size % kg == 0)
+            ),
+            None,
+        )
 
 
 class GPTQPrecision(LitquantPrecision):
     """`--quantize gptq.int<bits>`: loads the GPTQ file into GPTQLinear modules; compute dtype from --precision."""
 
     def __init__(
-        self, mode: GPTQMode, precision: str = "32-true", keep_source: bool = False, quantize_lm_head: bool = False
+        self,
+        mode: GPTQMode,
+        precision: str = "32-true",
+        keep_source: bool = False,
+        quantize_lm_head: bool = False,
     ) -> None:
         super().__init__(precision)
         self.mode = mode
@@ -180,6 +207,7 @@ class GPTQPrecision(LitquantPrecision):
         """Swap the Linears the plan names for empty GPTQLinears (on meta, for the loader to fill). Without a plan
         (Fabric's call on the loaded model) there is nothing left to swap."""
         if plan is not None:
+
             def make(name: str, linear: nn.Linear) -> GPTQLinear:
                 if not linear.weight.is_meta:
                     raise UserError(
@@ -188,8 +216,13 @@ class GPTQPrecision(LitquantPrecision):
                         " load the model with litquant.checkpoint.load_model"
                     )
                 return GPTQLinear(
-                    linear.in_features, linear.out_features, bias=linear.bias is not None, bits=self.bits,
-                    group_size=plan.extra["group_size"], device="meta", dtype=self.dtype,
+                    linear.in_features,
+                    linear.out_features,
+                    bias=linear.bias is not None,
+                    bits=self.bits,
+                    group_size=plan.extra["group_size"],
+                    device="meta",
+                    dtype=self.dtype,
                 )
 
             self.swap_linears(module, plan.swap, make)
@@ -201,16 +234,22 @@ class GPTQPrecision(LitquantPrecision):
         if device.type == "cuda" or (self.dtype == torch.bfloat16 and self.bits == 4):
             return "torch int4 tinygemm (int4pack)"
         if cpu_kernels.lib() is None:
-            return ("torch int4 kernel / dequantize + matmul "
-                    f"(litquant CPU kernels unavailable: {cpu_kernels.build_error})")
-        return (f"litquant {cpu_kernels.isa()} kernels: fused GPTQ matmul on the AutoGPTQ layout (<= "
-                f"{GEMV_MAX_ROWS} rows), tiled dequantize + matmul beyond")
+            return (
+                "torch int4 kernel / dequantize + matmul "
+                f"(litquant CPU kernels unavailable: {cpu_kernels.build_error})"
+            )
+        return (
+            f"litquant {cpu_kernels.isa()} kernels: fused GPTQ matmul on the AutoGPTQ layout (<= "
+            f"{GEMV_MAX_ROWS} rows), tiled dequantize + matmul beyond"
+        )
 
     def hints(self, device: torch.device) -> list[str]:
         out = super().hints(device)
         if device.type == "cpu" and cpu_kernels.lib() is None and self.dtype != torch.bfloat16:
-            out.append(f"litquant's CPU kernels are unavailable ({cpu_kernels.build_error}): with "
-                       f"{self.precision} {self.mode.name} runs a much slower path; --precision bf16-true is faster")
+            out.append(
+                f"litquant's CPU kernels are unavailable ({cpu_kernels.build_error}): with "
+                f"{self.precision} {self.mode.name} runs a much slower path; --precision bf16-true is faster"
+            )
         return out
 
     def after_load(self, model: nn.Module) -> nn.Module:

@@ -31,7 +31,9 @@ class LoadPlan:
     weights_file: str  # the file of the checkpoint directory to stream in
     swap: Callable[[str], bool]  # which Linears (qualified names) become quantized layers
     note: Optional[str] = None  # one line to tell the user (e.g. why a pre-quantized file is not used)
-    extra: dict = field(default_factory=dict)  # what the mode read from the checkpoint (GPTQ: bits, group size)
+    extra: dict = field(
+        default_factory=dict
+    )  # what the mode read from the checkpoint (GPTQ: bits, group size)
 
 
 class QuantMode:
@@ -42,7 +44,9 @@ class QuantMode:
     options: tuple[str, ...] = ()  # keyword options its plugin takes (resolve rejects any other)
     lora_trainable: bool = True  # LoRA adapters can train over a base loaded in this mode
     lora_options: dict = {}  # plugin options a base needs to be trained through or merged (GPTQ: keep qweight)
-    stored_as_is: tuple[str, ...] = ()  # tensor-name suffixes of its files kept in their dtype at any precision
+    stored_as_is: tuple[
+        str, ...
+    ] = ()  # tensor-name suffixes of its files kept in their dtype at any precision
     nominal_bits: int = 16  # bits per quantized weight before overheads (the simple params x bytes estimate)
     qlora: bool = False  # a 4-bit base as QLoRA trains over (bitsandbytes nf4/fp4)
     needs_file: Optional[str] = None  # a file the checkpoint must have for this mode (made ahead of time)
@@ -54,7 +58,9 @@ class QuantMode:
         """The compute precision it runs fastest in on `device` when --precision is not given (None: the device's)."""
         return None
 
-    def linear_bytes(self, in_features: int, out_features: int, group_size: int = 128, runtime: bool = True) -> int:
+    def linear_bytes(
+        self, in_features: int, out_features: int, group_size: int = 128, runtime: bool = True
+    ) -> int:
         """Bytes one quantized Linear's weight storage takes in memory (runtime) or in its file (without bias)."""
         raise NotImplementedError
 

@@ -59,8 +59,13 @@ def create_app(llm: LLM, engine: Engine, model_id: str) -> FastAPI:
             raise oa.RequestError("the request body must be a JSON object")
         model = body.get("model")
         if model is not None and model not in (model_id, str(llm.checkpoint.path)):
-            raise oa.RequestError(f"the model {model!r} does not exist; this server serves {model_id!r}", "model",
-                                  status=404, type="not_found_error", code="model_not_found")
+            raise oa.RequestError(
+                f"the model {model!r} does not exist; this server serves {model_id!r}",
+                "model",
+                status=404,
+                type="not_found_error",
+                code="model_not_found",
+            )
         return body
 
     def check_length(n_prompt: int, max_tokens: int, param: str) -> None:
@@ -69,16 +74,29 @@ def create_app(llm: LLM, engine: Engine, model_id: str) -> FastAPI:
         if n_prompt + max_tokens > context:
             raise oa.RequestError(
                 f"this model's context is {context} tokens; the request has {n_prompt} prompt tokens and asks for "
-                f"{max_tokens} more", param if n_prompt >= context else "max_tokens", code="context_length_exceeded")
+                f"{max_tokens} more",
+                param if n_prompt >= context else "max_tokens",
+                code="context_length_exceeded",
+            )
 
-    def make_sequences(ids: list[list[int]], st: oa.Settings, max_tokens: list[int], stop_sequences=()) -> list:
+    def make_sequences(
+        ids: list[list[int]], st: oa.Settings, max_tokens: list[int], stop_sequences=()
+    ) -> list:
         seqs = []
         for k, prompt in enumerate(ids):
             for j in range(st.n):
                 seed = None if st.seed is None else st.seed + k * st.n + j
                 try:
-                    seqs += llm.sequences([prompt], max_tokens[k], st.temperature, st.top_k, st.top_p, st.stop,
-                                          seed, stop_sequences)
+                    seqs += llm.sequences(
+                        [prompt],
+                        max_tokens[k],
+                        st.temperature,
+                        st.top_k,
+                        st.top_p,
+                        st.stop,
+                        seed,
+                        stop_sequences,
+                    )
                 except UserError as e:
                     raise oa.RequestError(str(e)) from None
         return seqs
@@ -86,12 +104,20 @@ def create_app(llm: LLM, engine: Engine, model_id: str) -> FastAPI:
     @app.get("/health")
     async def health():
         stats = engine.stats()
-        return JSONResponse({"status": "ok" if stats["alive"] else "engine stopped", "model": model_id, **stats},
-                            status_code=200 if stats["alive"] else 503)
+        return JSONResponse(
+            {"status": "ok" if stats["alive"] else "engine stopped", "model": model_id, **stats},
+            status_code=200 if stats["alive"] else 503,
+        )
 
     def model_card() -> dict:
-        return {"id": model_id, "object": "model", "created": 0, "owned_by": "litquant",
-                "max_model_len": context, "quantization": llm.plugin.describe()}
+        return {
+            "id": model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "litquant",
+            "max_model_len": context,
+            "quantization": llm.plugin.describe(),
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -100,8 +126,12 @@ def create_app(llm: LLM, engine: Engine, model_id: str) -> FastAPI:
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
         if name != model_id:
-            raise oa.RequestError(f"the model {name!r} does not exist", status=404, type="not_found_error",
-                                  code="model_not_found")
+            raise oa.RequestError(
+                f"the model {name!r} does not exist",
+                status=404,
+                type="not_found_error",
+                code="model_not_found",
+            )
         return model_card()
 
     @app.post("/v1/completions")
@@ -141,21 +171,26 @@ def create_app(llm: LLM, engine: Engine, model_id: str) -> FastAPI:
         updates: asyncio.Queue = asyncio.Queue()
         for i, s in enumerate(seqs):
             s.on_update = lambda s, i=i: loop.call_soon_threadsafe(
-                updates.put_nowait, (i, s.delta, s.finish_reason, s.error))
+                updates.put_nowait, (i, s.delta, s.finish_reason, s.error)
+            )
         try:
             engine.submit(seqs)
         except Overloaded as e:
-            raise oa.RequestError(f"the server is overloaded: {e}; retry later", status=503,
-                                  type="server_overloaded") from None
+            raise oa.RequestError(
+                f"the server is overloaded: {e}; retry later", status=503, type="server_overloaded"
+            ) from None
         rid = oa.new_id("chatcmpl" if kind == "chat" else "cmpl")
-        n_prompt = sum(len(s.prompt) for s in seqs[::st.n])
+        n_prompt = sum(len(s.prompt) for s in seqs[:: st.n])
 
         def use() -> dict:
             return oa.usage(n_prompt, sum(len(s.tokens) for s in seqs))
 
         if st.stream:
-            return StreamingResponse(stream(updates, seqs, st, kind, rid, prefix, use), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                stream(updates, seqs, st, kind, rid, prefix, use),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         texts, reasons, pending = list(prefix), [None] * len(seqs), len(seqs)
         try:
             while pending:
@@ -166,9 +201,17 @@ def create_app(llm: LLM, engine: Engine, model_id: str) -> FastAPI:
                         return JSONResponse({}, status_code=499)
                     continue
                 if err or reason == "cancelled":
-                    return JSONResponse({"error": {"message": f"generation failed: {err or 'server shutting down'}",
-                                                   "type": "server_error", "param": None, "code": None}},
-                                        status_code=500)
+                    return JSONResponse(
+                        {
+                            "error": {
+                                "message": f"generation failed: {err or 'server shutting down'}",
+                                "type": "server_error",
+                                "param": None,
+                                "code": None,
+                            }
+                        },
+                        status_code=500,
+                    )
                 texts[i] += delta
                 if reason:
                     reasons[i], pending = reason, pending - 1
@@ -192,8 +235,16 @@ def create_app(llm: LLM, engine: Engine, model_id: str) -> FastAPI:
                 out = []
                 for i, delta, reason, err in merge(items):
                     if err or reason == "cancelled":
-                        yield sse({"error": {"message": f"generation failed: {err or 'server shutting down'}",
-                                             "type": "server_error", "param": None, "code": None}})
+                        yield sse(
+                            {
+                                "error": {
+                                    "message": f"generation failed: {err or 'server shutting down'}",
+                                    "type": "server_error",
+                                    "param": None,
+                                    "code": None,
+                                }
+                            }
+                        )
                         return
                     if reason:
                         pending -= 1
@@ -235,13 +286,23 @@ def cancel(seqs: list[Sequence]) -> None:
             s.cancelled = True
 
 
-def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 16,
-          max_seq_length: Optional[int] = None, max_queue: int = 1024, model_id: Optional[str] = None) -> None:
+def serve(
+    llm: LLM,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch_size: int = 16,
+    max_seq_length: Optional[int] = None,
+    max_queue: int = 1024,
+    model_id: Optional[str] = None,
+) -> None:
     import uvicorn
 
     engine = Engine(llm, max_batch_size, max_seq_length, max_queue)
     model_id = model_id or llm.checkpoint.path.name
     app = create_app(llm, engine, model_id)
-    print(f"Serving {model_id} ({llm.plugin.describe()}) on http://{host}:{port}/v1 with up to {max_batch_size} "
-          f"sequences at once; context {engine.decoder.max_seq_length} tokens", flush=True)
+    print(
+        f"Serving {model_id} ({llm.plugin.describe()}) on http://{host}:{port}/v1 with up to {max_batch_size} "
+        f"sequences at once; context {engine.decoder.max_seq_length} tokens",
+        flush=True,
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

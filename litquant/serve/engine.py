@@ -17,8 +17,9 @@ class Overloaded(Exception):
 
 
 class Engine:
-    def __init__(self, llm: LLM, max_batch_size: int = 16, max_seq_length: Optional[int] = None,
-                 max_queue: int = 1024) -> None:
+    def __init__(
+        self, llm: LLM, max_batch_size: int = 16, max_seq_length: Optional[int] = None, max_queue: int = 1024
+    ) -> None:
         self.llm, self.max_queue = llm, max_queue
         self.decoder = llm.decoder(max_batch_size, max_seq_length)
         self._waiting: collections.deque[Sequence] = collections.deque()
@@ -56,8 +57,14 @@ class Engine:
     def stats(self) -> dict:
         with self._cond:
             waiting = len(self._waiting)
-        return dict(active=len(self.decoder.active), waiting=waiting, max_batch_size=self.max_batch_size,
-                    finished=dict(self.counts), busy_s=round(self.busy_s, 3), alive=self._thread.is_alive())
+        return dict(
+            active=len(self.decoder.active),
+            waiting=waiting,
+            max_batch_size=self.max_batch_size,
+            finished=dict(self.counts),
+            busy_s=round(self.busy_s, 3),
+            alive=self._thread.is_alive(),
+        )
 
     def _loop(self) -> None:
         decoder = self.decoder

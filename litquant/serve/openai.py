@@ -15,8 +15,14 @@ MAX_N = 16
 class RequestError(Exception):
     """A bad request: HTTP `status` with an OpenAI-style error body."""
 
-    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 type: str = "invalid_request_error", code: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        param: Optional[str] = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        code: Optional[str] = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.param, self.type, self.code = status, param, type, code
 
@@ -50,15 +56,18 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, lo_open:
     return float(v)
 
 
-def _integer(body: dict, key: str, default: Optional[int], lo: int, hi: Optional[int] = None) -> Optional[int]:
+def _integer(
+    body: dict, key: str, default: Optional[int], lo: int, hi: Optional[int] = None
+) -> Optional[int]:
     v = body.get(key)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
         raise RequestError(f"'{key}' must be an integer, got {type(v).__name__}", key)
     if v < lo or (hi is not None and v > hi):
-        raise RequestError(f"'{key}' must be {'at least ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}, got {v}",
-                           key)
+        raise RequestError(
+            f"'{key}' must be {'at least ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}, got {v}", key
+        )
     return v
 
 
@@ -71,7 +80,9 @@ def boolean(body: dict, key: str) -> bool:
     return v
 
 
-def settings(body: dict, max_tokens_key: str = "max_tokens", default_max_tokens: Optional[int] = 16) -> Settings:
+def settings(
+    body: dict, max_tokens_key: str = "max_tokens", default_max_tokens: Optional[int] = 16
+) -> Settings:
     """Check the sampling fields every endpoint shares (unknown fields are ignored, as OpenAI's API does for
     forward compatibility; ones that would change the output and that litquant does not do are refused)."""
     for key in ("logprobs", "top_logprobs", "logit_bias", "suffix", "tools", "functions"):
@@ -129,10 +140,15 @@ def prompts(body: dict) -> list[Any]:
     if not isinstance(p, list) or not p:
         raise RequestError("'prompt' must be a string, a list of strings or a list of token ids", "prompt")
     for item in p:
-        ok = isinstance(item, str) or (isinstance(item, list) and item and
-                                       all(isinstance(i, int) and not isinstance(i, bool) for i in item))
+        ok = isinstance(item, str) or (
+            isinstance(item, list)
+            and item
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in item)
+        )
         if not ok:
-            raise RequestError("'prompt' must be a string, a list of strings or a list of token ids", "prompt")
+            raise RequestError(
+                "'prompt' must be a string, a list of strings or a list of token ids", "prompt"
+            )
     if len(p) > MAX_N:
         raise RequestError(f"at most {MAX_N} prompts per request", "prompt")
     return p
@@ -151,8 +167,10 @@ def messages(body: dict) -> list[dict]:
             raise RequestError(f"messages[{i}]: role {m['role']!r} is not supported", "messages")
         content = m.get("content")
         if isinstance(content, list):
-            if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-                       for c in content):
+            if not all(
+                isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
+                for c in content
+            ):
                 raise RequestError(f"messages[{i}]: only text content parts are supported", "messages")
             content = "".join(c["text"] for c in content)
         if not isinstance(content, str):
@@ -169,31 +187,67 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def completion(rid: str, model: str, texts: list[str], reasons: list[str], use: dict) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                        for i, (t, r) in enumerate(zip(texts, reasons))], "usage": use}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "text": t, "logprobs": None, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons))
+        ],
+        "usage": use,
+    }
 
 
 def chat_completion(rid: str, model: str, texts: list[str], reasons: list[str], use: dict) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                         "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))], "usage": use}
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None, "finish_reason": r}
+            for i, (t, r) in enumerate(zip(texts, reasons))
+        ],
+        "usage": use,
+    }
 
 
 def completion_chunk(rid: str, model: str, index: int, text: str, reason: Optional[str]) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}],
+    }
 
 
 def chat_chunk(rid: str, model: str, index: int, delta: dict, reason: Optional[str]) -> dict:
-    return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}],
+    }
 
 
 def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict:
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": use}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": use,
+    }

@@ -35,8 +35,11 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete step checkpoints in out_dir, oldest first (an interrupted save leaves only a .tmp directory)."""
     if not out_dir.is_dir():
         return []
-    dirs = [p for p in out_dir.glob("step-*")
-            if p.is_dir() and p.name[5:].isdigit() and (p / TRAIN_STATE_FILE).is_file()]
+    dirs = [
+        p
+        for p in out_dir.glob("step-*")
+        if p.is_dir() and p.name[5:].isdigit() and (p / TRAIN_STATE_FILE).is_file()
+    ]
     return sorted(dirs, key=lambda p: int(p.name[5:]))
 
 
@@ -46,15 +49,19 @@ def find_resume_dir(run: RunSpec) -> Optional[Path]:
     existing = checkpoint_dirs(run.out_dir)
     if run.resume is False or run.resume is None:
         if existing:
-            raise UserError(f"{run.out_dir} already holds checkpoints of an earlier run ({existing[-1].name}): "
-                            "pass --resume true to continue it, or choose another --out_dir")
+            raise UserError(
+                f"{run.out_dir} already holds checkpoints of an earlier run ({existing[-1].name}): "
+                "pass --resume true to continue it, or choose another --out_dir"
+            )
         return None
     if run.resume is True or run.resume == "auto":
         if existing:
             return existing[-1]
         if run.resume is True:
-            raise UserError(f"--resume true: {run.out_dir} holds no checkpoint (step-*/{TRAIN_STATE_FILE}) to "
-                            "continue; pass --resume auto to start from scratch when there is none")
+            raise UserError(
+                f"--resume true: {run.out_dir} holds no checkpoint (step-*/{TRAIN_STATE_FILE}) to "
+                "continue; pass --resume auto to start from scratch when there is none"
+            )
         return None
     path = Path(run.resume)
     if path.is_file():
@@ -79,8 +86,10 @@ def resume_weights_path(directory: Path, weights_file: str) -> Path:
     mine = next((k for k, f in RUN_WEIGHTS.items() if f == weights_file), None)
     other = next((k for k, f in RUN_WEIGHTS.items() if f != weights_file and (directory / f).is_file()), None)
     if other is not None and mine is not None:
-        raise UserError(f"{directory} is a checkpoint of {RUN_NAMES[other]}, not of {RUN_NAMES[mine]} "
-                        f"(it holds {RUN_WEIGHTS[other]}, not {weights_file})")
+        raise UserError(
+            f"{directory} is a checkpoint of {RUN_NAMES[other]}, not of {RUN_NAMES[mine]} "
+            f"(it holds {RUN_WEIGHTS[other]}, not {weights_file})"
+        )
     raise UserError(f"{directory} is not a complete checkpoint: {weights_file} is missing")
 
 
@@ -93,14 +102,21 @@ def read_train_state(directory: Path, run: RunSpec) -> tuple[dict, dict]:
     try:
         counters, skeleton = json.loads(meta["counters"]), json.loads(meta["optimizer"])
     except (KeyError, TypeError, json.JSONDecodeError):
-        raise UserError(f"{state_path}: its metadata lacks valid 'counters' and 'optimizer' entries "
-                        "(not written by `litquant finetune`, or corrupt)") from None
-    if (not isinstance(counters, dict) or not isinstance(skeleton, dict)
-            or not all(isinstance(counters.get(k), int) and counters[k] >= 0 for k in ("step", "tokens"))):
+        raise UserError(
+            f"{state_path}: its metadata lacks valid 'counters' and 'optimizer' entries "
+            "(not written by `litquant finetune`, or corrupt)"
+        ) from None
+    if (
+        not isinstance(counters, dict)
+        or not isinstance(skeleton, dict)
+        or not all(isinstance(counters.get(k), int) and counters[k] >= 0 for k in ("step", "tokens"))
+    ):
         raise UserError(f"{state_path}: its 'counters' / 'optimizer' metadata is malformed (corrupt file?)")
     if counters.get("global_batch_size") != run.train.global_batch_size:
-        raise UserError(f"{directory} was trained with --train.global_batch_size {counters.get('global_batch_size')}: "
-                        "resume with the same global batch size (the data position depends on it)")
+        raise UserError(
+            f"{directory} was trained with --train.global_batch_size {counters.get('global_batch_size')}: "
+            "resume with the same global batch size (the data position depends on it)"
+        )
     return counters, skeleton
 
 
@@ -117,8 +133,12 @@ def save_checkpoint_dir(fabric, run: RunSpec, weights, model, optimizer, counter
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         weights.save(params, tmp)
-        meta = {"format": "pt", "litquant_train_state": "1", "counters": json.dumps(counters),
-                "optimizer": json.dumps(opt_rest)}
+        meta = {
+            "format": "pt",
+            "litquant_train_state": "1",
+            "counters": json.dumps(counters),
+            "optimizer": json.dumps(opt_rest),
+        }
         save_safetensors(opt_tensors or {"_empty": torch.zeros(0)}, tmp / TRAIN_STATE_FILE, metadata=meta)
         if final.exists():  # a resumed run passing an older run's step again
             shutil.rmtree(final)
@@ -133,15 +153,19 @@ def load_checkpoint_dir(fabric, run: RunSpec, weights, model, optimizer, directo
     counters, skeleton = read_train_state(directory, run)
     saved_class, this_class = counters.get("optimizer_class"), optimizer_class(optimizer.optimizer)
     if saved_class is not None and saved_class != this_class:  # (older checkpoints do not record it)
-        raise UserError(f"{directory} holds the state of a {saved_class} optimizer, this run uses {this_class}: "
-                        f"resume with the same --optimizer ({counters.get('optimizer')})")
+        raise UserError(
+            f"{directory} holds the state of a {saved_class} optimizer, this run uses {this_class}: "
+            f"resume with the same --optimizer ({counters.get('optimizer')})"
+        )
     with open_safetensors(weights_path) as f:
         params = {k: f.get_tensor(k) for k in f.keys()}
     saved = {n for n, p in model.module.named_parameters() if p.requires_grad or not weights.trainable_only()}
     missing = sorted(saved - set(params))
     if missing:
-        raise UserError(f"{weights_path} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
-                        "(checkpoint of another model or LoRA config?)")
+        raise UserError(
+            f"{weights_path} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+            "(checkpoint of another model or LoRA config?)"
+        )
     load_params(model.module, params, weights_path)
     state_path = directory / TRAIN_STATE_FILE
     with open_safetensors(state_path) as f:
@@ -159,7 +183,9 @@ def resume_counters(fabric, run: RunSpec, weights, model, optimizer, num_train_e
         return {"step": 0, "tokens": 0}
     counters = load_checkpoint_dir(fabric, run, weights, model, optimizer, run.resume_dir)
     if counters.get("num_train_examples") != num_train_examples:
-        raise UserError(f"{run.resume_dir} was trained on {counters.get('num_train_examples')} examples, this run "
-                        f"has {num_train_examples}: the data or its options changed")
+        raise UserError(
+            f"{run.resume_dir} was trained on {counters.get('num_train_examples')} examples, this run "
+            f"has {num_train_examples}: the data or its options changed"
+        )
     fabric.print(f"Resuming from {run.resume_dir} at step {counters['step']}")
     return counters

@@ -36,19 +36,25 @@ def prepare_data(fabric, run: RunSpec, tokenizer, block_size: int) -> Data:
     dropped_t, dropped_v = len(train_ex) - len(train), len(val_ex) - len(val)
     val_ex = kept_val
     if dropped_t or dropped_v:
-        fabric.print(f"Dropped {dropped_t} train and {dropped_v} validation examples whose prompt fills all "
-                     f"{max_seq_length} tokens (raise --data.max_seq_length)")
+        fabric.print(
+            f"Dropped {dropped_t} train and {dropped_v} validation examples whose prompt fills all "
+            f"{max_seq_length} tokens (raise --data.max_seq_length)"
+        )
     if not train:
         raise UserError(f"no training example fits in --data.max_seq_length {max_seq_length}")
     if not val:
         raise UserError("the validation split is empty after encoding: raise --data.val_split_fraction")
     if len(train) < run.train.global_batch_size:
-        raise UserError(f"{len(train)} training examples are fewer than one global batch "
-                        f"({run.train.global_batch_size}): lower --train.global_batch_size")
+        raise UserError(
+            f"{len(train)} training examples are fewer than one global batch "
+            f"({run.train.global_batch_size}): lower --train.global_batch_size"
+        )
     pad_id = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     lengths = [e.input_ids.numel() for e in train]
-    fabric.print(f"Data: {len(train)} train / {len(val)} validation examples, {sum(lengths) / len(lengths):.1f} "
-                 f"tokens on average, longest {max(lengths)} (max_seq_length {max_seq_length})")
+    fabric.print(
+        f"Data: {len(train)} train / {len(val)} validation examples, {sum(lengths) / len(lengths):.1f} "
+        f"tokens on average, longest {max(lengths)} (max_seq_length {max_seq_length})"
+    )
     return Data(train, val, val_ex, style, max_seq_length, pad_id)
 
 
@@ -67,7 +73,7 @@ def train_batch_indices(n: int, step: int, run: RunSpec, rank: int) -> list[list
     out = []
     for a in range(accum):
         start = s * G + (rank * accum + a) * m
-        out.append(order[start:start + m])
+        out.append(order[start : start + m])
     return out
 
 

@@ -13,7 +13,9 @@ from litquant.training.run import RunSpec
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean cross entropy over the answer tokens of a micro-batch, and how many there are."""
     targets = labels[:, 1:]
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+    )
     return loss, int((targets != -100).sum())
 
 
@@ -29,12 +31,12 @@ def validate(fabric, run: RunSpec, model, data: Data) -> float:
 
     model.eval()
     m = run.train.micro_batch_size
-    batches = [data.val[i:i + m] for i in range(0, len(data.val), m)]
+    batches = [data.val[i : i + m] for i in range(0, len(data.val), m)]
     if run.eval.max_iters is not None:
         batches = batches[: run.eval.max_iters]
     split = split_eval(run, fabric)
     total = torch.zeros(2, dtype=torch.float64, device=fabric.device)
-    for batch in batches[fabric.global_rank::fabric.world_size] if split else batches:
+    for batch in batches[fabric.global_rank :: fabric.world_size] if split else batches:
         x, y = collate(batch, data.pad_id)
         x, y = x.to(fabric.device), y.to(fabric.device)
         loss, n = token_loss(model(x[:, :-1]), y)
@@ -51,7 +53,7 @@ def exact_match_accuracy(fabric, run: RunSpec, model, tokenizer, data: Data) -> 
 
     examples = data.val_examples[: run.eval.exact_match_examples]
     sharded = split_eval(run, fabric)
-    mine = examples[fabric.global_rank::fabric.world_size] if sharded else examples
+    mine = examples[fabric.global_rank :: fabric.world_size] if sharded else examples
     with run.plugin.forward_context():
         acc, _ = exact_match(model.module, tokenizer, data.style, mine)
     counts = torch.tensor([acc * len(mine), len(mine)], dtype=torch.float64, device=fabric.device)
@@ -94,6 +96,8 @@ def evaluate_and_log(fabric, run: RunSpec, model, tokenizer, data: Data, step: i
     if run.eval.exact_match_examples:
         log["exact_match"] = exact_match_accuracy(fabric, run, model, tokenizer, data)
     fabric.log_dict(log, step=step)
-    fabric.print(f"step {step}: val loss {log['val_loss']:.4f}"
-                 + (f", exact match {log['exact_match']:.3f}" if "exact_match" in log else ""))
+    fabric.print(
+        f"step {step}: val loss {log['val_loss']:.4f}"
+        + (f", exact match {log['exact_match']:.3f}" if "exact_match" in log else "")
+    )
     return log

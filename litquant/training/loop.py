@@ -29,8 +29,9 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank) % (2**63 - 1)
 
 
-def train_step(fabric, run: RunSpec, model, optimizer, data: Data, step: int, total: int,
-               window_loss: torch.Tensor) -> tuple[float, int]:
+def train_step(
+    fabric, run: RunSpec, model, optimizer, data: Data, step: int, total: int, window_loss: torch.Tensor
+) -> tuple[float, int]:
     """Optimizer step `step` (0-based): (its learning rate, the real input tokens of the whole global batch).
     Adds the step's loss (mean over its micro-batches) to window_loss[0] without a host sync."""
     t, rank, world = run.train, fabric.global_rank, fabric.world_size
@@ -40,8 +41,12 @@ def train_step(fabric, run: RunSpec, model, optimizer, data: Data, step: int, to
     for group in optimizer.param_groups:
         group["lr"] = lr
     # real (unpadded) input tokens of the whole global batch: every rank knows every rank's batches
-    step_tokens = sum(data.train[i].input_ids.numel() - 1 for r in range(world)
-                      for b in train_batch_indices(len(data.train), step, run, r) for i in b)
+    step_tokens = sum(
+        data.train[i].input_ids.numel() - 1
+        for r in range(world)
+        for b in train_batch_indices(len(data.train), step, run, r)
+        for i in b
+    )
     for a, idx in enumerate(train_batch_indices(len(data.train), step, run, rank)):
         x, y = collate([data.train[i] for i in idx], data.pad_id)
         x, y = x.to(fabric.device), y.to(fabric.device)
@@ -101,12 +106,19 @@ def fit(fabric, run: RunSpec, model: nn.Module, tokenizer, weights) -> dict:
             stats = fabric.all_reduce(window_loss, reduce_op="sum") if world > 1 else window_loss
             dt = time.perf_counter() - window_t0
             mean_loss = float(stats[0] / stats[1])  # mean over steps and ranks
-            entry = {"loss": mean_loss, "lr": lr, "tokens_per_sec": window_tokens / dt,
-                     "memory_gb": peak_memory_bytes(fabric.device) / 1e9, "tokens": tokens_seen}
+            entry = {
+                "loss": mean_loss,
+                "lr": lr,
+                "tokens_per_sec": window_tokens / dt,
+                "memory_gb": peak_memory_bytes(fabric.device) / 1e9,
+                "tokens": tokens_seen,
+            }
             fabric.log_dict(entry, step=step)
             losses.append((step, mean_loss))
-            fabric.print(f"step {step:5d}/{total} | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                         f"{entry['tokens_per_sec']:,.0f} tokens/sec | {entry['memory_gb']:.2f} GB")
+            fabric.print(
+                f"step {step:5d}/{total} | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                f"{entry['tokens_per_sec']:,.0f} tokens/sec | {entry['memory_gb']:.2f} GB"
+            )
             window_loss.zero_()
             window_tokens, window_t0 = 0, time.perf_counter()
 
@@ -117,10 +129,17 @@ def fit(fabric, run: RunSpec, model: nn.Module, tokenizer, weights) -> dict:
             fabric.print(f"step {step}: val loss {val:.4f}")
             sample_answer(fabric, run, model, tokenizer, data)
         if t.save_interval is not None and step % t.save_interval == 0 and step < total:
-            c = {"step": step, "tokens": tokens_seen, "num_train_examples": len(data.train),
-                 "global_batch_size": t.global_batch_size, "micro_batch_size": t.micro_batch_size,
-                 "world_size": world, "seed": run.seed, "optimizer": run.optimizer,
-                 "optimizer_class": optimizer_class(optimizer.optimizer)}
+            c = {
+                "step": step,
+                "tokens": tokens_seen,
+                "num_train_examples": len(data.train),
+                "global_batch_size": t.global_batch_size,
+                "micro_batch_size": t.micro_batch_size,
+                "world_size": world,
+                "seed": run.seed,
+                "optimizer": run.optimizer,
+                "optimizer_class": optimizer_class(optimizer.optimizer),
+            }
             path = save_checkpoint_dir(fabric, run, weights, model, optimizer, c)
             fabric.print(f"Saved checkpoint {path}")
         paused = time.perf_counter() - t_pause  # validation and saving are not training throughput
@@ -135,10 +154,13 @@ def fit(fabric, run: RunSpec, model: nn.Module, tokenizer, weights) -> dict:
     params = gather_params(model.module, weights.trainable_only())
     metrics["max_rank_divergence"] = rank_divergence(fabric, params) if run.strategy != "fsdp" else None
     metrics.update(
-        steps=step, train_seconds=train_s,
+        steps=step,
+        train_seconds=train_s,
         tokens_per_sec=train_tokens / train_s if step > start_step and train_s > 0 else None,
-        peak_memory_gb=peak_memory_bytes(fabric.device) / 1e9, train_losses=losses,
-        trainable_parameters=sum(p.numel() for p in params.values()), world_size=world,
+        peak_memory_gb=peak_memory_bytes(fabric.device) / 1e9,
+        train_losses=losses,
+        trainable_parameters=sum(p.numel() for p in params.values()),
+        world_size=world,
     )
     if rank == 0:
         metrics["weights_path"] = str(weights.finalize(params, run.out_dir))

@@ -38,8 +38,10 @@ def train_lora(fabric, run: RunSpec) -> dict:
     fabric.seed_everything(run.seed, verbose=False)  # the same adapter init on every rank
     add_lora(model, run.lora, dtype=run.plugin.dtype)
     mark_only_lora_as_trainable(model)
-    fabric.print(f"LoRA {run.lora}: {num_parameters(model, True):,} trainable of {num_parameters(model):,} "
-                 f"parameters; base: {run.plugin.describe()}")
+    fabric.print(
+        f"LoRA {run.lora}: {num_parameters(model, True):,} trainable of {num_parameters(model):,} "
+        f"parameters; base: {run.plugin.describe()}"
+    )
     return fit(fabric, run, model, tokenizer, LoRAWeights(run))
 
 
@@ -55,8 +57,14 @@ class LoRAWeights:
         return True
 
     def save(self, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-        save_lora(tensors, directory / self.file, self.run.lora, base_checkpoint_dir=self.run.checkpoint_dir.resolve(),
-                  base_quantize=self.run.quantize, base_precision=self.run.plugin.precision)
+        save_lora(
+            tensors,
+            directory / self.file,
+            self.run.lora,
+            base_checkpoint_dir=self.run.checkpoint_dir.resolve(),
+            base_quantize=self.run.quantize,
+            base_precision=self.run.plugin.precision,
+        )
 
     def finalize(self, tensors: dict[str, torch.Tensor], out_dir: Path) -> Path:
         self.save(tensors, out_dir)
@@ -71,8 +79,10 @@ def full_precision(precision: Optional[str], quantize: Optional[str], accelerato
     default fp32 master weights (bf16-mixed where bf16 is native, else 32-true): bf16 weights would round most
     small updates away."""
     if quantize not in (None, "", "none", "None"):
-        raise UserError("full finetuning trains every weight and cannot use a quantized base: "
-                        "use `litquant finetune lora --quantize ...` (QLoRA) instead")
+        raise UserError(
+            "full finetuning trains every weight and cannot use a quantized base: "
+            "use `litquant finetune lora --quantize ...` (QLoRA) instead"
+        )
     if precision is not None:
         return precision
     from litquant.precision import default_precision, pick_accelerator

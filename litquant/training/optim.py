@@ -25,8 +25,10 @@ def make_optimizer(fabric, run: RunSpec, params: list[nn.Parameter]) -> torch.op
     if name == "AdamW":
         return torch.optim.AdamW(params, **kwargs)
     if fabric.device.type != "cuda" and name.startswith("Paged"):
-        fallback = name[len("Paged"):]
-        fabric.print(f"--optimizer {name}: paged optimizers page to CPU memory from a GPU; on CPU using {fallback}")
+        fallback = name[len("Paged") :]
+        fabric.print(
+            f"--optimizer {name}: paged optimizers page to CPU memory from a GPU; on CPU using {fallback}"
+        )
         name = fallback
     try:
         import bitsandbytes as bnb

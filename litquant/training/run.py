@@ -63,8 +63,10 @@ def validate_args(run: RunSpec) -> None:
         raise UserError("--train.micro_batch_size and --train.global_batch_size must be at least 1")
     per_step = t.micro_batch_size * run.world_size
     if t.global_batch_size % per_step:
-        raise UserError(f"--train.global_batch_size {t.global_batch_size} must be a multiple of micro_batch_size x "
-                        f"devices x num_nodes = {per_step}")
+        raise UserError(
+            f"--train.global_batch_size {t.global_batch_size} must be a multiple of micro_batch_size x "
+            f"devices x num_nodes = {per_step}"
+        )
     if t.max_steps is not None and t.max_steps < 1:
         raise UserError("--train.max_steps must be at least 1")
     if t.epochs < 1:
@@ -78,13 +80,17 @@ def validate_args(run: RunSpec) -> None:
     if t.weight_decay < 0:
         raise UserError(f"--train.weight_decay must be at least 0, got {t.weight_decay}")
     if t.max_norm is not None and not t.max_norm > 0:
-        raise UserError(f"--train.max_norm must be positive (or null for no gradient clipping), got {t.max_norm}")
+        raise UserError(
+            f"--train.max_norm must be positive (or null for no gradient clipping), got {t.max_norm}"
+        )
     if t.save_interval is not None and t.save_interval < 1:
         raise UserError("--train.save_interval must be at least 1 (or null for no intermediate checkpoints)")
     if t.log_interval < 1 or e.interval < 1:
         raise UserError("--train.log_interval and --eval.interval must be at least 1")
     if e.max_iters is not None and e.max_iters < 1:
-        raise UserError(f"--eval.max_iters must be at least 1 (or null: the whole validation set), got {e.max_iters}")
+        raise UserError(
+            f"--eval.max_iters must be at least 1 (or null: the whole validation set), got {e.max_iters}"
+        )
     if e.exact_match_examples < 0 or e.sample_max_new_tokens < 0:
         raise UserError("--eval.exact_match_examples and --eval.sample_max_new_tokens must be at least 0")
     if d.max_seq_length is not None and d.max_seq_length < 2:
@@ -122,8 +128,14 @@ def launch(run: RunSpec, fn: Callable) -> dict:
         check_resume_dir(run, run.resume_dir)
     strategy = build_strategy(run.strategy, run.world_size, accelerator)
     loggers = make_loggers(run.out_dir, run.logger)
-    fabric = Fabric(accelerator=accelerator, devices=run.devices, num_nodes=run.num_nodes, strategy=strategy,
-                      plugins=fabric_plugin(run.plugin), loggers=loggers)
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=run.devices,
+        num_nodes=run.num_nodes,
+        strategy=strategy,
+        plugins=fabric_plugin(run.plugin),
+        loggers=loggers,
+    )
     return fabric.launch(fn, run)
 
 
@@ -144,8 +156,12 @@ def build_strategy(name: str, world_size: int, accelerator: str) -> Any:
         no_sync = {key: False}
         return DDPStrategy(process_group_backend=backend, **no_sync)
     # FSDP2: shard each transformer block's parameters (Fabric's FSDP1 strategy refuses CPUs; this one works there)
-    return ModelParallelStrategy(parallelize_fn=fully_shard_blocks, data_parallel_size=world_size,
-                                 tensor_parallel_size=1, process_group_backend=backend)
+    return ModelParallelStrategy(
+        parallelize_fn=fully_shard_blocks,
+        data_parallel_size=world_size,
+        tensor_parallel_size=1,
+        process_group_backend=backend,
+    )
 
 
 def fully_shard_blocks(model: nn.Module, device_mesh: Any) -> nn.Module:

@@ -36,15 +36,18 @@ def load_params(module: nn.Module, tensors: dict[str, torch.Tensor], source: Pat
     params = dict(module.named_parameters())
     for name, t in tensors.items():
         if name not in params:
-            raise UserError(f"{source}: unexpected tensor {name!r} (checkpoint of another model or LoRA config?)")
+            raise UserError(
+                f"{source}: unexpected tensor {name!r} (checkpoint of another model or LoRA config?)"
+            )
         p = params[name]
         if tuple(t.shape) != tuple(p.shape):
             raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, the model needs {tuple(p.shape)}")
         if is_dtensor(p):
             from torch.distributed.tensor import distribute_tensor
 
-            local = distribute_tensor(t.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements,
-                                      src_data_rank=None)
+            local = distribute_tensor(
+                t.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements, src_data_rank=None
+            )
             p.to_local().copy_(local.to_local())
         else:
             p.copy_(t.to(device=p.device, dtype=p.dtype))
@@ -56,7 +59,9 @@ def _full_state_dict_options(**kw: Any):
     return StateDictOptions(full_state_dict=True, **kw)
 
 
-def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def optimizer_state(
+    module: nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict[str, torch.Tensor], dict]:
     """The optimizer state keyed by parameter name (full even under FSDP) as (tensors, JSON skeleton): every tensor,
     however deeply nested (bnb keeps its 8-bit state in a dict), is replaced by {"__tensor__": its key}."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -76,12 +81,18 @@ def optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
         return obj
 
     # under FSDP only rank 0 receives the full state; the others return an empty dict (and do not write)
-    skeleton = strip({"state": osd.get("state", {}), "param_groups": osd.get("param_groups", [])}, "optimizer")
+    skeleton = strip(
+        {"state": osd.get("state", {}), "param_groups": osd.get("param_groups", [])}, "optimizer"
+    )
     return tensors, skeleton
 
 
 def load_optimizer_state(
-    module: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, skeleton: dict, source: str = "checkpoint"
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict,
+    skeleton: dict,
+    source: str = "checkpoint",
 ) -> None:
     """The inverse of `optimizer_state`: fill the skeleton with `tensors` and load it (resharding under FSDP)."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
@@ -90,7 +101,9 @@ def load_optimizer_state(
         if isinstance(obj, dict):
             if set(obj) == {"__tensor__"}:
                 if obj["__tensor__"] not in tensors:
-                    raise UserError(f"{source} lacks the optimizer tensor {obj['__tensor__']!r} (corrupt file?)")
+                    raise UserError(
+                        f"{source} lacks the optimizer tensor {obj['__tensor__']!r} (corrupt file?)"
+                    )
                 return tensors[obj["__tensor__"]]
             return {k: fill(v) for k, v in obj.items()}
         if isinstance(obj, list):
@@ -102,4 +115,6 @@ def load_optimizer_state(
         set_optimizer_state_dict(module, optimizer, state, options=_full_state_dict_options())
     except (KeyError, ValueError) as e:
         why = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{source}: its optimizer state does not fit this run's optimizer and model ({why})") from None
+        raise UserError(
+            f"{source}: its optimizer state does not fit this run's optimizer and model ({why})"
+        ) from None
