@@ -102,9 +102,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         mode, _, variant = spec.partition("+")
         if variant not in ("", "prequantized") or (variant and not mode.startswith("bnb.")):
             raise UserError(f"--modes: {spec!r}: only a bnb mode takes '+prequantized'")
-        resolve(
-            args.precision, None if mode == args.precision else mode, args.device
-        )  # unknown names fail here
+        # unknown names fail here
+        resolve(args.precision, None if mode == args.precision else mode, args.device)
 
     base = OUT / f"load-{args.model_name}"
     make_checkpoint(args.model_name, base)
@@ -112,9 +111,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for spec in specs:
         mode, _, variant = spec.partition("+")
         checkpoint = base
-        if (
-            variant == "prequantized"
-        ):  # a second directory (hard links to the same files) with the bnb file in it
+        # a second directory (hard links to the same files) with the bnb file in it
+        if variant == "prequantized":
             checkpoint = OUT / f"load-{args.model_name}-{mode}"
             if not any(checkpoint.glob("lit_model_bnb*.safetensors")):
                 checkpoint.mkdir(parents=True, exist_ok=True)

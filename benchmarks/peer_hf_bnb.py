@@ -52,9 +52,8 @@ LITQUANT_MODE = {"bf16": "bf16-true", "nf4": "bnb.nf4@bf16-true", "int8": "bnb.i
 def venv_env() -> dict:
     from litquant.benchmark.environment import CPU_MMAP_THRESHOLD
 
-    return common_venv_env(
-        MALLOC_MMAP_THRESHOLD_=CPU_MMAP_THRESHOLD
-    )  # the allocator setting litquant's runs get
+    # the allocator setting litquant's runs get
+    return common_venv_env(MALLOC_MMAP_THRESHOLD_=CPU_MMAP_THRESHOLD)
 
 
 # ---- 1. the venv ----------------------------------------------------------------------------------------------

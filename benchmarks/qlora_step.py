@@ -92,7 +92,7 @@ def run(d: Path, data: Path, quantize: Optional[str], a: argparse.Namespace) -> 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="200m")
+    p.add_argument("--model", default="200m", choices=["200m", "1.1b"])
     p.add_argument("--seq_len", type=int, default=256)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--quantize", default="bnb.nf4")

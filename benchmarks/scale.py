@@ -48,6 +48,7 @@ MODELS = {  # LlamaConfig fields
         vocab_size=32000,
         max_position_embeddings=2048,
     ),
+    # TinyLlama-1.1B
     "1.1b": dict(
         hidden_size=2048,
         num_hidden_layers=22,
@@ -56,7 +57,7 @@ MODELS = {  # LlamaConfig fields
         intermediate_size=5632,
         vocab_size=32000,
         max_position_embeddings=2048,
-    ),  # TinyLlama-1.1B
+    ),
 }
 DEFAULT_MODES = ("full", "bnb.nf4", "bnb.nf4-dq", "bnb.fp4", "bnb.fp4-dq", "bnb.int8", "gptq.int4")
 EMULATE = {
@@ -110,9 +111,8 @@ def build(name: str) -> Path:
         shutil.rmtree(d, ignore_errors=True)
         tmp.rename(d)
     gptq = d / "lit_model_gptq.4bit.safetensors"
-    if not gptq.is_file() or not _symmetric(
-        gptq
-    ):  # files from before --sym true became the default: made again
+    # files from before --sym true became the default: made again
+    if not gptq.is_file() or not _symmetric(gptq):
         print(f"[{name}] litquant quantize gptq (8 x 128 calibration tokens: for speed only)", flush=True)
         sh(
             [

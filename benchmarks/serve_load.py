@@ -28,6 +28,12 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from litquant.benchmark.modes import check_modes, split_mode  # noqa: E402
+from litquant.errors import UserError, run_guarded  # noqa: E402
 
 PROMPTS = [
     "def fib(",
@@ -72,11 +78,12 @@ async def request(host: str, port: int, body: dict, path: str = "/v1/completions
             text += piece
             pieces += bool(piece)
     writer.close()
+    # a server without usage counts: one streamed piece per token
     return dict(
         ttft=ttft if ttft is not None else time.perf_counter() - t0,
         tokens=tokens or pieces,
         total=time.perf_counter() - t0,
-    )  # a server without usage counts: one streamed piece per token
+    )
 
 
 async def load(
@@ -136,14 +143,14 @@ def wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 600) -> Non
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
             said = [line for line in (proc.stderr.read() if proc.stderr else "").splitlines() if line.strip()]
-            raise RuntimeError(f"the server exited ({proc.returncode}): {(said or ['?'])[-1][:300]}")
+            raise UserError(f"the server exited ({proc.returncode}): {(said or ['?'])[-1][:300]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError("the server did not come up")
+    raise UserError("the server did not come up")
 
 
 def model_id(port: int) -> str:
@@ -189,7 +196,10 @@ def run_mode(cmd: list[str], args, label: str, chat: bool = False) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--model", default="bundled", help="bundled, 200m or 1.1b (the random Llamas of scale.py)"
+        "--model",
+        default="bundled",
+        choices=["bundled", "200m", "1.1b"],
+        help="the bundled model, or a random Llama of scale.py",
     )
     ap.add_argument("--modes", default="32-true,bnb.nf4", help="comma list: a precision or a --quantize mode")
     ap.add_argument("--clients", default="1,4,8,16", help="comma list of concurrent clients")
@@ -201,7 +211,12 @@ def main() -> None:
         "--peer", default=None, help="litgpt: also measure `litgpt serve` (its venv, see peer_litgpt.py)"
     )
     args = ap.parse_args()
-    args.clients = [int(c) for c in args.clients.split(",")]
+    try:
+        args.clients = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        raise UserError(f"--clients takes a comma list of integers, got {args.clients!r}") from None
+    modes = args.modes.split(",")
+    check_modes(modes, None, torch.device("cpu"))  # unknown names fail here, before any server starts
     from common import machine
 
     report = dict(
@@ -225,10 +240,10 @@ def main() -> None:
         )
     else:
         ckpt = checkpoint_for(args.model)
-        for mode in args.modes.split(","):
-            flag = (
-                ["--precision", mode] if mode in ("32-true", "16-true", "bf16-true") else ["--quantize", mode]
-            )
+        for mode in modes:
+            precision, quantize = split_mode(mode, None)
+            flag = ["--quantize", quantize] if quantize else []
+            flag += ["--precision", precision] if precision else []
             cmd = [
                 sys.executable,
                 "-m",
@@ -301,4 +316,4 @@ def peer_litgpt(ckpt: Path, args) -> dict:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    main()
+    run_guarded(main)

@@ -183,9 +183,8 @@ class Config:
             n_head = hf.get("num_attention_heads", hf.get("n_head"))
             new_arch = hf.get("new_decoder_architecture", False)
             if new_arch:
-                groups = (
-                    hf.get("num_kv_heads") or hf.get("n_head_kv") or n_head
-                )  # n_head_kv: pre-port configs
+                # n_head_kv: pre-port configs
+                groups = hf.get("num_kv_heads") or hf.get("n_head_kv") or n_head
             else:
                 groups = 1 if hf.get("multi_query", True) else n_head
             if hf.get("alibi"):

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from litquant.config import Config, n_params
 from litquant.errors import UserError
+from litquant.precision import PRECISIONS
 from litquant.quantization.modes import QuantMode, get_mode
 
 GB = 1e9  # decimal, as the seeds' tables and `Memory used:` lines are
@@ -32,9 +33,7 @@ GPUS: list[tuple[str, int]] = [
 ]
 
 DEFAULT_MODES = (
-    "32-true",
-    "16-true",
-    "bf16-true",
+    *PRECISIONS,
     "bnb.int8",
     "bnb.nf4",
     "bnb.nf4-dq",
@@ -42,7 +41,7 @@ DEFAULT_MODES = (
     "bnb.fp4-dq",
     "gptq.int4",
 )
-_DTYPE_BYTES = {"32-true": 4, "16-true": 2, "bf16-true": 2}
+_DTYPE_BYTES = {name: dtype.itemsize for name, dtype in PRECISIONS.items()}
 # nominal bits per parameter, "before overheads" (the seeds' simple params x bytes table)
 
 
@@ -110,9 +109,8 @@ def weight_bytes(
     q_params = q_bytes = other = 0
     for s in linears:
         other += (s.out_features if s.bias else 0) * b
-        if _is_quantized(
-            s.name, quantize_lm_head
-        ):  # GPTQ: a width that cannot be packed is a UserError there
+        # GPTQ: a width that cannot be packed is a UserError there
+        if _is_quantized(s.name, quantize_lm_head):
             q_params += s.in_features * s.out_features
             q_bytes += quant.linear_bytes(s.in_features, s.out_features, gptq_group_size)
         else:

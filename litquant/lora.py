@@ -61,10 +61,11 @@ class LoRAConfig:
         for f in fields(cls):
             if f.name not in d:
                 continue
+            # f.type: the annotation's text (postponed annotations)
             v, (types, what) = (
                 d[f.name],
                 kinds[f.type],
-            )  # f.type: the annotation's text (postponed annotations)
+            )
             if not isinstance(v, types) or (isinstance(v, bool) and f.type != "bool"):
                 raise UserError(f"{source}: {f.name} must be {what}, got {v!r}")
             kwargs[f.name] = v

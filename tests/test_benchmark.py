@@ -46,6 +46,7 @@ def test_cli_writes_table_json_markdown_and_chart(ckpt, tmp_path):
     if "bnb.nf4" not in quantize_modes():
         pytest.skip("bnb modes are not registered")
     out = tmp_path / "out"
+    # in one process: per-mode processes are tested with --random_init below
     p = run_cli(
         "benchmark",
         "--checkpoint_dir",
@@ -64,7 +65,7 @@ def test_cli_writes_table_json_markdown_and_chart(ckpt, tmp_path):
         str(out),
         *SMALL,
         timeout=600,
-    )  # in one process: per-mode processes are tested with --random_init below
+    )
     assert p.returncode == 0, p.stderr
     report = json.loads((out / "benchmark.json").read_text())
     env = report["environment"]
@@ -172,9 +173,8 @@ def test_random_init_memory_is_per_mode_and_never_a_full_precision_copy(tmp_path
     fp32_bytes = weight_bytes(config, "32-true")["bytes"]
     assert fp32["weight_bytes"] == fp32_bytes
     assert nf4["weight_bytes"] == pytest.approx(weight_bytes(config, "bnb.nf4", "32-true")["bytes"], rel=0.02)
-    assert (
-        fp32["perplexity"] is None and fp32["text"] is None
-    )  # no weights, no tokenizer: speed and memory only
+    # no weights, no tokenizer: speed and memory only
+    assert fp32["perplexity"] is None and fp32["text"] is None
     for r in (fp32, nf4):
         # the process's memory grew by at least the weights while loading
         assert r["peak_memory_after_load_bytes"] - r["baseline_memory_bytes"] >= 0.9 * r["weight_bytes"]

@@ -20,9 +20,11 @@ from litquant.errors import UserError
 from litquant.io import safetensors_metadata
 from litquant.precision import fabric_plugin, quantize_modes, resolve
 from litquant.quantization import bnb as qb
+
+# before bitsandbytes: it silences bnb's import-time warning
 from litquant.quantization import (
     bnb_linear as bl,
-)  # before bitsandbytes: it silences bnb's import-time warning
+)
 from litquant.utils import weight_bytes_by_dtype
 
 FOUR_BIT = ["nf4", "nf4-dq", "fp4", "fp4-dq"]
@@ -62,9 +64,8 @@ def bnb_reference_state(mode: str, w: torch.Tensor):
 # ---- 4-bit layers ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "shape", [(96, 256), (50, 98)]
-)  # (50, 98): blocks of 64 straddle rows, last one partial
+# (50, 98): blocks of 64 straddle rows, last one partial
+@pytest.mark.parametrize("shape", [(96, 256), (50, 98)])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", FOUR_BIT)
 @pytest.mark.parametrize("chunk", [None, 128])  # 128: quantized chunk by chunk, as large Linears are
@@ -468,9 +469,8 @@ def test_prequantized_file_staleness_and_dtype(tmp_path, capsys):
     assert "Memory used:" in capsys.readouterr().err
     name = "lit_model_bnb.nf4.safetensors"
     assert resolve("bf16-true", "bnb.nf4", "cpu").load_plan(ckpt).weights_file == name
-    assert (
-        resolve("32-true", "bnb.nf4", "cpu").load_plan(ckpt).weights_file == WEIGHTS_FILE
-    )  # embeddings kept in bf16
+    # embeddings kept in bf16
+    assert resolve("32-true", "bnb.nf4", "cpu").load_plan(ckpt).weights_file == WEIGHTS_FILE
 
     source = ckpt / WEIGHTS_FILE
     st = source.stat()

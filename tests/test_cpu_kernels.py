@@ -66,9 +66,8 @@ def test_bnb4_matmul_matches_bnb_dequantize_then_matmul(build, quant_type, dq, n
         x = torch.randn(m, k)
         y = ck.bnb4_matmul(x, layer.weight, n, k, layer.absmax, lut, layer._dq())
         torch.testing.assert_close(y, x @ W.t(), rtol=1e-5, atol=1e-5)
-        y16 = ck.bnb4_matmul(
-            x.bfloat16(), layer.weight, n, k, layer.absmax, lut, layer._dq()
-        )  # bf16 inputs, widened
+        # bf16 inputs, widened
+        y16 = ck.bnb4_matmul(x.bfloat16(), layer.weight, n, k, layer.absmax, lut, layer._dq())
         torch.testing.assert_close(y16, x.bfloat16().float() @ W.t(), rtol=1e-5, atol=1e-5)
 
 
@@ -120,9 +119,8 @@ def test_int8_matmul_matches_written_out_llm_int8(build, k):
         torch.testing.assert_close(
             y.double(), int8_reference(x, layer.weight, layer.absmax, 6.0), rtol=1e-5, atol=1e-5
         )
-    x = torch.randn(
-        3, k
-    )  # without outliers the integer part is all there is: exact up to the final fp32 products
+    # without outliers the integer part is all there is: exact up to the final fp32 products
+    x = torch.randn(3, k)
     y = ck.int8_matmul(x, layer.weight, layer.absmax, 6.0)
     torch.testing.assert_close(
         y.double(), int8_reference(x, layer.weight, layer.absmax, 6.0), rtol=1e-6, atol=1e-6
@@ -152,9 +150,8 @@ def gptq_codes(k: int, n: int, bits: int, group_size: int, act_order: bool, seed
     g_idx = fmt.default_g_idx(k, group_size)
     if act_order:
         g_idx = g_idx[torch.randperm(k, generator=g)]
-    W = (
-        scales.float().t()[:, g_idx.long()] * (q - zeros.t()[:, g_idx.long()]).float()
-    )  # [n, k], from the codes
+    # [n, k], from the codes
+    W = scales.float().t()[:, g_idx.long()] * (q - zeros.t()[:, g_idx.long()]).float()
     return fmt.pack(q, zeros, scales, g_idx, bits), W
 
 
@@ -194,9 +191,8 @@ def test_gptq_matmul_matches_the_dense_weight(build, bits, group_size, act_order
 
 @pytest.mark.parametrize("transpose", [False, True])
 def test_tiled_linear_over_several_tiles(monkeypatch, transpose):
-    monkeypatch.setattr(
-        ck, "TILE_ELEMENTS", 7 * 64
-    )  # 7 rows per tile: 40 rows need 6 tiles, the last partial
+    # 7 rows per tile: 40 rows need 6 tiles, the last partial
+    monkeypatch.setattr(ck, "TILE_ELEMENTS", 7 * 64)
     layer = bnb_layer(40, 64, "nf4", False)
     W = bnb_reference(layer)
     x = torch.randn(11, 40 if transpose else 64)

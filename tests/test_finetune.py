@@ -275,10 +275,8 @@ def test_qlora_on_the_bundled_model_learns_the_bundled_task(bundled_qlora):
     assert cfg["quantize"].startswith("bnb.")  # it is QLoRA: a 4-bit frozen base
     assert m["val_loss"] < m["val_loss_before"] - 1.0, m
     assert m["exact_match_before"] <= 0.05  # the base model cannot do it ...
-    assert m["exact_match"] >= m["exact_match_before"] + 0.2, (
-        m
-    )  # ... after 100 steps it often can (held-out examples;
-    # the full 300-step config reaches ~0.8)
+    # ... after 100 steps it often can (held-out examples; the full 300-step config reaches ~0.8)
+    assert m["exact_match"] >= m["exact_match_before"] + 0.2, m
     assert (out_dir / LORA_FILE).is_file()
 
 
@@ -302,9 +300,8 @@ def test_config_file_with_cli_overrides_and_print_config(tmp_path):
     file_cfg = yaml.safe_load(QLORA_YAML.read_text())
     assert printed["train"]["max_steps"] == 7 and printed["lora_r"] == 2  # flags win over the file
     assert printed["quantize"] == file_cfg["quantize"]
-    assert (
-        printed["train"]["micro_batch_size"] == file_cfg["train"]["micro_batch_size"]
-    )  # the file over defaults
+    # the file over defaults
+    assert printed["train"]["micro_batch_size"] == file_cfg["train"]["micro_batch_size"]
     assert {"data", "train", "eval", "optimizer", "resume", "lora_alpha"} <= set(printed)  # complete
     # the printed YAML is itself a valid config
     (tmp_path / "printed.yaml").write_text(out.stdout)
@@ -552,9 +549,8 @@ def test_bnb_optimizer_state_is_checkpointed_and_paged_falls_back_on_cpu(small, 
     with safe_open(str(tmp_path / "opt" / "step-000002" / "train_state.safetensors"), "pt") as f:
         dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
     a_state = "optimizer/state/transformer.h.0.attn.qkv.lora_A/__bnb_optimizer_quant_state__"
-    assert (
-        dtypes[f"{a_state}/state1"] == torch.uint8 and f"{a_state}/absmax1" in dtypes
-    )  # bnb's 8-bit Adam state
+    # bnb's 8-bit Adam state
+    assert dtypes[f"{a_state}/state1"] == torch.uint8 and f"{a_state}/absmax1" in dtypes
     resumed = lora(
         **{**kw, "out_dir": tmp_path / "opt"},
         optimizer="PagedAdamW8bit",

@@ -135,9 +135,8 @@ def test_round_trip_and_dequantize(bits, group_size):
     intweight = torch.randint(0, 2**bits, (out_features, in_features), generator=g).to(torch.uint8)
     zeros = torch.randint(1, 2**bits + 1, (groups, out_features), generator=g).to(torch.int32)
     scales = torch.rand(groups, out_features, generator=g) + 0.01
-    g_idx = torch.randint(0, groups, (in_features,), generator=g).to(
-        torch.int32
-    )  # act-order style: any order
+    # act-order style: any order
+    g_idx = torch.randint(0, groups, (in_features,), generator=g).to(torch.int32)
     packed = fmt.pack(intweight, zeros, scales, g_idx, bits)
     assert packed["scales"].dtype == torch.float16 and packed["g_idx"].dtype == torch.int32
     assert (

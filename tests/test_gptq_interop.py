@@ -104,9 +104,8 @@ def test_export_layout_and_exact_round_trip(checkpoints, tmp_path, family, bits,
             for a in ("qweight", "qzeros", "scales", "g_idx")
         }
         assert names <= set(theirs)
-        assert not any(
-            k.endswith(".weight") and "proj" in k for k in theirs
-        )  # no dense copy of a quantized layer
+        # no dense copy of a quantized layer
+        assert not any(k.endswith(".weight") and "proj" in k for k in theirs)
         for i in range(2):  # q/k/v are the rows of our fused layer, weight for weight
             fused = deq(ours, f"transformer.h.{i}.attn.qkv")
             pieces = [deq(theirs, attn.format(i, p)) for p in "qkv"]
@@ -289,9 +288,8 @@ def test_import_matches_transformers_on_the_dequantized_weights(tmp_path, case):
         # and back: exporting the imported model gives the original AutoGPTQ tensors, bit for bit
         convert_lit_checkpoint(tmp_path / "m", tmp_path / "out", quantize=f"gptq.int{bits}")
         exported = load_file(tmp_path / "out" / "model.safetensors")
-        if (
-            cfg.model_type == "gpt_neox"
-        ):  # transformers 5 says lm_head in memory; files (and our export) embed_out
+        # transformers 5 says lm_head in memory; files (and our export) embed_out
+        if cfg.model_type == "gpt_neox":
             original["embed_out.weight"] = original.pop("lm_head.weight")
         assert set(exported) == set(original)
         for k, v in original.items():

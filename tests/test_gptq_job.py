@@ -424,13 +424,11 @@ def test_plugin_loads_into_gptq_linears_matching_dequantized_reference(tiny, tmp
     assert quantized == {k[: -len(".qweight")] for k in load_file(out) if k.endswith(".qweight")}
     assert len(quantized) == 10 and isinstance(model.lm_head, nn.Linear)
     layers = [model.get_submodule(n) for n in quantized]
-    if (
-        bits == 4 and dtype == torch.bfloat16
-    ):  # repacked for torch's int4 kernel at load, AutoGPTQ qweight released
+    # repacked for torch's int4 kernel at load, AutoGPTQ qweight released
+    if bits == 4 and dtype == torch.bfloat16:
         assert all(m._kernel is not None and m.qweight is None for m in layers)
-    elif (
-        bits == 4 and cpu_kernels.lib() is not None
-    ):  # fp32: litquant's kernel reads qweight as it is, one copy
+    # fp32: litquant's kernel reads qweight as it is, one copy
+    elif bits == 4 and cpu_kernels.lib() is not None:
         assert all(m._kernel is None and m.qweight is not None for m in layers)
         assert all(m._c_kernel_ok(torch.empty(1, m.in_features)) for m in layers)
     ref = _dense_with(load_model(tiny, resolve(precision), progress=False), _dequantized(out, bits))

@@ -332,9 +332,8 @@ def test_merge_lora_job_in_the_checkpoint_dtype_equals_the_fp32_route(tmp_path, 
     )
     q = None if quantize == "none" else quantize
     assert _merge_load_precision(ckpt, q, torch.bfloat16, torch.device("cpu")) == "bf16-true"
-    assert (
-        _merge_load_precision(ckpt, q, torch.float16, torch.device("cpu")) == "32-true"
-    )  # bf16 -> fp16 rounds
+    # bf16 -> fp16 rounds
+    assert _merge_load_precision(ckpt, q, torch.float16, torch.device("cpu")) == "32-true"
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the job merges
     model = load_model(ckpt, resolve("32-true", q, device), device, progress=False)
@@ -352,9 +351,8 @@ def test_merge_lora_job_in_the_checkpoint_dtype_equals_the_fp32_route(tmp_path, 
     merge_lora(model)  # the reference: fp32 throughout, rounded to the checkpoint's bf16 at the end
     ref = {k: v.to(torch.bfloat16).cpu() for k, v in model.state_dict().items()}
 
-    out = merge_lora_job(
-        tmp_path / "run", out_dir=tmp_path / "merged"
-    )  # --precision: the checkpoint's (bf16)
+    # --precision: the checkpoint's (bf16)
+    out = merge_lora_job(tmp_path / "run", out_dir=tmp_path / "merged")
     got = load_file(str(out / WEIGHTS_FILE))
     assert set(got) == set(ref)
     for k, v in got.items():

@@ -213,10 +213,11 @@ def test_special_tokens_as_dicts_and_eos_list(bpe4_dir, tmp_path):
     )
     write_json(d / "generation_config.json", {"bos_token_id": bos, "eos_token_id": [eot, eos]})
     tok = Tokenizer(d)
+    # eos_token of tokenizer_config is the one `eos=True` appends
     assert (tok.bos_id, tok.eos_id) == (
         bos,
         eos,
-    )  # eos_token of tokenizer_config is the one `eos=True` appends
+    )
     assert tok.stop_ids == {eos, eot}  # every eos id of generation_config stops generation
     assert tok.use_bos is False  # no add_bos_token, no post-processor: HF would not add BOS either
     assert tok.encode("hi", eos=True)[-1].item() == eos

@@ -169,9 +169,8 @@ def measure_mode(spec: MeasureSpec) -> dict:
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = pick_device(spec.accelerator)
-    prec, quantize = split_mode(
-        spec.mode, spec.precision
-    )  # None: the registry's default for the mode on this device
+    # None: the registry's default for the mode on this device
+    prec, quantize = split_mode(spec.mode, spec.precision)
     spec.check_compile(device)
     plugin = resolve(prec, quantize, device)  # bad flags fail before the baseline is taken
     torch.manual_seed(spec.seed)

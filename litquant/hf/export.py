@@ -46,9 +46,8 @@ def export_hf(
         check_lit_state({n: slices[n].get_shape() for n in plain}, config, str(weights), skip=set(modules))
 
         tie = "lm_head" not in modules and _file_can_tie(f, slices, config)
-        d = hf_config(
-            config, tie, DTYPES[slices["transformer.wte.weight"].get_dtype()]
-        )  # checked before any writes
+        # checked before any writes
+        d = hf_config(config, tie, DTYPES[slices["transformer.wte.weight"].get_dtype()])
         if qc is not None:
             d["quantization_config"] = qc
         if tie:

@@ -80,9 +80,8 @@ def iter_gptq_lit_to_hf(
             for attr, v in t.items():
                 yield f"{hf_module}.{attr}", v
             continue
-        rows = _gptq_rows(
-            t, bits
-        )  # q/k/v: the fp weight's row transform on the unpacked rows, each piece repacked
+        # q/k/v: the fp weight's row transform on the unpacked rows, each piece repacked
+        rows = _gptq_rows(t, bits)
         for hf_name, fn in pieces:
             for attr, v in _gptq_pack_rows(_gptq_map_rows(rows, fn), bits, name).items():
                 yield f"{hf_name.removesuffix('.weight')}.{attr}", v

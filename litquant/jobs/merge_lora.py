@@ -72,15 +72,13 @@ def main(
     # fp16, `merge_lora` dequantizes and adds in fp32), so the base loads in the save dtype unless that would round
     # a tensor before the merge; the merged Linears are then stored in it one by one: no full fp32 copy, no second one.
     load_precision = _merge_load_precision(checkpoint_dir, quantize, save_dtype, device)
-    plugin = resolve(
-        load_precision, quantize, device, **base_options(quantize)
-    )  # GPTQ: dequantizing needs qweight
+    # GPTQ: dequantizing needs qweight
+    plugin = resolve(load_precision, quantize, device, **base_options(quantize))
     model = load_model(checkpoint, plugin, device)
     load_lora(model, lora_path, dtype=torch.float32)
     merge_lora(model, save_dtype)
-    model.to(
-        save_dtype
-    )  # what merging did not replace (embeddings, norms, plain Linears), in place, tensor by tensor
+    # what merging did not replace (embeddings, norms, plain Linears), in place, tensor by tensor
+    model.to(save_dtype)
     save_checkpoint(model.state_dict(), model.config, out_dir)
     copy_side_files(checkpoint_dir, out_dir)
     print(

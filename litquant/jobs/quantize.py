@@ -186,9 +186,8 @@ def bnb(
     checkpoint = Checkpoint.open(checkpoint_dir)
     source = checkpoint.file()
     keep_dtype = None if precision is None else PRECISIONS[parse_precision(precision, "cpu")]
-    metadata = prequantized_metadata(
-        bnb_mode, quantize_lm_head, keep_dtype, source
-    )  # stat the source before reading
+    # stat the source before reading
+    metadata = prequantized_metadata(bnb_mode, quantize_lm_head, keep_dtype, source)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The compute dtype does not change the quantized bits (weights are quantized from the source dtype).

@@ -59,9 +59,8 @@ class BnbMode(QuantMode):
 
     def __init__(self, kind: str) -> None:
         self.kind, self.name, self.help = kind, f"bnb.{kind}", _HELP[kind]
-        self.storage = (
-            "int8" if kind == "int8-training" else kind
-        )  # int8-training stores exactly what int8 stores
+        # int8-training stores exactly what int8 stores
+        self.storage = "int8" if kind == "int8-training" else kind
         self.four_bit = self.qlora = kind in FOUR_BIT
         self.nominal_bits = 4 if self.four_bit else 8
         self.prequantized = f"lit_model_bnb.{self.storage}.safetensors"  # what `litquant quantize bnb` writes

@@ -341,9 +341,8 @@ class Linear4bit(_QuantLinear):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """The (out, in) weight the quantized storage stands for, in `dtype` (default: the compute dtype)."""
         dtype = dtype or self.compute_dtype
-        if self._cpu_fast(
-            self.absmax
-        ):  # the same fp32 products as bnb's dequantize_4bit, several times faster
+        # the same fp32 products as bnb's dequantize_4bit, several times faster
+        if self._cpu_fast(self.absmax):
             w = self._dequant_rows(0, self.out_features, torch.float32, None)
             return w if dtype == torch.float32 else w.to(dtype)
         qs = self.quant_state(dtype)
@@ -475,9 +474,8 @@ class Linear8bit(_QuantLinear):
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = x.shape
         x = x.reshape(-1, group, self.in_features)
-        outliers = (
-            (x.abs() >= self.threshold).any(dim=1, keepdim=True) if self.threshold > 0 else None
-        )  # (G, 1, K)
+        # (G, 1, K)
+        outliers = (x.abs() >= self.threshold).any(dim=1, keepdim=True) if self.threshold > 0 else None
         cols = outliers.any(dim=0).squeeze(0).nonzero().squeeze(1) if outliers is not None else None
         has_outliers = cols is not None and cols.numel() > 0
         xr = (x.masked_fill(outliers, 0) if has_outliers else x).reshape(-1, self.in_features)

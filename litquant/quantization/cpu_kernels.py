@@ -239,6 +239,15 @@ def _bnb4_args(w, n, k, absmax, lut, dq) -> None:
         _need(dq[1], torch.float32, -(-n * k // 64 // 256), "the nested absmax")
 
 
+def _bnb4_scales(absmax: torch.Tensor, dq) -> tuple:
+    """The kernels' (absmax, qabsmax, nested code, nested absmax, offset) arguments: fp32 absmax, or with double
+    quantization its uint8 codes and what undoes them."""
+    if dq is None:
+        return absmax.data_ptr(), None, None, None, 0.0
+    ncode, nabs, off = dq
+    return None, absmax.data_ptr(), ncode.data_ptr(), nabs.data_ptr(), off
+
+
 def _gptq_args(qweight, qzeros, scales, g_idx, bits) -> None:
     groups, n = scales.shape
     k = g_idx.numel()
@@ -283,19 +292,15 @@ def bnb4_matmul(
         raise ValueError(f"cpu_kernels: x has {x.shape[1]} features, the weight {k}")
     _bnb4_args(w, n, k, absmax, lut, dq)
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
-    ncode, nabs, off = dq if dq is not None else (None, None, 0.0)
     work = torch.empty_like(x)
+    # fmt: skip
     lib().lq_bnb4_gemm(
         x.data_ptr(),
         x.shape[0],
         k,
         w.data_ptr(),
         n,
-        None if dq else absmax.data_ptr(),
-        absmax.data_ptr() if dq else None,
-        _ptr(ncode),
-        _ptr(nabs),
-        off,
+        *_bnb4_scales(absmax, dq),
         lut.data_ptr(),
         y.data_ptr(),
         work.data_ptr(),
@@ -321,16 +326,12 @@ def bnb4_dequantize(
     _need(out, dtype, (n1 - n0) * k, "out")
     if not 0 <= n0 <= n1 <= n or dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"cpu_kernels: rows {n0}..{n1} of {n}, dtype {dtype}")
-    ncode, nabs, off = dq if dq is not None else (None, None, 0.0)
+    # fmt: skip
     lib().lq_bnb4_dequant(
         w.data_ptr(),
         n,
         k,
-        None if dq else absmax.data_ptr(),
-        absmax.data_ptr() if dq else None,
-        _ptr(ncode),
-        _ptr(nabs),
-        off,
+        *_bnb4_scales(absmax, dq),
         lut.data_ptr(),
         n0,
         n1,

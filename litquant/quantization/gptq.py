@@ -285,9 +285,8 @@ def _columns_c(W, Hinv, Q, scales, zeros, gs: int, step: int, bits: int, sym: bo
             col_group = torch.tensor([static_orig[j] // gs for j in range(i1, i2)], dtype=torch.int64)
         elif gs <= step:
             gs_c = gs
-        elif (
-            i1 % gs == 0
-        ):  # a group wider than the block starts here: its grid from all its columns as they are
+        # a group wider than the block starts here: its grid from all its columns as they are
+        elif i1 % gs == 0:
             scale, zero = (t.contiguous() for t in quant_params(W[:, i1 : i1 + gs], bits, sym))
             scales[i1 // gs], zeros[i1 // gs] = scale, zero
         Q1, Err1, new_s, new_z, loss = cpu_kernels.gptq_columns(
@@ -298,9 +297,8 @@ def _columns_c(W, Hinv, Q, scales, zeros, gs: int, step: int, bits: int, sym: bo
             scales[g0 : g0 + new_s.shape[0]], zeros[g0 : g0 + new_z.shape[0]] = new_s, new_z
         Q[:, i1:i2] = Q1.t()
         losses += loss
-        W[:, i2:].addmm_(
-            Err1.t(), Hinv[i1:i2, i2:], alpha=-1
-        )  # lazy batch update of everything after the block
+        # lazy batch update of everything after the block
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
     return losses
 
 

@@ -255,17 +255,15 @@ def quantize_blocks(
                 names = list(layers)
                 for k, (name, layer) in enumerate(layers.items()):
                     gptq = hessians.gptqs[name]
-                    last = all(
-                        hessians.gptqs[n] is not gptq for n in names[k + 1 :]
-                    )  # its Hessian serves no more
+                    # its Hessian serves no more
+                    last = all(hessians.gptqs[n] is not gptq for n in names[k + 1 :])
                     # GPTQ sees the weight as saved, not its calibration-dtype copy (fp32 file, bf16 calibration)
                     result = gptq.quantize(
                         stored.pop(name + ".weight", layer.weight), **gptq_kwargs, release=last
                     )
                     emit(prefix + name, {k: v.cpu() for k, v in result.pack().items()})
-                    layer.weight.data = result.weight.to(
-                        dtype
-                    )  # later steps and blocks see the quantized layer
+                    # later steps and blocks see the quantized layer
+                    layer.weight.data = result.weight.to(dtype)
                     bar.set_postfix_str(f"block {i} {name} loss {result.loss:.3g}")
                 hessians.free()
                 release_freed_memory()  # the Hessians and GPTQ's temporaries: give glibc's holes back
@@ -336,9 +334,8 @@ class _HessianCollector:
 
         self.gptqs: dict[str, GPTQ] = {}
         self._seen: list[tuple[torch.Tensor, GPTQ]] = []  # inputs of the current forward, and where they went
-        self._new = lambda layer: GPTQ(
-            layer.in_features, device
-        )  # an in_features² Hessian: made once per layer
+        # an in_features² Hessian: made once per layer
+        self._new = lambda layer: GPTQ(layer.in_features, device)
         self._handles = [layer.register_forward_pre_hook(self._hook(name)) for name, layer in layers.items()]
 
     def _hook(self, name: str):
@@ -400,9 +397,8 @@ class _TailCache:
     def start(self) -> None:
         self._handle.remove()
         self._handle = None
-        self.module.forward = lambda *args, **kwargs: self.module.proj(
-            self.inputs[self.batch]
-        )  # shadows the class's
+        # shadows the class's
+        self.module.forward = lambda *args, **kwargs: self.module.proj(self.inputs[self.batch])
         self.active = True
 
     def stop(self) -> None:

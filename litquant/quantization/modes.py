@@ -31,9 +31,8 @@ class LoadPlan:
     weights_file: str  # the file of the checkpoint directory to stream in
     swap: Callable[[str], bool]  # which Linears (qualified names) become quantized layers
     note: Optional[str] = None  # one line to tell the user (e.g. why a pre-quantized file is not used)
-    extra: dict = field(
-        default_factory=dict
-    )  # what the mode read from the checkpoint (GPTQ: bits, group size)
+    # what the mode read from the checkpoint (GPTQ: bits, group size)
+    extra: dict = field(default_factory=dict)
 
 
 class QuantMode:
