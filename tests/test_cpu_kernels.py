@@ -299,3 +299,22 @@ def test_kernels_under_a_bf16_default_dtype_and_bad_arguments():
             32,
             True,
         )
+
+
+# ---- GPTQ's Hessian from bf16 activations ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not ck.bf16_gram_ok(), reason="the kernels were built without AVX512-BF16 (no such CPU)")
+@pytest.mark.parametrize("k,n", [(2101, 70), (64, 32), (1, 16)])  # 2101 rows: three K chunks and an odd row
+def test_bf16_gram_is_the_fp64_gram_on_the_upper_triangle(k, n):
+    torch.manual_seed(k)
+    x = (torch.randn(k, n) * torch.rand(n) * 4).bfloat16()
+    H = torch.randn(n, n)
+    expected = 0.25 * H.double() + 0.5 * (x.double().t() @ x.double())
+    before = H.clone()
+    ck.bf16_gram(x, H, 0.25, 0.5)
+    upper = torch.ones(n, n, dtype=torch.bool).triu()
+    assert rel(H[upper], expected[upper]) < 1e-5  # bf16 products are exact: only fp32 sums round
+    # below the diagonal tiles (32 columns wide in cpu_kernels.c): never touched
+    below = ~torch.ones(n, n, dtype=torch.bool).triu(-31)
+    assert torch.equal(H[below], before[below])

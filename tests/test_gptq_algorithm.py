@@ -58,14 +58,60 @@ def test_gptq_beats_rtn_on_calibration_outputs(bits, group_size, act_order):
     assert result.loss is not None and result.loss > 0
 
 
-def test_add_batch_is_the_running_mean_of_2xxT():
-    X = correlated_inputs(700, 32, seed=3)
-    gptq = GPTQ(32)
-    gptq.add_batch(X[:100].reshape(10, 10, 32))  # 3-D input: every row is a sample
-    gptq.add_batch(X[100:101])
+@pytest.mark.parametrize("d", [32, 70])  # 70: not a multiple of the bf16 kernel's 32-column tiles
+@pytest.mark.parametrize("path", ["full", "strips", "bf16"])
+def test_add_batch_is_the_running_mean_of_2xxT(monkeypatch, path, d):
+    """Every way of accumulating H: one GEMM (narrow inputs), the upper part in strips (wide ones), and bf16
+    activations (litquant's AVX512-BF16 kernel where the CPU has it, else the fp32 GEMMs): the fp64 formula."""
+    X = correlated_inputs(701, d, seed=3)
+    if path == "strips":
+        monkeypatch.setattr(GPTQ, "STRIPS_ABOVE", 0)
+    if path == "bf16":
+        X = (
+            X.bfloat16()
+        )  # its products are exact in fp32: only the summation order differs from the reference
+    gptq = GPTQ(d)
+    gptq.add_batch(X[:100].reshape(10, 10, d))  # 3-D input: every row is a sample
+    gptq.add_batch(X[100:101])  # one row: an odd count
     gptq.add_batch(X[101:])
-    assert gptq.nsamples == 700
-    torch.testing.assert_close(gptq.H, hessian(X), rtol=1e-5, atol=1e-4)
+    assert gptq.nsamples == 701
+    torch.testing.assert_close(gptq.H.double(), hessian(X.double()), rtol=1e-5, atol=1e-4)
+
+
+def test_blocked_cholesky_and_triangular_inverse():
+    from litquant.quantization.gptq import _NB, _cholesky, _lower_triangular_inverse
+
+    for n in (5, _NB, 2 * _NB + 3):  # one block, exactly one, several with a short last one
+        X = correlated_inputs(2 * n + 8, n, seed=n, dtype=torch.float64)
+        A = hessian(X) + 0.01 * torch.eye(n, dtype=torch.float64)
+        L, info = _cholesky(A)
+        assert info == 0
+        torch.testing.assert_close(L, torch.linalg.cholesky(A))
+        torch.testing.assert_close(_lower_triangular_inverse(L), torch.linalg.inv(L))
+    A = torch.eye(2 * _NB + 3, dtype=torch.float64)
+    A[_NB + 7, _NB + 7] = -1  # not positive definite in the second block: its column, 1-based, as LAPACK says
+    assert _cholesky(A)[1] == _NB + 8
+
+
+@pytest.mark.parametrize(
+    "group_size,act_order,static_groups",
+    [(128, False, False), (64, True, False), (-1, True, False), (32, True, True), (256, False, False)],
+)
+def test_c_column_loop_gives_the_torch_loops_codes(monkeypatch, group_size, act_order, static_groups):
+    """fp32 on CPU runs the column loop in C on W^T; the torch loop is the reference (same math, other code)."""
+    import litquant.quantization.gptq as gptq_mod
+
+    X = correlated_inputs(1024, 384, seed=41)
+    W = torch.randn(96, 384, generator=torch.Generator().manual_seed(42))
+    kw = dict(group_size=group_size, act_order=act_order, static_groups=static_groups)
+    if not gptq_mod._c_block(W, 128 if group_size == -1 else group_size, 128, 384):
+        pytest.skip("litquant's CPU kernels are unavailable here")
+    r_c = gptq_quantize(W, hessian(X), 4, **kw)
+    monkeypatch.setattr(gptq_mod, "_c_block", lambda *args: 0)
+    r_torch = gptq_quantize(W, hessian(X), 4, **kw)
+    assert torch.equal(r_c.intweight, r_torch.intweight)
+    assert torch.equal(r_c.scales, r_torch.scales) and torch.equal(r_c.zeros, r_torch.zeros)
+    assert r_c.loss == pytest.approx(r_torch.loss, rel=1e-5)
 
 
 def test_hook_feeds_add_batch():

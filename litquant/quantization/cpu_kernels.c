@@ -25,7 +25,7 @@
         }                                   \
     } while (0)
 
-int lq_version(void) { return 6; }
+int lq_version(void) { return 7; }
 int lq_lanes(void) { return V; }
 int lq_vnni(void) {  // int8 dot-product instructions: torch's int8 matmul is fast for many rows
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
@@ -571,4 +571,63 @@ void lq_gptq_columns(float *W1, int64_t ld, int64_t rows, int64_t count, const f
         }
     }
     *loss = total;
+}
+
+// ---- GPTQ's Hessian from bf16 activations -----------------------------------------------------------------------
+// H[i, j] = beta * H[i, j] + alpha * sum_k x[k, i] x[k, j] for the tiles of the upper triangle (a few entries below
+// the diagonal are written too; the caller reads the upper triangle only). x is bf16 [K, N], packed by the caller as
+// P[c][p][l] = (x[2p, 16c + l], x[2p + 1, 16c + l]) in one 32-bit word: panels of 16 columns, row pairs, N padded
+// to a multiple of 32 and K to an even count with zeros. VDPBF16PS multiplies bf16 pairs exactly and accumulates in
+// fp32, so this is the fp32 Hessian of the same activations (summed in another order), at the bf16 rate.
+#define GRAM_MR 8     // rows of H per tile: broadcasts from half a panel
+#define GRAM_NR 32    // columns of H per tile: two panels, two accumulators per row
+#define GRAM_KC 512   // row pairs per pass over a tile (the tile's two panels stay in L2)
+int lq_bf16_gram_ok(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void lq_bf16_gram(const uint32_t *P, int64_t K2, int64_t Np, int64_t N, float *H, int64_t ldh, float beta,
+                  float alpha, int nthreads) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    const int64_t ntj = Np / GRAM_NR;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads_for(K2 * Np * Np / 2, nthreads))
+    for (int64_t t = 0; t < ntj; t++) {
+        const int64_t jt = ntj - 1 - t;  // widest tile columns first: they have the most tiles
+        const int64_t j0 = jt * GRAM_NR;
+        const uint32_t *B0 = P + (j0 / 16) * K2 * 16, *B1 = B0 + K2 * 16;
+        const __mmask16 m0 = j0 + 16 <= N ? 0xFFFF : (j0 >= N ? 0 : (__mmask16)((1u << (N - j0)) - 1));
+        const __mmask16 m1 = j0 + 32 <= N ? 0xFFFF : (j0 + 16 >= N ? 0 : (__mmask16)((1u << (N - j0 - 16)) - 1));
+        for (int64_t i0 = 0; i0 < j0 + GRAM_NR && i0 < N; i0 += GRAM_MR) {
+            const uint32_t *A = P + (i0 / 16) * K2 * 16 + (i0 % 16);
+            for (int64_t p0 = 0; p0 < K2; p0 += GRAM_KC) {
+                const int64_t p1 = p0 + GRAM_KC < K2 ? p0 + GRAM_KC : K2;
+                __m512 c[GRAM_MR][2];
+                for (int r = 0; r < GRAM_MR; r++) c[r][0] = c[r][1] = _mm512_setzero_ps();
+                for (int64_t p = p0; p < p1; p++) {
+                    const __m512bh b0 = (__m512bh)_mm512_loadu_si512((const void *)(B0 + p * 16));
+                    const __m512bh b1 = (__m512bh)_mm512_loadu_si512((const void *)(B1 + p * 16));
+                    const uint32_t *a = A + p * 16;
+                    for (int r = 0; r < GRAM_MR; r++) {
+                        const __m512bh ar = (__m512bh)_mm512_set1_epi32((int)a[r]);
+                        c[r][0] = _mm512_dpbf16_ps(c[r][0], ar, b0);
+                        c[r][1] = _mm512_dpbf16_ps(c[r][1], ar, b1);
+                    }
+                }
+                const float bt = p0 == 0 ? beta : 1.0f;
+                for (int r = 0; r < GRAM_MR && i0 + r < N; r++) {
+                    float *h = H + (i0 + r) * ldh + j0;
+                    const __m512 h0 = _mm512_maskz_loadu_ps(m0, h), h1 = _mm512_maskz_loadu_ps(m1, h + 16);
+                    _mm512_mask_storeu_ps(h, m0, _mm512_fmadd_ps(c[r][0], _mm512_set1_ps(alpha), _mm512_mul_ps(h0, _mm512_set1_ps(bt))));
+                    _mm512_mask_storeu_ps(h + 16, m1, _mm512_fmadd_ps(c[r][1], _mm512_set1_ps(alpha), _mm512_mul_ps(h1, _mm512_set1_ps(bt))));
+                }
+            }
+        }
+    }
+#else
+    (void)P; (void)K2; (void)Np; (void)N; (void)H; (void)ldh; (void)beta; (void)alpha; (void)nthreads;
+#endif
 }

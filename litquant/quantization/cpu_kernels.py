@@ -43,6 +43,8 @@ _SIGNATURES = {
         None,
     ),
     "lq_gptq_dequant_t": ([_P, _I64, _I64, _P, _P, _P, _INT, _I64, _I64, _P, _INT, _INT], None),
+    "lq_bf16_gram_ok": ([], _INT),
+    "lq_bf16_gram": ([_P, _I64, _I64, _I64, _P, _I64, _F32, _F32, _INT], None),
 }
 build_error: Optional[str] = None  # why lib() is None, for the one-line notice
 
@@ -559,3 +561,23 @@ def gptq_columns(
         _threads(),
     )
     return Q, Err, new_s, new_z, loss.value
+
+
+def bf16_gram_ok() -> bool:
+    """Whether the kernels were built with AVX512-BF16 (bf16_gram is available)."""
+    return lib() is not None and bool(lib().lq_bf16_gram_ok())
+
+
+def bf16_gram(x: torch.Tensor, H: torch.Tensor, beta: float, alpha: float) -> None:
+    """H = beta * H + alpha * x^T x on the upper triangle of H (fp32 [n, n], contiguous), x bf16 [k, n]: exact bf16
+    products summed in fp32. Only where bf16_gram_ok()."""
+    k, n = x.shape
+    _need(H, torch.float32, n * n, "H")
+    if x.dtype != torch.bfloat16 or H.shape != (n, n):
+        raise ValueError("cpu_kernels: bf16_gram takes bf16 x [k, n] and fp32 H [n, n]")
+    npad, kpad = -(-n // 32) * 32, k + k % 2
+    if (npad, kpad) != (n, k):
+        x = torch.nn.functional.pad(x, (0, npad - n, 0, kpad - k))
+    # panels of 16 columns, row pairs interleaved: P[c][p][l][2] = x[2p + t, 16c + l]
+    packed = x.contiguous().view(kpad // 2, 2, npad // 16, 16).permute(2, 0, 3, 1).contiguous()
+    lib().lq_bf16_gram(packed.data_ptr(), kpad // 2, npad, n, H.data_ptr(), n, beta, alpha, _threads())

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from litquant.errors import UserError
-from litquant.quantization import gptq_format
+from litquant.quantization import cpu_kernels, gptq_format
 
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24  # smallest fp16 subnormal: a scale below it would round to 0
@@ -111,9 +111,10 @@ def _onednn_gram_ok() -> bool:
 class GPTQ:
     """Collects the Hessian of one Linear's inputs, then quantizes its weight with GPTQ."""
 
-    STRIPS = (
-        4  # H is symmetric: only its upper part is accumulated, in this many row strips (1.5x fewer flops)
-    )
+    # fp32 inputs: H is symmetric, so only its upper part is accumulated, in row strips (1.6x fewer flops), for
+    # inputs wider than STRIPS_ABOVE; narrower ones take one full GEMM, which measured 2x faster than the strips there
+    STRIPS = 4
+    STRIPS_ABOVE = 1536
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.in_features = in_features
@@ -131,14 +132,22 @@ class GPTQ:
             raise ValueError(
                 f"expected inputs with {self.in_features} features, got shape {tuple(inp.shape)}"
             )
-        x = inp.detach().reshape(-1, self.in_features).to(device=self._upper.device, dtype=torch.float32)
+        x = inp.detach().reshape(-1, self.in_features).to(device=self._upper.device)
         n = x.shape[0]
         if n == 0:
             return
-        # running mean, strip by strip: rescale what we have so far, add the new rows with weight 2 / n_total
+        # running mean: rescale what we have so far, add the new rows with weight 2 / n_total
         total = self.nsamples + n
         beta, alpha = self.nsamples / total, 2.0 / total
-        step = -(-self.in_features // self.STRIPS)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_kernels.bf16_gram_ok():
+            cpu_kernels.bf16_gram(
+                x, self._upper, beta, alpha
+            )  # exact bf16 products, fp32 sums, ~4x fp32's rate
+            self.nsamples = total
+            return
+        x = x.to(torch.float32)
+        strips = self.STRIPS if self.in_features > self.STRIPS_ABOVE else 1
+        step = -(-self.in_features // strips)
         xt = x.t() if x.device.type == "cpu" and _onednn_gram_ok() else None  # oneDNN takes the strided view
         for i in range(0, self.in_features, step):
             out = self._upper[i : i + step, i:]
@@ -269,17 +278,20 @@ def _c_block(W: torch.Tensor, gs: int, block_size: int, in_features: int) -> int
 
 def _columns_c(W, Hinv, Q, scales, zeros, gs: int, step: int, bits: int, sym: bool, static_orig) -> float:
     """GPTQ's column loop with each lazy-update block in C (cpu_kernels.gptq_columns); the block's accumulated
-    error reaches the later columns with one matmul, as in the torch loop."""
+    error reaches the later columns with one matmul, as in the torch loop. It works on W^T, transposed once, so
+    that a block's columns are contiguous rows the kernel updates in place."""
     from litquant.quantization import cpu_kernels
 
     out_features, in_features = W.shape
-    Hinv = Hinv.contiguous()  # cholesky(upper=True) hands back a column-major view; the C loop reads rows
+    Hinv = Hinv.contiguous()  # the C loop reads rows
+    Wt = W.t().contiguous()  # (in, out): one weight column per row
+    Qt = torch.empty(in_features, out_features)
     scale, zero = torch.empty(out_features), torch.empty(out_features)
     table = (scales.contiguous(), zeros.contiguous()) if static_orig is not None else None
     losses = 0.0
     for i1 in range(0, in_features, step):
         i2 = min(i1 + step, in_features)
-        W1 = W[:, i1:i2].t().contiguous()  # (count, out): one weight column per row
+        W1 = Wt[i1:i2]
         col_group, gs_c = None, 0
         if static_orig is not None:
             col_group = torch.tensor([static_orig[j] // gs for j in range(i1, i2)], dtype=torch.int64)
@@ -287,7 +299,7 @@ def _columns_c(W, Hinv, Q, scales, zeros, gs: int, step: int, bits: int, sym: bo
             gs_c = gs
         # a group wider than the block starts here: its grid from all its columns as they are
         elif i1 % gs == 0:
-            scale, zero = (t.contiguous() for t in quant_params(W[:, i1 : i1 + gs], bits, sym))
+            scale, zero = (t.contiguous() for t in quant_params(Wt[i1 : i1 + gs].t(), bits, sym))
             scales[i1 // gs], zeros[i1 // gs] = scale, zero
         Q1, Err1, new_s, new_z, loss = cpu_kernels.gptq_columns(
             W1, Hinv[i1:i2, i1:i2], scale, zero, bits, sym, gs_c, col_group, table
@@ -295,10 +307,11 @@ def _columns_c(W, Hinv, Q, scales, zeros, gs: int, step: int, bits: int, sym: bo
         if gs_c:
             g0 = i1 // gs
             scales[g0 : g0 + new_s.shape[0]], zeros[g0 : g0 + new_z.shape[0]] = new_s, new_z
-        Q[:, i1:i2] = Q1.t()
+        Qt[i1:i2] = Q1
         losses += loss
         # lazy batch update of everything after the block
-        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+    Q.copy_(Qt.to(torch.uint8).t())  # 5x faster than converting while transposing
     return losses
 
 
@@ -343,13 +356,14 @@ def _inverse_hessian_upper_cholesky(H: torch.Tensor, damp_percent: float) -> tor
     """Upper Cholesky factor U of (H + damp I)^-1 (U^T U = H^-1), raising the damping if H is not PD enough.
 
     With J the reversal permutation and J H J = L L^T, U = J L^-1 J: one Cholesky and one triangular inverse
-    (2/3 n^3 flops) instead of Cholesky, inverse from it and a second Cholesky (5/3 n^3)."""
+    (2/3 n^3 flops) instead of Cholesky, inverse from it and a second Cholesky (5/3 n^3). Both by blocks of
+    _NB columns whose products skip the zero triangles (docs/ARCHITECTURE.md has the timings)."""
     mean_diag = torch.diagonal(H).mean()
     damp = damp_percent
     while True:
         Hd = H.flip(0, 1)
         torch.diagonal(Hd).add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = _cholesky(Hd)
         del Hd
         if int(info) == 0:
             Linv = _lower_triangular_inverse(L)
@@ -368,17 +382,50 @@ def _inverse_hessian_upper_cholesky(H: torch.Tensor, damp_percent: float) -> tor
         damp = next_damp
 
 
+_NB = 128  # block size of the Cholesky and the triangular inverse (2 cores: 128-256 best)
+
+
+def _cholesky(A: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Lower Cholesky factor of A -> (L, info), info != 0 when A is not positive definite. On CPU left-looking by
+    block columns: one GEMM per block column updates just the lower panel, so it does the n^3/3 flops through
+    the GEMM (1.2-1.6x faster than LAPACK's potrf from torch's MKL on 2 cores)."""
+    if A.device.type != "cpu":
+        L, info = torch.linalg.cholesky_ex(A)
+        return L, int(info)
+    n = A.shape[0]
+    L = torch.zeros_like(A)
+    for j in range(0, n, _NB):
+        e = min(j + _NB, n)
+        panel = A[j:, j:e].clone()
+        if j:
+            panel.addmm_(L[j:, :j], L[j:e, :j].t(), alpha=-1)
+        D, info = torch.linalg.cholesky_ex(panel[: e - j])
+        if int(info):
+            return L, j + int(info)
+        L[j:e, j:e] = D
+        if e < n:  # the panel below the diagonal block: X D^T = panel
+            L[e:, j:e] = torch.linalg.solve_triangular(D.t(), panel[e - j :], upper=True, left=False)
+    return L, 0
+
+
 def _lower_triangular_inverse(L: torch.Tensor) -> torch.Tensor:
-    """L^-1 for lower-triangular L, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]] (matmuls)."""
+    """L^-1 for lower-triangular L, by block columns from the last: with M = L^-1 known below and right of block
+    j, M[e:, j:e] = -M[e:, e:] L[e:, j:e] M[j:e, j:e], one GEMM per row block over the nonzero part of M[e:, e:]
+    (n^3/3 flops, half of what whole-matrix products of the triangles cost)."""
     n = L.shape[0]
-    if n <= 256:
-        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
-    h = n // 2
-    A, C = _lower_triangular_inverse(L[:h, :h]), _lower_triangular_inverse(L[h:, h:])
-    out = torch.zeros_like(L)
-    out[:h, :h], out[h:, h:] = A, C
-    out[h:, :h] = -(C @ (L[h:, :h] @ A))
-    return out
+    M = torch.zeros_like(L)
+    for j in reversed(range(0, n, _NB)):
+        e = min(j + _NB, n)
+        D = torch.linalg.solve_triangular(
+            L[j:e, j:e], torch.eye(e - j, dtype=L.dtype, device=L.device), upper=False
+        )
+        M[j:e, j:e] = D
+        if e < n:
+            P = L[e:, j:e] @ D
+            for r0 in range(e, n, _NB):
+                r1 = min(r0 + _NB, n)
+                M[r0:r1, j:e].addmm_(M[r0:r1, e:r1], P[: r1 - e], beta=0, alpha=-1)
+    return M
 
 
 def _result(
@@ -390,8 +437,18 @@ def _result(
     bits: int,
     group_size: int,
 ) -> GPTQResult:
-    g = g_idx.long()
-    w_hat = (Q - zeros.t()[:, g]) * scales.t()[:, g]
+    out_features, in_features = Q.shape
+    groups = zeros.shape[0]
+    if in_features % groups == 0 and torch.equal(
+        g_idx, gptq_format.default_g_idx(in_features, in_features // groups, g_idx.device)
+    ):
+        # contiguous groups: broadcast each group's grid over its columns (no [out, in] gathers)
+        w_hat = ((Q.view(out_features, groups, -1) - zeros.t()[:, :, None]) * scales.t()[:, :, None]).view_as(
+            Q
+        )
+    else:
+        g = g_idx.long()
+        w_hat = (Q - zeros.t()[:, g]) * scales.t()[:, g]
     return GPTQResult(
         intweight=Q.to(torch.uint8),
         zeros=zeros.to(torch.int32),

@@ -223,9 +223,11 @@ def quantize_blocks(
                 f, block, prefix, [k for k in keys if k.startswith(prefix)], device, dtype, source
             )
             gate = [block(g, *_rope_for(cos, sin, mask, g), None) for g in gate]  # the base model's block
-            tails = [_TailCache(block.attn, "attn.")]
+            # a norm whose output only its module reads is skipped too once that module is replaced
+            shared_norm = config.parallel_residual and block.norm_2 is None
+            tails = [_TailCache(block.attn, "attn.", None if shared_norm else block.norm_1)]
             if n_tokens * block.mlp.proj.in_features * dtype.itemsize <= MLP_CACHE_BYTES:
-                tails.append(_TailCache(block.mlp, "mlp."))
+                tails.append(_TailCache(block.mlp, "mlp.", block.norm_2))
             done: set[str] = set()
             for group in groups:
                 layers = {name: block.get_submodule(name) for name in group}
@@ -266,7 +268,6 @@ def quantize_blocks(
                     layer.weight.data = result.weight.to(dtype)
                     bar.set_postfix_str(f"block {i} {name} loss {result.loss:.3g}")
                 hessians.free()
-                release_freed_memory()  # the Hessians and GPTQ's temporaries: give glibc's holes back
                 done.update(group)
                 for t in recording:
                     t.start()
@@ -279,6 +280,7 @@ def quantize_blocks(
                 t.stop()
             gate_q = [block(g, *_rope_for(cos, sin, mask, g), None) for g in gate_q]
             block.to("meta")  # free the block's weights
+            release_freed_memory()  # the Hessians, GPTQ's temporaries and the block: give glibc's holes back
         bar.close()
         if gate_tokens is None:
             return None
@@ -373,15 +375,18 @@ class _HessianCollector:
 class _TailCache:
     """A block's attention and MLP both end with their `proj` Linear. Once every other Linear of such a module is
     quantized, the inputs of its proj are final: recorded while proj is calibrated (`record`), they let every later
-    forward of the block replace the whole module by `proj(recorded input)` (`start`): the MLP steps and the
-    block's output pass skip qkv, RoPE and SDPA, the output pass also the MLP's up-projections. Costs one copy of
-    proj's inputs over the calibration batches, for the length of one block."""
+    forward of the block replace the whole module by `proj(recorded input)` (`start`), computed once per batch and
+    then kept in its place: the MLP steps and the block's output pass skip qkv, RoPE, SDPA and the attention's
+    proj, the output pass also the MLP's up-projections; `norm`, the norm whose output only this module reads, is
+    skipped as well. Costs one copy of proj's inputs (then outputs) over the calibration batches, for the length
+    of one block."""
 
-    def __init__(self, module: nn.Module, prefix: str) -> None:
-        self.module, self.batch, self.active = module, 0, False
+    def __init__(self, module: nn.Module, prefix: str, norm: Optional[nn.Module] = None) -> None:
+        self.module, self.norm, self.batch, self.active = module, norm, 0, False
         self.linears = set(_linear_names(module, prefix))
         self.proj = prefix + "proj"
         self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
         self._handle = None
 
     def usable(self, group: tuple[str, ...], done: set[str]) -> bool:
@@ -394,11 +399,18 @@ class _TailCache:
 
         self._handle = self.module.proj.register_forward_pre_hook(hook)
 
+    def _output(self) -> torch.Tensor:
+        b = self.batch
+        if b not in self.outputs:  # proj is quantized now: its output is final too
+            self.outputs[b] = self.module.proj(self.inputs.pop(b))
+        return self.outputs[b]
+
     def start(self) -> None:
         self._handle.remove()
         self._handle = None
-        # shadows the class's
-        self.module.forward = lambda *args, **kwargs: self.module.proj(self.inputs[self.batch])
+        self.module.forward = lambda *args, **kwargs: self._output()  # shadows the class's
+        if self.norm is not None:
+            self.norm.forward = lambda x: x  # what it would compute goes nowhere now
         self.active = True
 
     def stop(self) -> None:
@@ -406,8 +418,11 @@ class _TailCache:
             self._handle.remove()
         if self.active:
             del self.module.forward
+            if self.norm is not None:
+                del self.norm.forward
         self.active = False
         self.inputs.clear()
+        self.outputs.clear()
 
 
 def _load_block(
