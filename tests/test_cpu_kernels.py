@@ -318,3 +318,18 @@ def test_bf16_gram_is_the_fp64_gram_on_the_upper_triangle(k, n):
     # below the diagonal tiles (32 columns wide in cpu_kernels.c): never touched
     below = ~torch.ones(n, n, dtype=torch.bool).triu(-31)
     assert torch.equal(H[below], before[below])
+
+
+@pytest.mark.parametrize("k,n", [(300, 70), (64, 32), (1, 16)])  # 300 rows: two K chunks; 70: an edge tile
+def test_f32_gram_is_the_fp64_gram_on_the_upper_triangle(build, k, n):
+    torch.manual_seed(k)
+    x = torch.randn(k, n) * torch.rand(n) * 4
+    H = torch.randn(n, n)
+    expected = 0.25 * H.double() + 0.5 * (x.double().t() @ x.double())
+    before = H.clone()
+    ck.f32_gram(x, H, 0.25, 0.5)
+    upper = torch.ones(n, n, dtype=torch.bool).triu()
+    assert rel(H[upper], expected[upper]) < 1e-5
+    # below the diagonal tiles (3 vectors wide, 8 rows high in cpu_kernels.c): never touched
+    below = ~torch.ones(n, n, dtype=torch.bool).triu(-(3 * ck.lanes() + 7))
+    assert torch.equal(H[below], before[below])

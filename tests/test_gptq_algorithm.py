@@ -58,24 +58,44 @@ def test_gptq_beats_rtn_on_calibration_outputs(bits, group_size, act_order):
     assert result.loss is not None and result.loss > 0
 
 
-@pytest.mark.parametrize("d", [32, 70])  # 70: not a multiple of the bf16 kernel's 32-column tiles
-@pytest.mark.parametrize("path", ["full", "strips", "bf16"])
+@pytest.mark.parametrize("d", [32, 70])  # 70: not a multiple of the kernels' tiles
+@pytest.mark.parametrize("path", ["gemm", "strips", "f32", "bf16"])
 def test_add_batch_is_the_running_mean_of_2xxT(monkeypatch, path, d):
-    """Every way of accumulating H: one GEMM (narrow inputs), the upper part in strips (wide ones), and bf16
-    activations (litquant's AVX512-BF16 kernel where the CPU has it, else the fp32 GEMMs): the fp64 formula."""
+    """Every way of accumulating H against the fp64 formula: one GEMM (narrow inputs), the upper part in GEMM
+    strips (wide ones), litquant's fp32 kernel, and its AVX512-BF16 kernel for bf16 activations."""
+    import litquant.quantization.gptq as gptq_mod
+    from litquant.quantization import cpu_kernels
+
     X = correlated_inputs(701, d, seed=3)
     if path == "strips":
-        monkeypatch.setattr(GPTQ, "STRIPS_ABOVE", 0)
+        monkeypatch.setattr(gptq_mod, "STRIPS_ABOVE", 0)
+    if path == "f32" and cpu_kernels.lib() is None:
+        pytest.skip("litquant's CPU kernels are unavailable here")
     if path == "bf16":
+        if not cpu_kernels.bf16_gram_ok():
+            pytest.skip("no AVX512-BF16 on this CPU")
         X = (
             X.bfloat16()
         )  # its products are exact in fp32: only the summation order differs from the reference
+    monkeypatch.setattr(gptq_mod, "_path", lambda x: "gemm" if path == "strips" else path)
     gptq = GPTQ(d)
     gptq.add_batch(X[:100].reshape(10, 10, d))  # 3-D input: every row is a sample
     gptq.add_batch(X[100:101])  # one row: an odd count
     gptq.add_batch(X[101:])
     assert gptq.nsamples == 701
     torch.testing.assert_close(gptq.H.double(), hessian(X.double()), rtol=1e-5, atol=1e-4)
+
+
+def test_hessian_path_choice():
+    """bf16 activations take the bf16 kernel where the CPU has AVX512-BF16; fp32 ones the faster of litquant's
+    fp32 kernel and the GEMMs, timed once per width."""
+    import litquant.quantization.gptq as gptq_mod
+    from litquant.quantization import cpu_kernels
+
+    x = torch.randn(4, 96)
+    assert gptq_mod._path(x.bfloat16()) == ("bf16" if cpu_kernels.bf16_gram_ok() else gptq_mod._path(x))
+    assert gptq_mod._path(x) in (("f32", "gemm") if cpu_kernels.lib() is not None else ("gemm",))
+    assert gptq_mod._path(x) == gptq_mod._path(x)  # cached: one timing per width
 
 
 def test_blocked_cholesky_and_triangular_inverse():

@@ -631,3 +631,55 @@ void lq_bf16_gram(const uint32_t *P, int64_t K2, int64_t Np, int64_t N, float *H
     (void)P; (void)K2; (void)Np; (void)N; (void)H; (void)ldh; (void)beta; (void)alpha; (void)nthreads;
 #endif
 }
+
+// The same Hessian update from fp32 activations (any build): x packed by the caller as P[c][k][l] = x[k, V c + l],
+// panels of V columns, N padded to a multiple of 48 with zeros. MR x 3V tiles of fp32 FMAs (24 accumulators on
+// AVX-512 and AVX2), upper tiles only: the n^2/2 products of a symmetric rank-k update, where a GEMM computes n^2.
+#define GRAM_KC32 256  // rows per pass over a tile
+void lq_f32_gram(const float *P, int64_t K, int64_t Np, int64_t N, float *H, int64_t ldh, float beta, float alpha,
+                 int nthreads) {
+    const int64_t NR = 3 * V, ntj = Np / NR;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads_for(K * Np * Np / 2, nthreads))
+    for (int64_t t = 0; t < ntj; t++) {
+        const int64_t j0 = (ntj - 1 - t) * NR;  // widest tile columns first: they have the most tiles
+        const float *B = P + (j0 / V) * K * V;   // three consecutive panels
+        for (int64_t i0 = 0; i0 < j0 + NR && i0 < N; i0 += GRAM_MR) {
+            const float *a[GRAM_MR];  // row r of the tile is column i0 + r of x: a[r][k * V]
+            for (int r = 0; r < GRAM_MR; r++) a[r] = P + ((i0 + r) / V) * K * V + (i0 + r) % V;
+            for (int64_t k0 = 0; k0 < K; k0 += GRAM_KC32) {
+                const int64_t k1 = k0 + GRAM_KC32 < K ? k0 + GRAM_KC32 : K;
+                vf c[GRAM_MR][3];
+                for (int r = 0; r < GRAM_MR; r++) c[r][0] = c[r][1] = c[r][2] = vzero();
+                for (int64_t k = k0; k < k1; k++) {
+                    const float *bk = B + k * V;
+                    const vf b0 = vload(bk), b1 = vload(bk + K * V), b2 = vload(bk + 2 * K * V);
+#if V >= GRAM_MR  // the tile's rows sit in one panel (i0 % 8 == 0): one pointer
+                    const float *ak = a[0] + k * V;
+#define GRAM_A(r) ak[r]
+#else
+#define GRAM_A(r) a[r][k * V]
+#endif
+                    for (int r = 0; r < GRAM_MR; r++) {
+                        const vf ar = vset1(GRAM_A(r));
+                        c[r][0] = vfma(ar, b0, c[r][0]);
+                        c[r][1] = vfma(ar, b1, c[r][1]);
+                        c[r][2] = vfma(ar, b2, c[r][2]);
+                    }
+#undef GRAM_A
+                }
+                const float bt = k0 == 0 ? beta : 1.0f;
+                for (int r = 0; r < GRAM_MR && i0 + r < N; r++) {
+                    float *h = H + (i0 + r) * ldh + j0;
+                    if (j0 + NR <= N) {
+                        for (int q = 0; q < 3; q++)
+                            vstore(h + q * V, vfma(c[r][q], vset1(alpha), vmul(vload(h + q * V), vset1(bt))));
+                    } else {
+                        float tmp[3 * V];
+                        for (int q = 0; q < 3; q++) vstore(tmp + q * V, c[r][q]);
+                        for (int64_t j = 0; j0 + j < N; j++) h[j] = bt * h[j] + alpha * tmp[j];
+                    }
+                }
+            }
+        }
+    }
+}

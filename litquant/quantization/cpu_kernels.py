@@ -45,6 +45,7 @@ _SIGNATURES = {
     "lq_gptq_dequant_t": ([_P, _I64, _I64, _P, _P, _P, _INT, _I64, _I64, _P, _INT, _INT], None),
     "lq_bf16_gram_ok": ([], _INT),
     "lq_bf16_gram": ([_P, _I64, _I64, _I64, _P, _I64, _F32, _F32, _INT], None),
+    "lq_f32_gram": ([_P, _I64, _I64, _I64, _P, _I64, _F32, _F32, _INT], None),
 }
 build_error: Optional[str] = None  # why lib() is None, for the one-line notice
 
@@ -581,3 +582,16 @@ def bf16_gram(x: torch.Tensor, H: torch.Tensor, beta: float, alpha: float) -> No
     # panels of 16 columns, row pairs interleaved: P[c][p][l][2] = x[2p + t, 16c + l]
     packed = x.contiguous().view(kpad // 2, 2, npad // 16, 16).permute(2, 0, 3, 1).contiguous()
     lib().lq_bf16_gram(packed.data_ptr(), kpad // 2, npad, n, H.data_ptr(), n, beta, alpha, _threads())
+
+
+def f32_gram(x: torch.Tensor, H: torch.Tensor, beta: float, alpha: float) -> None:
+    """H = beta * H + alpha * x^T x on the upper triangle of H (fp32 [n, n], contiguous), x fp32 [k, n]."""
+    k, n = x.shape
+    _need(H, torch.float32, n * n, "H")
+    if x.dtype != torch.float32 or H.shape != (n, n):
+        raise ValueError("cpu_kernels: f32_gram takes fp32 x [k, n] and fp32 H [n, n]")
+    v, npad = lanes(), -(-n // 48) * 48
+    if npad != n:
+        x = torch.nn.functional.pad(x, (0, npad - n))
+    packed = x.contiguous().view(k, npad // v, v).transpose(0, 1).contiguous()  # P[c][k][l] = x[k, v c + l]
+    lib().lq_f32_gram(packed.data_ptr(), k, npad, n, H.data_ptr(), n, beta, alpha, _threads())

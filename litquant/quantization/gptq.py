@@ -10,6 +10,7 @@ Algorithm, quantizer and numerical choices: docs/ARCHITECTURE.md, "GPTQ (algorit
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -108,13 +109,60 @@ def _onednn_gram_ok() -> bool:
         return False
 
 
+# Narrow fp32 inputs take one GEMM for H (measured 2x faster than strips at 1024 wide); wider ones accumulate the
+# upper part in this many row strips (1.4x faster than one GEMM at 2816 and 4096)
+STRIPS, STRIPS_ABOVE = 4, 1536
+
+
+def _path(x: torch.Tensor) -> str:
+    """How to accumulate x^T x: "bf16" (litquant's AVX512-BF16 kernel: exact bf16 products, fp32 sums, ~4x the
+    fp32 rate), "f32" (litquant's fp32 kernel, where it measured faster than the GEMMs) or "gemm"."""
+    if x.device.type != "cpu":
+        return "gemm"
+    if x.dtype == torch.bfloat16 and cpu_kernels.bf16_gram_ok():
+        return "bf16"
+    return "f32" if _f32_gram_wins(x.shape[1]) else "gemm"
+
+
+def _accumulate(upper: torch.Tensor, x: torch.Tensor, beta: float, alpha: float, path: str) -> None:
+    """upper = beta * upper + alpha * x^T x on (at least) the upper triangle of `upper` (fp32 [n, n])."""
+    if path == "bf16":
+        return cpu_kernels.bf16_gram(x, upper, beta, alpha)
+    x = x.to(torch.float32)
+    if path == "f32":
+        return cpu_kernels.f32_gram(x, upper, beta, alpha)
+    n = x.shape[1]
+    step = -(-n // (STRIPS if n > STRIPS_ABOVE else 1))
+    xt = x.t() if x.device.type == "cpu" and _onednn_gram_ok() else None  # oneDNN takes the strided view
+    for i in range(0, n, step):
+        out = upper[i : i + step, i:]
+        if xt is not None:
+            out.mul_(beta).add_(_onednn_gram(xt[i : i + step], xt[i:]), alpha=alpha)
+        else:
+            out.addmm_(x[:, i : i + step].t(), x[:, i:], beta=beta, alpha=alpha)
+
+
+@functools.cache
+def _f32_gram_wins(n: int) -> bool:
+    """Whether litquant's fp32 kernel (upper tiles only) beats the GEMMs for n-wide inputs on this CPU. That
+    depends on the BLAS: 1.1-2x faster where MKL takes its AVX2 path (AMD), while a BLAS near the AVX-512 peak
+    can win with its strips. So it is timed, once per width and process, on 512 random rows."""
+    if cpu_kernels.lib() is None:
+        return False
+    x, upper = torch.randn(512, n), torch.zeros(n, n)
+    timings = []
+    for path in ("f32", "gemm"):
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            _accumulate(upper, x, 0.5, 0.5, path)
+            best = min(best, time.perf_counter() - t0)
+        timings.append(best)
+    return timings[0] < timings[1]
+
+
 class GPTQ:
     """Collects the Hessian of one Linear's inputs, then quantizes its weight with GPTQ."""
-
-    # fp32 inputs: H is symmetric, so only its upper part is accumulated, in row strips (1.6x fewer flops), for
-    # inputs wider than STRIPS_ABOVE; narrower ones take one full GEMM, which measured 2x faster than the strips there
-    STRIPS = 4
-    STRIPS_ABOVE = 1536
 
     def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
         self.in_features = in_features
@@ -138,23 +186,7 @@ class GPTQ:
             return
         # running mean: rescale what we have so far, add the new rows with weight 2 / n_total
         total = self.nsamples + n
-        beta, alpha = self.nsamples / total, 2.0 / total
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_kernels.bf16_gram_ok():
-            cpu_kernels.bf16_gram(
-                x, self._upper, beta, alpha
-            )  # exact bf16 products, fp32 sums, ~4x fp32's rate
-            self.nsamples = total
-            return
-        x = x.to(torch.float32)
-        strips = self.STRIPS if self.in_features > self.STRIPS_ABOVE else 1
-        step = -(-self.in_features // strips)
-        xt = x.t() if x.device.type == "cpu" and _onednn_gram_ok() else None  # oneDNN takes the strided view
-        for i in range(0, self.in_features, step):
-            out = self._upper[i : i + step, i:]
-            if xt is not None:
-                out.mul_(beta).add_(_onednn_gram(xt[i : i + step], xt[i:]), alpha=alpha)
-            else:
-                out.addmm_(x[:, i : i + step].t(), x[:, i:], beta=beta, alpha=alpha)
+        _accumulate(self._upper, x, self.nsamples / total, 2.0 / total, _path(x))
         self.nsamples = total
 
     def hook(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:

@@ -141,7 +141,10 @@ def default_n_samples(
 ) -> tuple[int, str]:
     """Calibration windows when --n_samples is not given: the GPTQ paper's 128 on a GPU; on a CPU as many as about
     CPU_CALIBRATION_S seconds of calibration allow, between 8 and 128. The cost per token (block forwards, ~2.5
-    per block, in the calibration dtype; Hessians in fp32) is timed here on the model's own widest layer."""
+    per block, in the calibration dtype; Hessians on the path GPTQ.add_batch takes for that dtype) is timed here on
+    the model's own layers."""
+    from litquant.quantization.gptq import GPTQ
+
     if device.type == "cuda":
         return 128, "the GPTQ paper's 128 windows"
     block = build_model(config, "meta").transformer.h[0]
@@ -149,18 +152,19 @@ def default_n_samples(
     weights = sum(m.in_features * m.out_features for m in linears)
     hessian = sum(m.in_features**2 for m in linears if m is not getattr(block.mlp, "fc_2", None))
     wide = max(linears, key=lambda m: m.in_features * m.out_features)
+    widest_in = max(m.in_features for m in linears)
     rows = min(seq_len * 4, 1024)
     x = torch.randn(rows, wide.in_features, dtype=dtype)
     w = torch.randn(wide.out_features, wide.in_features, dtype=dtype)
-    xh, h = x.float(), torch.zeros(wide.in_features, wide.in_features)
+    xh, gptq = torch.randn(rows, widest_in, dtype=dtype), GPTQ(widest_in)  # the Hessian path the job takes
     timings = []
-    for fn in (lambda: F.linear(x, w), lambda: h.addmm_(xh.t(), xh)):
+    for fn in (lambda: F.linear(x, w), lambda: gptq.add_batch(xh)):
         fn()  # warm-up
         t0 = time.perf_counter()
         fn()
         timings.append(max(time.perf_counter() - t0, 1e-9))
     fwd_rate = 2 * rows * wide.in_features * wide.out_features / timings[0]
-    hess_rate = 2 * rows * wide.in_features**2 / timings[1]
+    hess_rate = 2 * rows * widest_in**2 / timings[1]  # full-matrix equivalent
     per_token = config.n_layer * (2.5 * 2 * weights / fwd_rate + 2 * hessian / hess_rate)  # seconds
     n = max(8, min(128, int(CPU_CALIBRATION_S / per_token / seq_len)))
     return (
