@@ -115,7 +115,15 @@ def test_blocked_cholesky_and_triangular_inverse():
 
 @pytest.mark.parametrize(
     "group_size,act_order,static_groups",
-    [(128, False, False), (64, True, False), (-1, True, False), (32, True, True), (256, False, False)],
+    # 12: groups the C loop's 8-column sub-blocks do not divide (it goes column by column)
+    [
+        (128, False, False),
+        (64, True, False),
+        (-1, True, False),
+        (32, True, True),
+        (256, False, False),
+        (12, True, False),
+    ],
 )
 def test_c_column_loop_gives_the_torch_loops_codes(monkeypatch, group_size, act_order, static_groups):
     """fp32 on CPU runs the column loop in C on W^T; the torch loop is the reference (same math, other code)."""

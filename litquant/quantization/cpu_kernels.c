@@ -528,6 +528,28 @@ static void gptq_grid_row(const float *W1, int64_t ld, int64_t r, int64_t c0, in
     *zero = z;
 }
 
+#define GPTQ_SUB 8
+// w[c] -= e[i] * Hinv1[i, c] for the sub-block's columns i in [i0, i1), in that order, for every later column c
+static void gptq_sub_update(float *W1, int64_t ld, const float *Err, const float *Hinv1, int64_t ldh, int64_t i0,
+                            int64_t i1, int64_t count, int64_t r0, int64_t r1) {
+    const int64_t n = i1 - i0;
+    for (int64_t c = i1; c < count; c++) {
+        float *wc = W1 + c * ld, h[GPTQ_SUB];
+        for (int64_t i = 0; i < n; i++) h[i] = Hinv1[(i0 + i) * ldh + c];
+        int64_t r = r0;
+        for (; r + V <= r1; r += V) {
+            vf v = vload(wc + r);
+            for (int64_t i = 0; i < n; i++) v = vsub(v, vmul(vload(Err + (i0 + i) * ld + r), vset1(h[i])));
+            vstore(wc + r, v);
+        }
+        for (; r < r1; r++) {
+            float v = wc[r];
+            for (int64_t i = 0; i < n; i++) v -= Err[(i0 + i) * ld + r] * h[i];
+            wc[r] = v;
+        }
+    }
+}
+
 void lq_gptq_columns(float *W1, int64_t ld, int64_t rows, int64_t count, const float *Hinv1, int64_t ldh, float *Q,
                      float *Err, float *scale, float *zero, float *new_scales, float *new_zeros, int64_t gs,
                      const int64_t *col_group, const float *table_scale, const float *table_zero, int bits, int sym,
@@ -542,7 +564,13 @@ void lq_gptq_columns(float *W1, int64_t ld, int64_t rows, int64_t count, const f
         const int64_t tid = 0, nth = 1;
 #endif
         const int64_t r0 = rows * tid / nth, r1 = rows * (tid + 1) / nth;
+        // Columns go in sub-blocks of S: each column updates the rest of its sub-block at once, and the block's
+        // columns after it once per sub-block, S errors at a time in registers (each element still sees the
+        // same subtractions in the same order: bit-identical). S divides gs, so a group's grid is computed at
+        // the start of a sub-block, from columns that have every earlier update.
+        const int64_t S = (col_group != NULL || gs == 0 || gs % GPTQ_SUB == 0) ? GPTQ_SUB : 1;
         for (int64_t i = 0; i < count; i++) {
+            const int64_t s1 = (i / S + 1) * S < count ? (i / S + 1) * S : count;  // end of i's sub-block
             const float *s = scale, *z = zero;
             if (col_group != NULL) {
                 s = table_scale + col_group[i] * rows;
@@ -563,11 +591,12 @@ void lq_gptq_columns(float *W1, int64_t ld, int64_t rows, int64_t count, const f
                 e[r] = err;
                 total += (double)err * err;
             }
-            for (int64_t c = i + 1; c < count; c++) {  // OBS update of the block's later columns
+            for (int64_t c = i + 1; c < s1; c++) {  // OBS update of the sub-block's later columns
                 const float h = Hinv1[i * ldh + c];
                 float *wc = W1 + c * ld;
                 for (int64_t r = r0; r < r1; r++) wc[r] -= e[r] * h;
             }
+            if (i + 1 == s1) gptq_sub_update(W1, ld, Err, Hinv1, ldh, i - i % S, s1, count, r0, r1);
         }
     }
     *loss = total;
