@@ -591,9 +591,11 @@ def test_conversions_hold_only_the_tensors_in_flight(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-2000:]
     imported, exported = json.loads(p.stdout.strip().splitlines()[-1])
-    # in flight at most: the embedding or the head (33 MB), or one layer's q, k and v (8 MB): 10% of the weights
-    assert imported < 0.2 * weights, (imported, weights)
-    assert exported < 0.2 * weights, (exported, weights)
+    # in flight: the embedding or the head (33 MB, 10% of the weights), or one layer's q, k and v (8 MB). Measured
+    # alone: 10% on import, 19.5% on export (the tensor read and its piece being written); inside the long suite
+    # glibc once held a third such buffer (29%). Whole-state-dict conversion peaks above 100%.
+    assert imported < 0.35 * weights, (imported, weights)
+    assert exported < 0.35 * weights, (exported, weights)
     assert len(list((tmp_path / "out").glob("model-*.safetensors"))) >= 3
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
     original = _hf_files_state(tmp_path / "hf")
