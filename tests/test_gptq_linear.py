@@ -273,3 +273,27 @@ def test_cuda_backward_and_device_move():
     torch.testing.assert_close(
         x.grad.float(), x_ref.grad, rtol=5e-2, atol=5e-2 * x_ref.grad.abs().max().item()
     )
+
+
+def test_gptq_int4_default_precision_on_cpus(monkeypatch):
+    """bf16 activations (torch's int4 kernel) on AVX-512 CPUs with native bf16; without it only when that kernel
+    keeps up with litquant's fp32 one, which is timed; fp32 (the device default) on AVX2-only CPUs."""
+    from litquant import precision
+    from litquant.quantization import gptq_plugin as gp
+    from litquant.quantization.modes import get_mode
+
+    mode, cpu = get_mode("gptq.int4"), torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_has_avx512", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert mode.preferred_precision(cpu) == "bf16-true"
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    for keeps_up, expected in ((True, "bf16-true"), (False, None)):
+        monkeypatch.setattr(gp, "int4_kernel_keeps_up", lambda: keeps_up)
+        assert mode.preferred_precision(cpu) == expected
+    assert get_mode("gptq.int8").preferred_precision(cpu) is None
+    monkeypatch.setattr(precision, "cpu_has_avx512", lambda: False)
+    assert mode.preferred_precision(cpu) is None
+    monkeypatch.undo()
+    # the timing itself runs (once per process) and decides
+    gp.int4_kernel_keeps_up.cache_clear()
+    assert isinstance(gp.int4_kernel_keeps_up(), bool)

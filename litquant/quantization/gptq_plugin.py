@@ -7,8 +7,10 @@ docs/ARCHITECTURE.md, "GPTQ (algorithm, file format, kernels)".
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +26,9 @@ from litquant.quantization.gptq_linear import GEMV_MAX_ROWS, GPTQLinear
 from litquant.quantization.modes import LoadPlan, QuantMode, register
 
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
+# fp32 activations double the unquantized head's and embedding's bytes: litquant's fp32 kernel has to beat torch's
+# int4 kernel by this factor per layer before fp32 is the faster model
+INT4_KERNEL_LAG = 1.5
 _HELP = {
     2: "GPTQ 2-bit (AutoGPTQ layout): dequantize + matmul per call, no fused kernel",
     3: "GPTQ 3-bit (AutoGPTQ layout): dequantize + matmul per call, no fused kernel",
@@ -124,10 +129,14 @@ class GPTQMode(QuantMode):
     def preferred_precision(self, device: torch.device) -> Optional[str]:
         """4-bit: bf16 activations on AVX-512 CPUs, native bf16 or not: torch's int4 kernel with bf16 activations beats
         litquant's fp32 one there, and bf16 halves the unquantized embedding and head (1.1B, 2 cores: 37.6 vs 26.4
-        tok/s with native bf16 masked off). On AVX2-only CPUs fp32 wins (20.4 vs 16.9): the device default."""
-        from litquant.precision import cpu_has_avx512
+        tok/s with native bf16 masked off). Without native bf16 that kernel's speed depends on the CPU (one measured
+        at 5 GB/s, compute-bound), so there the choice is timed (int4_kernel_keeps_up). On AVX2-only CPUs fp32 wins
+        (20.4 vs 16.9): the device default."""
+        from litquant.precision import cpu_has_avx512, cpu_has_native_bf16
 
-        return "bf16-true" if self.bits == 4 and device.type == "cpu" and cpu_has_avx512() else None
+        if self.bits != 4 or device.type != "cpu" or not cpu_has_avx512():
+            return None
+        return "bf16-true" if cpu_has_native_bf16() or int4_kernel_keeps_up() else None
 
     def linear_bytes(
         self, in_features: int, out_features: int, group_size: int = 128, runtime: bool = True
@@ -270,3 +279,31 @@ class GPTQPrecision(LitquantPrecision):
 
 for _bits in SUPPORTED_BITS:
     register(GPTQMode(_bits))
+
+
+@functools.cache
+def int4_kernel_keeps_up() -> bool:
+    """Whether torch's CPU int4 kernel, bf16 activations, runs a decode row within INT4_KERNEL_LAG x the time of
+    litquant's fp32 kernel on the AutoGPTQ layout: timed once per process on a 2048 x 5632 layer (a few ms)."""
+    if cpu_kernels.lib() is None:
+        return True
+    g = torch.Generator().manual_seed(0)
+    layer = GPTQLinear(5632, 2048, bias=False)
+    layer.qweight = torch.randint(-(2**31), 2**31 - 1, layer.qweight.shape, dtype=torch.int32, generator=g)
+    layer.qzeros = torch.randint(-(2**31), 2**31 - 1, layer.qzeros.shape, dtype=torch.int32, generator=g)
+    layer.scales = (torch.rand(layer.scales.shape, generator=g) * 0.01).half()
+    int4 = GPTQLinear(5632, 2048, bias=False)
+    int4.load_state_dict(layer.state_dict())
+    if not int4.prepare():
+        return True
+    x = torch.randn(1, 5632, generator=g)
+    timings = []
+    with torch.inference_mode():
+        for run in (lambda: int4(x.bfloat16()), lambda: layer(x)):
+            best = float("inf")
+            for _ in range(6):
+                t0 = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t0)
+            timings.append(best)
+    return timings[0] <= INT4_KERNEL_LAG * timings[1]
