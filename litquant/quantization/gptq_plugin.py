@@ -129,8 +129,8 @@ class GPTQMode(QuantMode):
     def preferred_precision(self, device: torch.device) -> Optional[str]:
         """4-bit: bf16 activations on AVX-512 CPUs, native bf16 or not: torch's int4 kernel with bf16 activations beats
         litquant's fp32 one there, and bf16 halves the unquantized embedding and head (1.1B, 2 cores: 37.6 vs 26.4
-        tok/s with native bf16 masked off). Without native bf16 that kernel's speed depends on the CPU (one measured
-        at 5 GB/s, compute-bound), so there the choice is timed (int4_kernel_keeps_up). On AVX2-only CPUs fp32 wins
+        tok/s with native bf16 masked off). Without native bf16, bf16's speed depends on the CPU (one ran a 1.1B
+        model at 5 GB/s of weights), so there the choice is timed (int4_kernel_keeps_up). On AVX2-only CPUs fp32 wins
         (20.4 vs 16.9): the device default."""
         from litquant.precision import cpu_has_avx512, cpu_has_native_bf16
 
