@@ -305,7 +305,8 @@ def test_kernels_under_a_bf16_default_dtype_and_bad_arguments():
 
 
 @pytest.mark.skipif(not ck.bf16_gram_ok(), reason="the kernels were built without AVX512-BF16 (no such CPU)")
-@pytest.mark.parametrize("k,n", [(2101, 70), (64, 32), (1, 16)])  # 2101 rows: three K chunks and an odd row
+# 2101 rows: two packed chunks (2048 + an odd 53), several K chunks in the kernel
+@pytest.mark.parametrize("k,n", [(2101, 70), (64, 32), (1, 16)])
 def test_bf16_gram_is_the_fp64_gram_on_the_upper_triangle(k, n):
     torch.manual_seed(k)
     x = (torch.randn(k, n) * torch.rand(n) * 4).bfloat16()
@@ -320,7 +321,8 @@ def test_bf16_gram_is_the_fp64_gram_on_the_upper_triangle(k, n):
     assert torch.equal(H[below], before[below])
 
 
-@pytest.mark.parametrize("k,n", [(300, 70), (64, 32), (1, 16)])  # 300 rows: two K chunks; 70: an edge tile
+# 300 rows: two K chunks in the kernel; 2101: two packed chunks in the wrapper; 70: an edge tile
+@pytest.mark.parametrize("k,n", [(300, 70), (2101, 40), (64, 32), (1, 16)])
 def test_f32_gram_is_the_fp64_gram_on_the_upper_triangle(build, k, n):
     torch.manual_seed(k)
     x = torch.randn(k, n) * torch.rand(n) * 4

@@ -569,29 +569,41 @@ def bf16_gram_ok() -> bool:
     return lib() is not None and bool(lib().lq_bf16_gram_ok())
 
 
+GRAM_ROWS = 2048  # rows of x packed at a time: the packed copy stays a few MB wide of x's width
+
+
 def bf16_gram(x: torch.Tensor, H: torch.Tensor, beta: float, alpha: float) -> None:
     """H = beta * H + alpha * x^T x on the upper triangle of H (fp32 [n, n], contiguous), x bf16 [k, n]: exact bf16
     products summed in fp32. Only where bf16_gram_ok()."""
-    k, n = x.shape
-    _need(H, torch.float32, n * n, "H")
-    if x.dtype != torch.bfloat16 or H.shape != (n, n):
-        raise ValueError("cpu_kernels: bf16_gram takes bf16 x [k, n] and fp32 H [n, n]")
-    npad, kpad = -(-n // 32) * 32, k + k % 2
-    if (npad, kpad) != (n, k):
-        x = torch.nn.functional.pad(x, (0, npad - n, 0, kpad - k))
-    # panels of 16 columns, row pairs interleaved: P[c][p][l][2] = x[2p + t, 16c + l]
-    packed = x.contiguous().view(kpad // 2, 2, npad // 16, 16).permute(2, 0, 3, 1).contiguous()
-    lib().lq_bf16_gram(packed.data_ptr(), kpad // 2, npad, n, H.data_ptr(), n, beta, alpha, _threads())
+    _gram(x, H, beta, alpha, torch.bfloat16)
 
 
 def f32_gram(x: torch.Tensor, H: torch.Tensor, beta: float, alpha: float) -> None:
     """H = beta * H + alpha * x^T x on the upper triangle of H (fp32 [n, n], contiguous), x fp32 [k, n]."""
+    _gram(x, H, beta, alpha, torch.float32)
+
+
+def _gram(x: torch.Tensor, H: torch.Tensor, beta: float, alpha: float, dtype: torch.dtype) -> None:
     k, n = x.shape
     _need(H, torch.float32, n * n, "H")
-    if x.dtype != torch.float32 or H.shape != (n, n):
-        raise ValueError("cpu_kernels: f32_gram takes fp32 x [k, n] and fp32 H [n, n]")
-    v, npad = lanes(), -(-n // 48) * 48
-    if npad != n:
-        x = torch.nn.functional.pad(x, (0, npad - n))
-    packed = x.contiguous().view(k, npad // v, v).transpose(0, 1).contiguous()  # P[c][k][l] = x[k, v c + l]
-    lib().lq_f32_gram(packed.data_ptr(), k, npad, n, H.data_ptr(), n, beta, alpha, _threads())
+    if x.dtype != dtype or H.shape != (n, n):
+        raise ValueError(f"cpu_kernels: the Hessian kernels take x [k, n] in {dtype} and fp32 H [n, n]")
+    for r0 in range(0, k, GRAM_ROWS):  # later chunks add to what the first one rescaled
+        chunk = x[r0 : r0 + GRAM_ROWS]
+        rows = chunk.shape[0]
+        if dtype == torch.bfloat16:
+            npad, rpad = -(-n // 32) * 32, rows % 2
+            chunk = (
+                torch.nn.functional.pad(chunk, (0, npad - n, 0, rpad)) if (npad, rpad) != (n, 0) else chunk
+            )
+            # panels of 16 columns, row pairs interleaved: P[c][p][l][2] = x[2p + t, 16c + l]
+            packed = chunk.contiguous().view(-1, 2, npad // 16, 16).permute(2, 0, 3, 1).contiguous()
+            lib().lq_bf16_gram(
+                packed.data_ptr(), (rows + rpad) // 2, npad, n, H.data_ptr(), n, beta, alpha, _threads()
+            )
+        else:
+            v, npad = lanes(), -(-n // 48) * 48
+            chunk = torch.nn.functional.pad(chunk, (0, npad - n)) if npad != n else chunk
+            packed = chunk.contiguous().view(rows, npad // v, v).transpose(0, 1).contiguous()  # P[c][k][l]
+            lib().lq_f32_gram(packed.data_ptr(), rows, npad, n, H.data_ptr(), n, beta, alpha, _threads())
+        beta = 1.0

@@ -146,9 +146,12 @@ def _accumulate(upper: torch.Tensor, x: torch.Tensor, beta: float, alpha: float,
 def _f32_gram_wins(n: int) -> bool:
     """Whether litquant's fp32 kernel (upper tiles only) beats the GEMMs for n-wide inputs on this CPU. That
     depends on the BLAS: 1.1-2x faster where MKL takes its AVX2 path (AMD), while a BLAS near the AVX-512 peak
-    can win with its strips. So it is timed, once per width and process, on 512 random rows."""
+    can win with its strips. So it is timed, once per width and process, on 512 random rows (widths above 4096 as
+    4096: the timing's own n^2 buffer stays at 64 MB)."""
     if cpu_kernels.lib() is None:
         return False
+    if n > 4096:
+        return _f32_gram_wins(4096)
     x, upper = torch.randn(512, n), torch.zeros(n, n)
     timings = []
     for path in ("f32", "gemm"):
