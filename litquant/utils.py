@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from collections import defaultdict
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -130,3 +131,15 @@ def configure_cpu_threads(model: nn.Module, device: torch.device | str) -> int:
     if num_parameters(model) < 50_000_000:
         torch.set_num_threads(1)
     return torch.get_num_threads()
+
+
+def best_time(fn: Callable[[], object], repeats: int = 2) -> float:
+    """Seconds of the fastest of `repeats` calls of fn, after one warm-up call (the runtime choices that time two
+    paths on this machine)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return max(best, 1e-9)

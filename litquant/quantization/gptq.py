@@ -10,7 +10,6 @@ Algorithm, quantizer and numerical choices: docs/ARCHITECTURE.md, "GPTQ (algorit
 from __future__ import annotations
 
 import functools
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from litquant.errors import UserError
 from litquant.quantization import cpu_kernels, gptq_format
+from litquant.utils import best_time
 
 _FP16_MAX = 65504.0
 _FP16_TINY = 2.0**-24  # smallest fp16 subnormal: a scale below it would round to 0
@@ -153,15 +153,9 @@ def _f32_gram_wins(n: int) -> bool:
     if n > 4096:
         return _f32_gram_wins(4096)
     x, upper = torch.randn(512, n), torch.zeros(n, n)
-    timings = []
-    for path in ("f32", "gemm"):
-        best = float("inf")
-        for _ in range(2):
-            t0 = time.perf_counter()
-            _accumulate(upper, x, 0.5, 0.5, path)
-            best = min(best, time.perf_counter() - t0)
-        timings.append(best)
-    return timings[0] < timings[1]
+    return best_time(lambda: _accumulate(upper, x, 0.5, 0.5, "f32")) < best_time(
+        lambda: _accumulate(upper, x, 0.5, 0.5, "gemm")
+    )
 
 
 class GPTQ:
@@ -280,9 +274,11 @@ def gptq_quantize(
     del H
     Q = torch.zeros(W.shape, dtype=torch.uint8, device=W.device)  # the codes (0..2**bits-1)
     step = _c_block(W, gs, block_size, in_features)
-    if step:
+    if step:  # the C loop works on W^T: transposed here, so that one working copy of the weight is alive
+        Wt = W.t().contiguous()
+        del W
         losses = _columns_c(
-            W, Hinv, Q, scales, zeros, gs, step, bits, sym, orig_list if static_groups else None
+            Wt, Hinv, Q, scales, zeros, gs, step, bits, sym, orig_list if static_groups else None
         )
     else:
         losses = _columns_torch(
@@ -290,10 +286,10 @@ def gptq_quantize(
         )
 
     if static_groups:
-        g_idx = gptq_format.default_g_idx(in_features, group_size, W.device)
+        g_idx = gptq_format.default_g_idx(in_features, group_size, Q.device)
     else:  # groups follow the processing order: channel orig[j] is in group j // gs
-        g_idx = torch.empty(in_features, dtype=torch.int32, device=W.device)
-        g_idx[orig] = (torch.arange(in_features, device=W.device) // gs).to(torch.int32)
+        g_idx = torch.empty(in_features, dtype=torch.int32, device=Q.device)
+        g_idx[orig] = (torch.arange(in_features, device=Q.device) // gs).to(torch.int32)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return _result(Q, scales, zeros, g_idx, losses / 2, bits, group_size)
@@ -302,8 +298,6 @@ def gptq_quantize(
 def _c_block(W: torch.Tensor, gs: int, block_size: int, in_features: int) -> int:
     """The lazy-update block for litquant's C column loop (CPU, fp32), aligned so that every group starts inside
     a block at a multiple of its size (or at a block's first column); 0 when the C loop cannot take this layer."""
-    from litquant.quantization import cpu_kernels
-
     if W.dtype != torch.float32 or not cpu_kernels.usable(W):
         return 0
     if gs <= block_size:
@@ -311,16 +305,13 @@ def _c_block(W: torch.Tensor, gs: int, block_size: int, in_features: int) -> int
     return block_size if gs % block_size == 0 or gs >= in_features else 0
 
 
-def _columns_c(W, Hinv, Q, scales, zeros, gs: int, step: int, bits: int, sym: bool, static_orig) -> float:
+def _columns_c(Wt, Hinv, Q, scales, zeros, gs: int, step: int, bits: int, sym: bool, static_orig) -> float:
     """GPTQ's column loop with each lazy-update block in C (cpu_kernels.gptq_columns); the block's accumulated
-    error reaches the later columns with one matmul, as in the torch loop. It works on W^T, transposed once, so
-    that a block's columns are contiguous rows the kernel updates in place."""
-    from litquant.quantization import cpu_kernels
-
-    out_features, in_features = W.shape
+    error reaches the later columns with one matmul, as in the torch loop. It works on Wt = W^T (in, out), whose
+    rows are the weight's columns: a block's columns are contiguous rows the kernel updates in place."""
+    in_features, out_features = Wt.shape
     Hinv = Hinv.contiguous()  # the C loop reads rows
-    Wt = W.t().contiguous()  # (in, out): one weight column per row
-    Qt = torch.empty(in_features, out_features)
+    Qt = torch.empty(in_features, out_features, dtype=torch.uint8)
     scale, zero = torch.empty(out_features), torch.empty(out_features)
     table = (scales.contiguous(), zeros.contiguous()) if static_orig is not None else None
     losses = 0.0
@@ -346,7 +337,7 @@ def _columns_c(W, Hinv, Q, scales, zeros, gs: int, step: int, bits: int, sym: bo
         losses += loss
         # lazy batch update of everything after the block
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
-    Q.copy_(Qt.to(torch.uint8).t())  # 5x faster than converting while transposing
+    Q.copy_(Qt.t())
     return losses
 
 

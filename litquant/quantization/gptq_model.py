@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,7 +24,7 @@ from litquant.config import Config
 from litquant.errors import UserError
 from litquant.io import DTYPES, SafetensorsWriter, open_safetensors
 from litquant.model import build_mask_cache
-from litquant.utils import release_freed_memory
+from litquant.utils import best_time, release_freed_memory
 
 # The Linears of a block in quantization order; a tuple is quantized together (same input, one forward).
 SEQUENTIAL_GROUPS = {
@@ -157,12 +156,7 @@ def default_n_samples(
     x = torch.randn(rows, wide.in_features, dtype=dtype)
     w = torch.randn(wide.out_features, wide.in_features, dtype=dtype)
     xh, gptq = torch.randn(rows, widest_in, dtype=dtype), GPTQ(widest_in)  # the Hessian path the job takes
-    timings = []
-    for fn in (lambda: F.linear(x, w), lambda: gptq.add_batch(xh)):
-        fn()  # warm-up
-        t0 = time.perf_counter()
-        fn()
-        timings.append(max(time.perf_counter() - t0, 1e-9))
+    timings = [best_time(lambda: F.linear(x, w), 1), best_time(lambda: gptq.add_batch(xh), 1)]
     fwd_rate = 2 * rows * wide.in_features * wide.out_features / timings[0]
     hess_rate = 2 * rows * widest_in**2 / timings[1]  # full-matrix equivalent
     per_token = config.n_layer * (2.5 * 2 * weights / fwd_rate + 2 * hessian / hess_rate)  # seconds

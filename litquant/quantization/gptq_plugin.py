@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,6 +23,7 @@ from litquant.quantization import cpu_kernels, gptq_format
 from litquant.quantization.gptq_format import SUPPORTED_BITS
 from litquant.quantization.gptq_linear import GEMV_MAX_ROWS, GPTQLinear
 from litquant.quantization.modes import LoadPlan, QuantMode, register
+from litquant.utils import best_time
 
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 # fp32 activations double the unquantized head's and embedding's bytes: litquant's fp32 kernel has to beat torch's
@@ -297,13 +297,7 @@ def int4_kernel_keeps_up() -> bool:
     if not int4.prepare():
         return True
     x = torch.randn(1, 5632, generator=g)
-    timings = []
     with torch.inference_mode():
-        for run in (lambda: int4(x.bfloat16()), lambda: layer(x)):
-            best = float("inf")
-            for _ in range(6):
-                t0 = time.perf_counter()
-                run()
-                best = min(best, time.perf_counter() - t0)
-            timings.append(best)
-    return timings[0] <= INT4_KERNEL_LAG * timings[1]
+        t_int4 = best_time(lambda: int4(x.bfloat16()), 5)
+        t_fp32 = best_time(lambda: layer(x), 5)
+    return t_int4 <= INT4_KERNEL_LAG * t_fp32
