@@ -19,6 +19,7 @@ from torch.nn import Module
 
 from litquant.config import WEIGHTS_FILE
 from litquant.errors import UserError
+from litquant.quantization import bf16_linear
 from litquant.quantization.modes import LoadPlan, QuantMode, all_modes, get_mode
 
 PRECISIONS: dict[str, torch.dtype] = {
@@ -46,6 +47,7 @@ class LitquantPrecision:
 
     mode: Optional[QuantMode] = None
     precision_given = True  # resolve() sets False when --precision was left to the default
+    device = torch.device("cpu")  # where the model runs (resolve() sets it)
 
     def __init__(self, precision: str = "32-true") -> None:
         self.precision = precision
@@ -67,6 +69,8 @@ class LitquantPrecision:
         for p in module.parameters():
             if p.is_floating_point() and p.dtype != self.dtype and not p.is_meta:
                 p.data = p.data.to(self.dtype)
+        if bf16_linear.wanted(self.device, self.dtype):
+            bf16_linear.convert(module)
         return module
 
     def after_load(self, model: Module) -> Module:
@@ -115,6 +119,8 @@ class LitquantPrecision:
 
     def kernels(self, device: torch.device) -> str:
         """What computes this mode's Linear layers on `device` (the job's `Kernels:` line)."""
+        if bf16_linear.wanted(device, self.dtype):
+            return f"litquant bf16 GEMV, fp32 sums (<= {bf16_linear.GEMV_MAX_ROWS} rows), torch matmul beyond"
         return f"torch matmul ({_dtype_name(self.dtype)})"
 
     def hints(self, device: torch.device) -> list[str]:
@@ -129,9 +135,19 @@ class LitquantPrecision:
             ]
         if (
             device.type == "cpu"
-            and self.dtype == torch.bfloat16
-            and not cpu_has_native_bf16()
+            and self.dtype == torch.float32
             and preferred is None
+            and bf16_linear.wanted(device, torch.bfloat16)
+        ):
+            return [
+                "on this CPU litquant's bf16 kernels read half fp32's bytes per token: --precision bf16-true (the "
+                "default here) is faster"
+            ]
+        if (
+            device.type == "cpu"
+            and self.dtype == torch.bfloat16
+            and preferred is None
+            and default_precision(device) == "32-true"
         ):
             return [
                 "this CPU has no native bf16 (AVX512-BF16/AMX), so bf16 is computed in software: "
@@ -175,8 +191,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def default_precision(device: torch.device | str) -> str:
-    """bf16 where the hardware computes in it natively (Ampere+ GPUs, CPUs with AVX512-BF16/AMX), else fp16 on
-    older GPUs and fp32 on other CPUs. A quantized mode may prefer another (QuantMode.preferred_precision)."""
+    """What inference runs in without --precision: bf16 on Ampere+ GPUs, fp16 on older ones; on CPUs bf16 where
+    the hardware computes in it natively (AVX512-BF16/AMX) or litquant's kernels carry the Linears (bf16 weights
+    read at half fp32's bytes, multiplied in fp32: measured in docs/ARCHITECTURE.md, "CPU kernels on AVX2"), else
+    fp32. A quantized mode may prefer another (QuantMode.preferred_precision)."""
+    device = torch.device(device)
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        from litquant.quantization import cpu_kernels
+
+        return "bf16-true" if cpu_kernels.lib() is not None else "32-true"
+    return native_precision(device)
+
+
+def native_precision(device: torch.device | str) -> str:
+    """The precision the hardware computes fastest in natively (training's default: bf16 where native, fp16 on
+    older GPUs, fp32 on other CPUs)."""
     device = torch.device(device)
     if device.type == "cuda":
         return "bf16-true" if torch.cuda.is_bf16_supported() else "16-true"
@@ -228,15 +257,18 @@ def resolve(
     precision: Optional[str],
     quantize: Optional[str] = None,
     device: torch.device | str = "cpu",
+    training: bool = False,
     **options: Any,
 ) -> LitquantPrecision:
-    """The one place `--precision` and `--quantize` are interpreted."""
+    """The one place `--precision` and `--quantize` are interpreted. `training`: the default precision is the
+    hardware's native one (litquant's bf16 GEMV serves inference only)."""
     device = torch.device(device)
+    default = native_precision if training else default_precision
     mode = get_mode(quantize)
     if mode is None:
         if options:
             raise UserError(f"options {sorted(options)} only apply with --quantize")
-        p = parse_precision(precision, device, allow_mixed=True)
+        p = default(device) if precision is None else parse_precision(precision, device, allow_mixed=True)
         plugin = MixedPrecisionPlugin(p, device) if p in MIXED else LitquantPrecision(p)
     else:
         unknown = sorted(set(options) - set(mode.options))
@@ -250,12 +282,13 @@ def resolve(
                 f"--quantize {mode.name} runs on CUDA or CPU, not {device.type}: use --accelerator cpu"
             )
         p = (
-            (mode.preferred_precision(device) or default_precision(device))
+            (mode.preferred_precision(device) or default(device))
             if precision is None
             else parse_precision(precision, device)
         )
         plugin = mode.plugin(p, device, **options)
     plugin.precision_given = precision is not None
+    plugin.device = device
     return plugin
 
 
@@ -320,7 +353,7 @@ def setup_fabric(
 
     accelerator = pick_accelerator(accelerator)
     device = torch.device("cuda" if accelerator == "cuda" else "cpu")
-    plugin = resolve(precision, quantize, device, **options)
+    plugin = resolve(precision, quantize, device, training=True, **options)
     fabric = Fabric(
         accelerator=accelerator,
         devices=devices,

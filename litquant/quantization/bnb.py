@@ -19,11 +19,12 @@ from litquant.config import WEIGHTS_FILE
 from litquant.errors import UserError
 from litquant.io import safetensors_metadata
 from litquant.precision import LitquantPrecision
-from litquant.quantization import cpu_kernels
+from litquant.quantization import bf16_linear, cpu_kernels
 from litquant.quantization.bnb_linear import (
     BLOCKSIZE,
     GEMV_MAX_ROWS_4BIT,
     GEMV_MAX_ROWS_INT8,
+    I16_MAX_ROWS,
     INT8_THRESHOLD,
     NESTED_BLOCKSIZE,
     Linear4bit,
@@ -167,14 +168,22 @@ class BitsandbytesPrecision(LitquantPrecision):
         if cpu_kernels.lib() is None:
             return f"{fallback} (litquant CPU kernels unavailable: {cpu_kernels.build_error})"
         ours = f"litquant {cpu_kernels.isa()} kernels"
+        head = (
+            f"; head: {bf16_linear.BF16Linear.__name__} GEMV"
+            if not self.quantize_lm_head and bf16_linear.wanted(device, self.dtype)
+            else ""
+        )
         if self.mode.four_bit:
-            return (
-                f"{ours}: fused 4-bit matmul (<= {GEMV_MAX_ROWS_4BIT} rows), tiled dequantize + matmul beyond"
+            i16 = (
+                f"int16-activation 4-bit matmul (<= {I16_MAX_ROWS} rows), fp32 one ("
+                if cpu_kernels.i16()
+                else "fused 4-bit matmul ("
             )
+            return f"{ours}: {i16}<= {GEMV_MAX_ROWS_4BIT} rows), tiled dequantize + matmul beyond{head}"
         if self.mode.kind == "int8" and cpu_kernels.vnni():
-            return f"{ours}: fused LLM.int8 (<= {GEMV_MAX_ROWS_INT8} rows), bitsandbytes int8 matmul beyond"
+            return f"{ours}: fused LLM.int8 (<= {GEMV_MAX_ROWS_INT8} rows), bitsandbytes int8 matmul beyond{head}"
         if self.mode.kind == "int8":
-            return f"{ours}: fused LLM.int8"
+            return f"{ours}: fused LLM.int8{head}"
         return f"{ours}: tiled dequantize + matmul"
 
     def hints(self, device: torch.device) -> list[str]:

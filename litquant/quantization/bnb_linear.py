@@ -30,6 +30,9 @@ INT8_THRESHOLD = 6.0  # LLM.int8 outlier threshold on input magnitudes
 # so a batch of up to 16 decoding sequences gets the tokens each would get alone.
 GEMV_MAX_ROWS_4BIT = 16
 GEMV_MAX_ROWS_INT8 = 4
+# AVX2 builds: up to this many rows the int16-activation 4-bit kernel (cpu_gemv.c), which streams the weights at the
+# bandwidth where the fp32 one is compute-bound; its cost grows faster per row, so more rows take the fp32 kernel
+I16_MAX_ROWS = 4
 
 # bnb >= 0.48 tries to fetch a CPU GEMM from the Hugging Face Hub when imported and logs a warning when it cannot
 # (always, offline); its own native CPU kernels are used instead, so the warning is noise.
@@ -374,7 +377,10 @@ class Linear4bit(_QuantLinear):
         if self._cpu_fast(x):  # litquant's kernels: fused 4-bit matmul for few rows, else tiles + BLAS
             if x.numel() > GEMV_MAX_ROWS_4BIT * self.in_features:
                 return self._tiled(x)
-            y = cpu_kernels.bnb4_matmul(
+            kernel = cpu_kernels.bnb4_matmul
+            if x.numel() <= I16_MAX_ROWS * self.in_features and cpu_kernels.i16():
+                kernel = cpu_kernels.bnb4_i16_matmul
+            y = kernel(
                 x.reshape(-1, self.in_features),
                 self.weight,
                 self.out_features,

@@ -13,19 +13,8 @@
 
 #define BNB_BLOCK 64
 #define BNB_NESTED 256
-// RUN(1), RUN(2), RUN(3) or RUN(4) for mb rows: with a constant row count the loops over rows unroll and their
-// accumulators stay in registers
-#define BY_ROWS(mb, RUN)                    \
-    do {                                    \
-        switch (mb) {                       \
-            case 1: RUN(1); break;          \
-            case 2: RUN(2); break;          \
-            case 3: RUN(3); break;          \
-            default: RUN(4);                \
-        }                                   \
-    } while (0)
 
-int lq_version(void) { return 7; }
+int lq_version(void) { return 8; }
 int lq_lanes(void) { return V; }
 int lq_vnni(void) {  // int8 dot-product instructions: torch's int8 matmul is fast for many rows
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-HEADER = SOURCE.with_name("cpu_simd.h")  # included by SOURCE
+SOURCES = (SOURCE, SOURCE.with_name("cpu_gemv.c"))  # compiled into one library
+HEADER = SOURCE.with_name("cpu_simd.h")  # included by both
 TILE_ELEMENTS = 1 << 22  # wide inputs: dequantize this many weights at a time, then matmul (bounded scratch)
 _P, _I64, _INT, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -46,6 +47,13 @@ _SIGNATURES = {
     "lq_bf16_gram_ok": ([], _INT),
     "lq_bf16_gram": ([_P, _I64, _I64, _I64, _P, _I64, _F32, _F32, _INT], None),
     "lq_f32_gram": ([_P, _I64, _I64, _I64, _P, _I64, _F32, _F32, _INT], None),
+    "lq_i16_ok": ([], _INT),
+    "lq_bnb4_i16_work": ([_I64, _I64], _I64),
+    "lq_bnb4_i16_gemm": ([_P, _I64, _I64, _P, _I64, _P, _P, _P, _P, _F32, _P, _P, _P, _INT], None),
+    "lq_gptq_i16_block": ([_I64], _I64),
+    "lq_gptq_i16_work": ([_I64, _I64, _I64, _I64, _INT], _I64),
+    "lq_gptq_i16_gemm": ([_P, _I64, _I64, _P, _I64, _P, _P, _I64, _P, _P, _INT], None),
+    "lq_bf16_gemm": ([_P, _I64, _I64, _P, _I64, _P, _INT], None),
 }
 build_error: Optional[str] = None  # why lib() is None, for the one-line notice
 
@@ -92,7 +100,7 @@ def _command(cc: str, flags: tuple[str, ...]) -> list[str]:
         "-ffp-contract=off",
         "-fno-math-errno",
         "-fno-trapping-math",
-        str(SOURCE),
+        *map(str, SOURCES),
     ]
 
 
@@ -142,7 +150,7 @@ def load(flags: tuple[str, ...] = ()) -> ctypes.CDLL:
         raise OSError(f"{cc} --version failed: {e}") from None
     cmd = _command(cc, flags)
     key_src = (
-        SOURCE.read_bytes()
+        b"".join(s.read_bytes() for s in SOURCES)
         + HEADER.read_bytes()
         + version.encode()
         + _cpu_id().encode()
@@ -345,6 +353,45 @@ def bnb4_dequantize(
     return out
 
 
+def i16() -> bool:
+    """Whether the int16-activation decode kernels are built (AVX2 builds: cpu_gemv.c). LITQUANT_EXACT_KERNELS=1
+    keeps the fp32 kernels, whose only rounding is fp32's."""
+    return bool(lib().lq_i16_ok()) and os.environ.get("LITQUANT_EXACT_KERNELS", "0") in ("0", "")
+
+
+def bnb4_i16_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    n: int,
+    k: int,
+    absmax: torch.Tensor,
+    lut: torch.Tensor,
+    dq: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None,
+) -> torch.Tensor:
+    """bnb4_matmul through int16 activations per 64-block and the code table at 13 bits (only where i16())."""
+    x = _f32(x)
+    if x.shape[1] != k:
+        raise ValueError(f"cpu_kernels: x has {x.shape[1]} features, the weight {k}")
+    _bnb4_args(w, n, k, absmax, lut, dq)
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    work = _buffer(lib().lq_bnb4_i16_work(m, k), torch.uint8)
+    # fmt: skip
+    lib().lq_bnb4_i16_gemm(
+        x.data_ptr(),
+        m,
+        k,
+        w.data_ptr(),
+        n,
+        *_bnb4_scales(absmax, dq),
+        lut.data_ptr(),
+        y.data_ptr(),
+        work.data_ptr(),
+        _threads(),
+    )
+    return y
+
+
 # ---- int8 ---------------------------------------------------------------------------------------------------
 
 
@@ -457,6 +504,54 @@ def gptq_matmul(
         group_size if group_size > 0 else k,
         groups,
         bits,
+        y.data_ptr(),
+        work.data_ptr(),
+        _threads(),
+    )
+    return y
+
+
+def gptq_i16_ok(bits: int, group_size: int, k: int, n: int, ordered: bool) -> bool:
+    """Whether gptq_i16_matmul serves a layer: 4 bits, groups in order, whole groups of a multiple of 8 inputs."""
+    gs = group_size if group_size > 0 else k
+    return (
+        i16()
+        and bits == 4
+        and ordered
+        and n % 8 == 0
+        and gs % 8 == 0
+        and k % gs == 0
+        and lib().lq_gptq_i16_block(gs) <= 4096
+    )
+
+
+def gptq_i16_matmul(
+    x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x (M, K) @ W^T for a 4-bit AutoGPTQ layer with groups in order, through int16 activations (exact integer
+    products of the codes; only where gptq_i16_ok)."""
+    x = _f32(x)
+    m, k = x.shape
+    groups, n = scales.shape
+    gs = group_size if group_size > 0 else k
+    _need(qweight, torch.int32, k // 8 * n, "qweight")
+    _need(qzeros, torch.int32, groups * n // 8, "qzeros")
+    _need(scales, torch.float16, groups * n, "scales")
+    if groups != k // gs or qweight.shape != (k // 8, n):
+        raise ValueError(f"cpu_kernels: GPTQ layer of {k} inputs in groups of {gs} has {groups} scale rows")
+    y = torch.empty(m, n, dtype=torch.float32)
+    block = lib().lq_gptq_i16_block(gs)
+    work = _buffer(lib().lq_gptq_i16_work(m, k, n, block, _threads()), torch.uint8)
+    # fmt: skip
+    lib().lq_gptq_i16_gemm(
+        x.data_ptr(),
+        m,
+        k,
+        qweight.data_ptr(),
+        n,
+        qzeros.data_ptr(),
+        scales.data_ptr(),
+        gs,
         y.data_ptr(),
         work.data_ptr(),
         _threads(),
@@ -607,3 +702,22 @@ def _gram(x: torch.Tensor, H: torch.Tensor, beta: float, alpha: float, dtype: to
             packed = chunk.contiguous().view(rows, npad // v, v).transpose(0, 1).contiguous()  # P[c][k][l]
             lib().lq_f32_gram(packed.data_ptr(), rows, npad, n, H.data_ptr(), n, beta, alpha, _threads())
         beta = 1.0
+
+
+# ---- bf16 weights ------------------------------------------------------------------------------------------------
+
+
+def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ W^T -> (M, N) fp32 for a bf16 weight (N, K): fp32 products of the stored weights, fp32 sums.
+    K must be a multiple of lanes()."""
+    x = _f32(x)
+    m, k = x.shape
+    n = w.shape[0]
+    _need(w, torch.bfloat16, n * k, "the bf16 weight")
+    if w.shape[1] != k or k % lanes():
+        raise ValueError(
+            f"cpu_kernels: x has {k} features, the weight {w.shape[1]} (a multiple of {lanes()})"
+        )
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib().lq_bf16_gemm(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr(), _threads())
+    return y

@@ -42,6 +42,9 @@ static inline vf vzeros(const int32_t *qz, int64_t n, int bits, int lp) {  // GP
     const __m512i z = _mm512_srlv_epi32(_mm512_permutexvar_epi32(_mm512_srli_epi32(e, lp), words), sh);
     return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_and_si512(z, _mm512_set1_epi32((1 << bits) - 1)), _mm512_set1_epi32(1)));
 }
+static inline vf vbf16(const uint16_t *p) {  // bf16 -> fp32 is a shift
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
 typedef __m512 vlut;
 static inline vlut lut_load(const float *t) { return _mm512_loadu_ps(t); }
 static inline vf lut_get(vlut t, vi idx) { return _mm512_permutexvar_ps(idx, t); }  // low 4 bits of idx
@@ -77,6 +80,9 @@ static inline vf vzeros(const int32_t *qz, int64_t n, int bits, int lp) {
     const __m256i z = _mm256_srlv_epi32(_mm256_permutevar8x32_epi32(words, _mm256_srli_epi32(e, lp)), sh);
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_and_si256(z, _mm256_set1_epi32((1 << bits) - 1)), _mm256_set1_epi32(1)));
 }
+static inline vf vbf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
 typedef struct { __m256 lo, hi; } vlut;
 static inline vlut lut_load(const float *t) { vlut r = {_mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)}; return r; }
 static inline vf lut_get(vlut t, vi idx) {  // 16-entry table: bit 3 of idx picks the half
@@ -104,10 +110,28 @@ static inline vi vbytes(const uint8_t *p) { return *p; }
 static inline vf vzeros(const int32_t *qz, int64_t n, int bits, int lp) {
     return (float)((((uint32_t)qz[n >> lp]) >> (bits * (n & ((1 << lp) - 1)))) & ((1u << bits) - 1)) + 1.0f;
 }
+static inline vf vbf16(const uint16_t *p) {
+    uint32_t u = (uint32_t)*p << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
 typedef const float *vlut;
 static inline vlut lut_load(const float *t) { return t; }
 static inline vf lut_get(vlut t, vi idx) { return t[idx & 15]; }
 #endif
+
+// RUN(1), RUN(2), RUN(3) or RUN(4) for mb rows: with a constant row count the loops over rows unroll and their
+// accumulators stay in registers
+#define BY_ROWS(mb, RUN)                    \
+    do {                                    \
+        switch (mb) {                       \
+            case 1: RUN(1); break;          \
+            case 2: RUN(2); break;          \
+            case 3: RUN(3); break;          \
+            default: RUN(4);                \
+        }                                   \
+    } while (0)
 
 static inline uint16_t f32_to_bf16(float f) {  // round to nearest even (weights are finite)
     uint32_t u;

@@ -27,6 +27,7 @@ CPU_KERNEL_MAX_ROWS = 2
 # litquant's own CPU kernel (cpu_kernels.c) reads the AutoGPTQ layout as it is (bits 2/4/8, fp32 math): up to this
 # many input rows it multiplies directly, beyond it a tile of W is dequantized at a time and BLAS multiplies.
 GEMV_MAX_ROWS = 8
+I16_MAX_ROWS = 4  # AVX2 builds: up to this many rows, 4-bit groups in order take the int16-activation kernel
 _RELEASED = (
     "GPTQLinear released its AutoGPTQ qweight in prepare(keep_source=False) and can only run the int4 kernel"
     " forward without gradients; call prepare(keep_source=True) to train through it"
@@ -181,8 +182,14 @@ class GPTQLinear(nn.Module):
         activations unless torch's int4 kernel (faster with bf16) turned out unable to serve the layer."""
         if self.bits not in (2, 4, 8) or self.qweight is None or not cpu_kernels.usable(x):
             return False
-        if x.dtype == torch.bfloat16 and not (self._prepared and self._kernel is None):
-            return False
+        if (
+            x.dtype == torch.bfloat16
+            and not (self._prepared and self._kernel is None)
+            and not cpu_kernels.i16()
+        ):
+            return (
+                False  # bf16 activations: torch's int4 kernel, unless litquant's int16 kernel is built (AVX2)
+            )
         return self.out_features % cpu_kernels.lanes() == 0
 
     def _dequant_t(self, n0: int, n1: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
@@ -208,6 +215,11 @@ class GPTQLinear(nn.Module):
                 return self._tiled(x2d)
             if self._ordered is None:
                 self._ordered = cpu_kernels.gptq_ordered(self.g_idx, self.group_size)
+            if x2d.shape[0] <= I16_MAX_ROWS and cpu_kernels.gptq_i16_ok(
+                self.bits, self.group_size, self.in_features, self.out_features, self._ordered
+            ):
+                y = cpu_kernels.gptq_i16_matmul(x2d, self.qweight, self.qzeros, self.scales, self.group_size)
+                return y.to(x2d.dtype)
             y = cpu_kernels.gptq_matmul(
                 x2d,
                 self.qweight,

@@ -21,7 +21,7 @@ from litquant.io import file_keys, safetensors_metadata
 from litquant.precision import LitquantPrecision
 from litquant.quantization import cpu_kernels, gptq_format
 from litquant.quantization.gptq_format import SUPPORTED_BITS
-from litquant.quantization.gptq_linear import GEMV_MAX_ROWS, GPTQLinear
+from litquant.quantization.gptq_linear import GEMV_MAX_ROWS, I16_MAX_ROWS, GPTQLinear
 from litquant.quantization.modes import LoadPlan, QuantMode, register
 from litquant.utils import best_time
 
@@ -240,16 +240,22 @@ class GPTQPrecision(LitquantPrecision):
     def kernels(self, device: torch.device) -> str:
         if self.bits != 4 and (device.type == "cuda" or cpu_kernels.lib() is None or self.bits == 3):
             return "dequantize + torch matmul (no fused kernel for this width)"
-        if device.type == "cuda" or (self.dtype == torch.bfloat16 and self.bits == 4):
+        i16 = device.type == "cpu" and cpu_kernels.lib() is not None and cpu_kernels.i16()
+        if device.type == "cuda" or (self.dtype == torch.bfloat16 and self.bits == 4 and not i16):
             return "torch int4 tinygemm (int4pack)"
         if cpu_kernels.lib() is None:
             return (
                 "torch int4 kernel / dequantize + matmul "
                 f"(litquant CPU kernels unavailable: {cpu_kernels.build_error})"
             )
+        first = (
+            f"int16-activation GPTQ matmul (<= {I16_MAX_ROWS} rows, 4-bit groups in order), fp32 one (<= "
+            if i16
+            else "fused GPTQ matmul ("
+        )
         return (
-            f"litquant {cpu_kernels.isa()} kernels: fused GPTQ matmul on the AutoGPTQ layout (<= "
-            f"{GEMV_MAX_ROWS} rows), tiled dequantize + matmul beyond"
+            f"litquant {cpu_kernels.isa()} kernels: {first}<= {GEMV_MAX_ROWS} rows) on the AutoGPTQ layout, tiled "
+            "dequantize + matmul beyond"
         )
 
     def hints(self, device: torch.device) -> list[str]:

@@ -85,10 +85,10 @@ def full_precision(precision: Optional[str], quantize: Optional[str], accelerato
         )
     if precision is not None:
         return precision
-    from litquant.precision import default_precision, pick_accelerator
+    from litquant.precision import native_precision, pick_accelerator
 
     device = "cuda" if pick_accelerator(accelerator) == "cuda" else "cpu"
-    return "bf16-mixed" if default_precision(device) == "bf16-true" else "32-true"
+    return "bf16-mixed" if native_precision(device) == "bf16-true" else "32-true"
 
 
 def train_full(fabric, run: RunSpec) -> dict:

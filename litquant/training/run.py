@@ -122,7 +122,7 @@ def launch(run: RunSpec, fn: Callable) -> dict:
     validate_args(run)
     accelerator = pick_accelerator(run.accelerator)
     device = torch.device("cuda" if accelerator == "cuda" else "cpu")
-    run.plugin = resolve(run.precision, run.quantize, device, **base_options(run.quantize))
+    run.plugin = resolve(run.precision, run.quantize, device, training=True, **base_options(run.quantize))
     run.resume_dir = find_resume_dir(run)
     if run.resume_dir is not None:
         check_resume_dir(run, run.resume_dir)

@@ -1,0 +1,55 @@
+"""`BF16Linear`: an nn.Linear whose bf16 weight multiplies on CPU through litquant's GEMV (cpu_gemv.c) for a few rows.
+
+On a CPU without native bf16 (no AVX512-BF16/AMX), torch computes a bf16 matmul in software, and fp32 weights read
+twice the bytes; the GEMV reads bf16 weights at the memory bandwidth and multiplies in fp32 (bf16 -> fp32 is a
+shift, so the products are those of the stored weights). The full-precision plugin turns a model's Linears into this
+class in place (`__class__`; parameters and state_dict unchanged) when it runs bf16 on such a CPU, and so do the
+quantized plugins for the Linears they leave in full precision (the head). Training, many rows, or other devices
+take nn.Linear's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from litquant.quantization import cpu_kernels
+
+GEMV_MAX_ROWS = 16  # beyond this many input rows, torch's matmul (blocked, BLAS)
+
+
+class BF16Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (
+            x.device.type != "cpu"
+            or w.dtype != torch.bfloat16
+            or x.numel() > GEMV_MAX_ROWS * self.in_features
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            or self.in_features % cpu_kernels.lanes()
+        ):
+            return F.linear(x, w, self.bias)
+        y = cpu_kernels.bf16_matmul(x.reshape(-1, self.in_features), w)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def wanted(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether Linears computing in `dtype` on `device` should become BF16Linear."""
+    from litquant.precision import cpu_has_native_bf16
+
+    return (
+        device.type == "cpu"
+        and dtype == torch.bfloat16
+        and not cpu_has_native_bf16()
+        and cpu_kernels.lib() is not None
+    )
+
+
+def convert(module: nn.Module) -> None:
+    """Every plain nn.Linear of `module` (LoRA adapters' own Linears too: they train in F.linear) becomes BF16Linear."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = BF16Linear
