@@ -56,7 +56,10 @@ def measure(checkpoint_dir: str, mode: str, exact: bool, max_tokens: int) -> dic
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint_dir", default=str(Path(__file__).resolve().parent.parent / "checkpoints" / "litquant-tiny"))
+    p.add_argument(
+        "--checkpoint_dir",
+        default=str(Path(__file__).resolve().parent.parent / "checkpoints" / "litquant-tiny"),
+    )
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--max_tokens", type=int, default=8192)
     p.add_argument("--emulate", default="none", choices=sorted(EMULATE))
@@ -70,15 +73,29 @@ def main() -> None:
     for mode in a.modes.split(","):
         got = {}
         for kind in ("exact", "default"):
-            cmd = [sys.executable, __file__, "--checkpoint_dir", a.checkpoint_dir, "--max_tokens", str(a.max_tokens)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--checkpoint_dir",
+                a.checkpoint_dir,
+                "--max_tokens",
+                str(a.max_tokens),
+            ]
             out = subprocess.run([*cmd, "--one", mode, kind], env=env, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{mode} {kind}: {out.stderr.strip().splitlines()[-1]}")
             got[kind] = json.loads(out.stdout.strip().splitlines()[-1])
         d = got["default"]["perplexity"] / got["exact"]["perplexity"] - 1
-        rows.append((mode, got["exact"]["perplexity"], got["default"]["precision"], got["default"]["perplexity"], d))
-        print(f"{mode:12s} exact {rows[-1][1]:.4f}  default ({rows[-1][2]}) {rows[-1][3]:.4f}  {100 * d:+.3f}%", flush=True)
-    print("\n| mode | exact path (fp32) | default path | precision | change |\n| --- | ---: | ---: | --- | ---: |")
+        rows.append(
+            (mode, got["exact"]["perplexity"], got["default"]["precision"], got["default"]["perplexity"], d)
+        )
+        print(
+            f"{mode:12s} exact {rows[-1][1]:.4f}  default ({rows[-1][2]}) {rows[-1][3]:.4f}  {100 * d:+.3f}%",
+            flush=True,
+        )
+    print(
+        "\n| mode | exact path (fp32) | default path | precision | change |\n| --- | ---: | ---: | --- | ---: |"
+    )
     for mode, e, prec, v, d in rows:
         print(f"| {mode} | {e:.4f} | {v:.4f} | {prec} | {100 * d:+.3f}% |")
 

@@ -1,7 +1,7 @@
 """Real-size CPU benchmark: every mode at default flags on random-init Llamas of 200M and 1.1B, peers in the same run.
 
-    python benchmarks/scale.py [--models 200m,1.1b] [--modes ...] [--peers hf_bnb,litgpt,gptqmodel]
-        [--emulate none|no-bf16|avx2] [--prompt_tokens 64] [--max_new_tokens 32] [--runs 2]
+    python benchmarks/scale.py [--models 200m,1.1b] [--modes ...] [--peers hf_bnb,litgpt,gptqmodel,llama_cpp]
+        [--emulate none|no-bf16|avx2] [--llama_isa native|avx2] [--prompt_tokens 64] [--max_new_tokens 32] [--runs 2]
 
 What it does:
 1. builds (once, cached in benchmarks/out/scale/<model>/) a random-init `LlamaForCausalLM` with transformers, saves
@@ -12,8 +12,12 @@ What it does:
    load time, prefill and decode tokens/sec and peak RSS (`litquant.benchmark.measure.measure_mode`);
 3. in the same run, the peers on the same weights: transformers + bitsandbytes (nf4, int8; bf16 compute), litgpt
    0.5.13 (full precision, its CLI at our default precision) and gptqmodel 7.7.0 on our GPTQ file exported with
-   `litquant convert_lit_checkpoint`;
-4. records the CPU model and flags (avx512f, avx512_bf16, amx, vnni) and writes
+   `litquant convert_lit_checkpoint`; llama.cpp (llama-cpp-python 0.3.36 built from its sdist, `peer_llama_cpp.py`)
+   on the same weights as bf16, Q8_0, Q4_0 and Q4_K_M GGUF files, built for AVX2 with `--emulate avx2` (like with
+   like) and natively otherwise (`--llama_isa`);
+4. measures the machine's memory bandwidth once (a triad over arrays far larger than the caches) and reports each
+   decode row's bytes per token and its share of that bandwidth;
+5. records the CPU model and flags (avx512f, avx512_bf16, amx, vnni) and writes
    benchmarks/out/scale/results-<date>.{json,md}; paste the Markdown into benchmarks/RESULTS.md under the CPU's kind.
 
 --emulate measures what other CPU kinds run on this one: `no-bf16` hides native bf16 (litquant's default and
@@ -36,6 +40,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import OUT, REPO, machine, sh  # noqa: E402
+from litquant.benchmark.environment import measured_cpu_bandwidth  # noqa: E402
 from litquant.errors import UserError, run_guarded  # noqa: E402
 
 MODELS = {  # LlamaConfig fields
@@ -287,6 +292,14 @@ def peer_gptqmodel(d: Path, ids: list[int], a: argparse.Namespace) -> dict:
     return res
 
 
+def peer_llama_cpp(d: Path, ids: list[int], a: argparse.Namespace) -> dict:
+    from benchmarks import peer_llama_cpp as lc
+
+    isa = a.llama_isa or ("avx2" if a.emulate == "avx2" else "native")
+    res = lc.run_peer(d, ids, isa, ["bf16", "q8_0", "q4_0", "q4_k_m"], a.max_new_tokens, a.runs)
+    return dict(isa=isa, version=lc.VERSION, types=res)
+
+
 # ---- 4. report ---------------------------------------------------------------------------------------------------
 
 
@@ -343,7 +356,68 @@ def markdown(report: dict) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        lines += _llama_cpp_table(r, report.get("bandwidth_bytes_per_s"))
     return "\n".join(lines)
+
+
+# our mode -> the llama.cpp type it is set beside (same bits per weight class)
+LLAMA_PEER = {
+    "full": "bf16",
+    "bnb.int8": "q8_0",
+    "bnb.nf4": "q4_0",
+    "bnb.nf4-dq": "q4_0",
+    "bnb.fp4": "q4_0",
+    "bnb.fp4-dq": "q4_0",
+    "gptq.int4": "q4_0",
+}
+
+
+def _llama_cpp_table(r: dict, bw: Optional[float]) -> list[str]:
+    lc = r.get("peers", {}).get("llama_cpp")
+    if not lc or "error" in lc:
+        return []
+    types = lc["types"]
+    bw_txt = f"{bw / 1e9:.1f} GB/s" if bw else "not measured"
+    lines = [
+        f"Next to llama.cpp {lc['version']} ({lc['isa']} build), same weights; measured bandwidth {bw_txt}. GB/s = "
+        "bytes read per decode token (every weight but the embedding table) x decode tok/s.",
+        "",
+        "| mode | decode tok/s | GB/token | GB/s | % of bandwidth | llama.cpp type | its decode tok/s | its GB/s | "
+        "x llama.cpp (decode) | prefill tok/s | its prefill | x llama.cpp (prefill) |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for mode, x in r["litquant"].items():
+        t = LLAMA_PEER.get(mode)
+        if "error" in x or t not in types:
+            continue
+        p = types[t]
+        gb = x["bytes_per_decode_step"] / 1e9
+        rate = gb * x["decode_tokens_per_sec"]
+        prate = p["step_bytes"] / 1e9 * p["decode_tokens_per_sec"]
+        cells = [
+            mode,
+            f"{x['decode_tokens_per_sec']:.2f}",
+            f"{gb:.3f}",
+            f"{rate:.1f}",
+            f"{100 * rate * 1e9 / bw:.0f}%" if bw else "",
+            t,
+            f"{p['decode_tokens_per_sec']:.2f}",
+            f"{prate:.1f}",
+            f"{x['decode_tokens_per_sec'] / p['decode_tokens_per_sec']:.2f}",
+            f"{x['prefill_tokens_per_sec']:.1f}",
+            f"{p['prefill_tokens_per_sec']:.1f}",
+            f"{x['prefill_tokens_per_sec'] / p['prefill_tokens_per_sec']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    extra = [t for t in types if t not in LLAMA_PEER.values()]
+    for t in extra:
+        p = types[t]
+        lines.append(
+            f"| (llama.cpp only) | | | | | {t} | {p['decode_tokens_per_sec']:.2f} | "
+            f"{p['step_bytes'] / 1e9 * p['decode_tokens_per_sec']:.1f} | | | {p['prefill_tokens_per_sec']:.1f} | |"
+        )
+    lines.append("")
+    return lines
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -352,8 +426,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument(
         "--modes", default=",".join(DEFAULT_MODES), help="'full' = no --quantize, default --precision"
     )
-    p.add_argument("--peers", default="hf_bnb,litgpt,gptqmodel", help="comma list, or 'none'")
+    p.add_argument("--peers", default="hf_bnb,litgpt,gptqmodel,llama_cpp", help="comma list, or 'none'")
     p.add_argument("--emulate", default="none", choices=sorted(EMULATE))
+    p.add_argument(
+        "--llama_isa", default=None, choices=["native", "avx2"], help="default: avx2 with --emulate avx2"
+    )
     p.add_argument("--prompt_tokens", type=int, default=64)
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--runs", type=int, default=2)
@@ -363,7 +440,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if bad:
         raise UserError(f"unknown --models {', '.join(bad)}; choose from {', '.join(MODELS)}")
     peers = [] if a.peers == "none" else a.peers.split(",")
-    unknown = set(peers) - {"hf_bnb", "litgpt", "gptqmodel"}
+    unknown = set(peers) - {"hf_bnb", "litgpt", "gptqmodel", "llama_cpp"}
     if unknown:
         raise UserError(f"unknown --peers {', '.join(sorted(unknown))}")
 
@@ -372,6 +449,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         machine=machine(),
         cpu_flags=cpu_flags(),
         emulate=a.emulate,
+        bandwidth_bytes_per_s=measured_cpu_bandwidth(),
         prompt_tokens=a.prompt_tokens,
         max_new_tokens=a.max_new_tokens,
         runs=a.runs,
@@ -396,6 +474,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     "hf_bnb": lambda: peer_hf_bnb(d, ids, a),
                     "litgpt": lambda: peer_litgpt(d, a),
                     "gptqmodel": lambda: peer_gptqmodel(d, ids, a),
+                    "llama_cpp": lambda: peer_llama_cpp(d, ids, a),
                 }[peer]()
             except UserError as e:  # a peer that does not install or run here: say so, keep the rest
                 print(f"  {peer} failed: {str(e).splitlines()[0]}", flush=True)

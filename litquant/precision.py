@@ -192,14 +192,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def default_precision(device: torch.device | str) -> str:
     """What inference runs in without --precision: bf16 on Ampere+ GPUs, fp16 on older ones; on CPUs bf16 where
-    the hardware computes in it natively (AVX512-BF16/AMX) or litquant's kernels carry the Linears (bf16 weights
-    read at half fp32's bytes, multiplied in fp32: measured in docs/ARCHITECTURE.md, "CPU kernels on AVX2"), else
-    fp32. A quantized mode may prefer another (QuantMode.preferred_precision)."""
+    the hardware computes in it natively (AVX512-BF16/AMX) or where litquant's bf16 GEMV carries the Linears faster
+    than fp32 (timed once: bf16_linear.gemv_beats_fp32; bf16 weights read at half fp32's bytes, multiplied in fp32),
+    else fp32. A quantized mode may prefer another (QuantMode.preferred_precision)."""
     device = torch.device(device)
     if device.type == "cpu" and not cpu_has_native_bf16():
-        from litquant.quantization import cpu_kernels
-
-        return "bf16-true" if cpu_kernels.lib() is not None else "32-true"
+        return "bf16-true" if bf16_linear.wanted(device, torch.bfloat16) else "32-true"
     return native_precision(device)
 
 

@@ -683,18 +683,16 @@ def test_lora_trains_over_a_gptq_base(small, tmp_path):
     m = lora(**{**_small_kwargs(base, data, tmp_path / "run", steps=8), "quantize": "gptq.int4"})
     losses = [v for _, v in m["train_losses"]]
     assert losses[-1] < losses[0] - 0.1
-    # the adapter applies on top of the same GPTQ base for generation (an inference-only load, qweight released)
-    from litquant.jobs.generate import main as generate
+    # the adapter applies on top of the same GPTQ base for generation (an inference-only load, qweight released):
+    # the logits move (greedy strings of an 8-step adapter may well coincide, or both be empty)
+    from litquant.api import LLM
 
-    kw = dict(
-        checkpoint_dir=base,
-        quantize="gptq.int4",
-        prompt="Reverse: cat dog fish",
-        max_new_tokens=4,
-        temperature=0.0,
-        precision="32-true",
-    )
-    assert generate(**kw, lora_path=tmp_path / "run") != generate(**kw)
+    plain = LLM.load(base, "gptq.int4", "32-true", accelerator="cpu", progress=False)
+    tuned = LLM.load(base, "gptq.int4", "32-true", tmp_path / "run", accelerator="cpu", progress=False)
+    ids = plain.tokenizer.encode("Reverse: cat dog fish").reshape(1, -1)
+    with torch.inference_mode():
+        delta = (tuned.model(ids) - plain.model(ids)).abs().max().item()
+    assert delta > 0.05
     # merging dequantizes the GPTQ weights: the merged full-precision model computes what adapter + GPTQ base did
     from litquant.jobs.merge_lora import main as merge_lora_job
 

@@ -118,3 +118,20 @@ def available_memory(device: torch.device) -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+def measured_cpu_bandwidth(mb: int = 512, repeats: int = 5) -> float:
+    """Memory bandwidth (bytes/s) as a triad measures it on this machine's CPU: a = b + s * c over three arrays of
+    `mb` MB each (far beyond the caches), all of torch's threads, best of `repeats`; 3 arrays' bytes per pass, as
+    STREAM counts them. Decode is bounded by it: tok/s <= bandwidth / bytes read per token."""
+    import time
+
+    n = mb * (1 << 20) // 4
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    torch.add(b, c, alpha=0.5, out=a)  # page the output in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.add(b, c, alpha=0.5, out=a)
+        best = min(best, time.perf_counter() - t0)
+    return 3 * n * 4 / best

@@ -29,7 +29,6 @@ from litquant.quantization.bnb_linear import (
     NESTED_BLOCKSIZE,
     Linear4bit,
     Linear8bit,
-    _bnb,
     _QuantLinear,
     bnb_version,
 )
@@ -68,13 +67,13 @@ class BnbMode(QuantMode):
 
     def plugin(self, precision: str, device: torch.device, **options: Any) -> "BitsandbytesPrecision":
         try:
-            _bnb()
+            installed = bnb_version()  # from its metadata: imported only where its ops run (not CPU nf4/fp4)
         except ImportError:
             need = f"bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}"
             raise UserError(f"--quantize {self.name} needs bitsandbytes: pip install '{need}'") from None
-        if device.type == "cpu" and bnb_version() < MIN_BNB_CPU:
+        if device.type == "cpu" and installed < MIN_BNB_CPU:
             raise UserError(
-                f"bitsandbytes {_bnb().__version__} has no CPU support for {self.name}: "
+                f"bitsandbytes {'.'.join(map(str, installed))} has no CPU support for {self.name}: "
                 f"pip install -U 'bitsandbytes>={MIN_BNB_CPU[0]}.{MIN_BNB_CPU[1]}', or run on CUDA (--accelerator cuda)"
             )
         return BitsandbytesPrecision(

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from litquant.errors import UserError
-from litquant.quantization import cpu_kernels
+from litquant.quantization import bnb_format, cpu_kernels
 
 BLOCKSIZE = 64  # bnb's default 4-bit block
 NESTED_BLOCKSIZE = (
@@ -51,23 +51,22 @@ def _bnb():
 
 
 def bnb_version() -> tuple[int, ...]:
+    """The installed bitsandbytes' (major, minor), read from its metadata: importing it costs seconds."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("bitsandbytes")
+    except PackageNotFoundError:
+        raise ImportError("bitsandbytes is not installed") from None
     parts = []
-    for p in _bnb().__version__.split(".")[:2]:
+    for p in text.split(".")[:2]:
         digits = "".join(c for c in p if c.isdigit())
         parts.append(int(digits or 0))
     return tuple(parts)
 
 
-@functools.cache
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
-    # built in fp32 whatever the default dtype is when first asked: bnb makes it with torch.tensor, which under a
-    # bf16 default (Fabric's forward context) would round the 16 levels to bf16
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        return _bnb().functional.get_4bit_type(quant_type, device=device).to(torch.float32)
-    finally:
-        torch.set_default_dtype(previous)
+    return bnb_format.code(quant_type, torch.device(device))
 
 
 # ---- autograd: frozen quantized weight, gradient to the input -------------------------------------------
@@ -284,7 +283,20 @@ class Linear4bit(_QuantLinear):
     @torch.no_grad()
     def quantize_(self, weight: torch.Tensor) -> None:
         """Quantize a full-precision (out, in) weight on its device (bnb's quantize_4bit: same bits as bnb)."""
-        F = _bnb().functional
+        if (
+            weight.device.type == "cpu"
+        ):  # the same bits as bnb's CPU quantizer, without importing bitsandbytes
+            quantize_4bit = functools.partial(
+                bnb_format.quantize_4bit, blocksize=self.blocksize, quant_type=self.quant_type
+            )
+        else:
+
+            def quantize_4bit(w):
+                packed, qs = _bnb().functional.quantize_4bit(
+                    w, blocksize=self.blocksize, quant_type=self.quant_type
+                )
+                return packed, qs.absmax
+
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             weight = weight.float()
         # In chunks of rows: bnb's CPU quantizer makes several fp32-sized temporaries of its input, which for a
@@ -293,17 +305,16 @@ class Linear4bit(_QuantLinear):
         # once exactly as quantize_4bit(compress_statistics=True) does, so the bits are bnb's.
         flat = weight.contiguous().reshape(-1)
         step = max(QUANTIZE_CHUNK // self.blocksize, 1) * self.blocksize
-        parts = [
-            F.quantize_4bit(flat[i : i + step], blocksize=self.blocksize, quant_type=self.quant_type)
-            for i in range(0, flat.numel(), step)
-        ]
+        parts = [quantize_4bit(flat[i : i + step]) for i in range(0, flat.numel(), step)]
         packed = torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
-        absmax = torch.cat([qs.absmax for _, qs in parts]) if len(parts) > 1 else parts[0][1].absmax
+        absmax = torch.cat([a for _, a in parts]) if len(parts) > 1 else parts[0][1]
         del parts, flat
         state = {"weight": packed, "absmax": absmax}
         if self.double_quant:
             offset = absmax.mean()
-            qabsmax, nested = F.quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+            qabsmax, nested = _bnb().functional.quantize_blockwise(
+                absmax - offset, blocksize=NESTED_BLOCKSIZE
+            )
             state.update(
                 absmax=qabsmax,
                 nested_absmax=nested.absmax,
@@ -391,6 +402,7 @@ class Linear4bit(_QuantLinear):
             )
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = [self.out_features, self.in_features]
+        _bnb()  # registers torch.ops.bitsandbytes
         if not self.double_quant:
             return torch.ops.bitsandbytes.gemm_4bit.default(
                 x, self.weight, shape, self.absmax, self.blocksize, self.quant_type
@@ -488,6 +500,7 @@ class Linear8bit(_QuantLinear):
         x_absmax = xr.abs().amax(dim=1).float()
         x_scale = torch.where(x_absmax > 0, 127.0 / x_absmax, torch.zeros_like(x_absmax))
         xq = torch.round(xr.float() * x_scale[:, None]).to(torch.int8)
+        _bnb()  # registers torch.ops.bitsandbytes
         acc = torch.ops.bitsandbytes.int8_linear_matmul.default(xq, self.weight)  # (M, N) int32
         y = acc.float() * (x_absmax[:, None] * self.absmax[None, :] / (127.0 * 127.0))
         if has_outliers:  # each sequence's own outlier columns (the others' are zero in its rows)

@@ -713,11 +713,11 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x = _f32(x)
     m, k = x.shape
     n = w.shape[0]
-    _need(w, torch.bfloat16, n * k, "the bf16 weight")
-    if w.shape[1] != k or k % lanes():
+    if w.dim() != 2 or w.shape[1] != k or k % lanes():
         raise ValueError(
-            f"cpu_kernels: x has {k} features, the weight {w.shape[1]} (a multiple of {lanes()})"
+            f"cpu_kernels: x has {k} features, the weight {tuple(w.shape)} (a multiple of {lanes()})"
         )
+    _need(w, torch.bfloat16, n * k, "the bf16 weight")
     y = torch.empty(m, n, dtype=torch.float32)
     lib().lq_bf16_gemm(x.data_ptr(), m, k, w.data_ptr(), n, y.data_ptr(), _threads())
     return y
