@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from litquant.quantization import bnb_format
 from litquant.quantization import bnb_linear as bl
 from litquant.quantization import cpu_kernels as ck
 from litquant.quantization import gptq_format as fmt
@@ -279,20 +280,21 @@ def test_kernels_under_a_bf16_default_dtype_and_bad_arguments():
     """Fabric's forward context makes bf16 the default dtype: bitsandbytes would then build the 4-bit code in bf16,
     which the C side must never read as floats (found by QLoRA training); and a wrong buffer is an error, not a read
     past its end."""
-    bl._code.cache_clear()
+    bnb_format.code.cache_clear()
     layer = bnb_layer(32, 128, "nf4", False)
     W = bnb_reference(layer)
     x = torch.randn(2, 128)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        bl._code.cache_clear()
+        bnb_format.code.cache_clear()
         with torch.no_grad():
             y = layer(x)
     finally:
         torch.set_default_dtype(previous)
     assert bl._code("nf4", torch.device("cpu")).dtype == torch.float32
-    torch.testing.assert_close(y, x @ W.t(), rtol=1e-5, atol=1e-5)
+    tol = 1e-3 if ck.i16() else 1e-5  # AVX2 builds: 2 rows take the int16-activation kernel (~1e-4 relative)
+    torch.testing.assert_close(y, x @ W.t(), rtol=tol, atol=tol)
     with pytest.raises(ValueError, match="4-bit code"):
         ck.bnb4_matmul(
             x, layer.weight, 32, 128, layer.absmax, bl._code("nf4", torch.device("cpu")).bfloat16()

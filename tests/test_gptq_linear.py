@@ -14,6 +14,13 @@ from litquant.quantization.gptq_linear import GPTQLinear
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture(autouse=True)
+def _int4_kernel_path(monkeypatch):
+    """These tests are about torch's int4 kernel and litquant's fp32 one: AVX2 builds would route bf16 activations to
+    the int16 kernel instead (tests/test_cpu_gemv.py), so pin the exact kernels."""
+    monkeypatch.setenv("LITQUANT_EXACT_KERNELS", "1")
+
+
 def random_layer(
     in_f: int,
     out_f: int,

@@ -419,7 +419,7 @@ def test_merge_lora_job_and_generate_with_lora_path(tmp_path):
     kw = dict(prompt="The value", max_new_tokens=10, temperature=0.0)
     plain = generate(checkpoint_dir=ckpt, quantize="bnb.nf4", precision="32-true", **kw)
     adapted = generate(checkpoint_dir=ckpt, quantize="bnb.nf4", precision="32-true", lora_path=run_dir, **kw)
-    via_merged = generate(checkpoint_dir=merged_dir, **kw)
+    via_merged = generate(checkpoint_dir=merged_dir, precision="32-true", **kw)
     assert adapted == via_merged  # adapter on the nf4 base == the merged checkpoint
     assert adapted != plain  # and the adapter changes the text
     with pytest.raises(UserError, match="LoRA adapter .* does not exist"):
