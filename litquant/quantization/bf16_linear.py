@@ -4,8 +4,9 @@ On a CPU without native bf16 (no AVX512-BF16/AMX), torch computes a bf16 matmul 
 twice the bytes; the GEMV reads bf16 weights at the memory bandwidth and multiplies in fp32 (bf16 -> fp32 is a
 shift, so the products are those of the stored weights). The full-precision plugin turns a model's Linears into this
 class in place (`__class__`; parameters and state_dict unchanged) when it runs bf16 on such a CPU, and so do the
-quantized plugins for the Linears they leave in full precision (the head). Training, many rows, or other devices
-take nn.Linear's own forward.
+quantized plugins for the Linears they leave in full precision (the head). Prefill rows multiply fp32 tiles of the
+weight in torch's fp32 GEMM (a few MB at a time: no fp32 copy of the model); training and other devices take
+nn.Linear's own forward.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from litquant.quantization import cpu_kernels
 from litquant.utils import best_time
 
-GEMV_MAX_ROWS = 16  # beyond this many input rows, torch's matmul (blocked, BLAS)
+GEMV_MAX_ROWS = 16  # beyond this many input rows, fp32 tiles of the weight and torch's fp32 matmul
 
 
 class BF16Linear(nn.Linear):
@@ -28,15 +29,21 @@ class BF16Linear(nn.Linear):
         if (
             x.device.type != "cpu"
             or w.dtype != torch.bfloat16
-            or x.numel() > GEMV_MAX_ROWS * self.in_features
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
             or self.in_features % cpu_kernels.lanes()
         ):
             return F.linear(x, w, self.bias)
-        y = cpu_kernels.bf16_matmul(x.reshape(-1, self.in_features), w)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] > GEMV_MAX_ROWS:  # prefill: fp32 tiles of W into torch's fp32 GEMM (3x its bf16 one here)
+            y = cpu_kernels.tiled_linear(x2.float(), self.out_features, self.in_features, self._rows)
+        else:
+            y = cpu_kernels.bf16_matmul(x2, w)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _rows(self, n0: int, n1: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.weight[n0:n1])
 
 
 def wanted(device: torch.device, dtype: torch.dtype) -> bool:
