@@ -202,10 +202,26 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=T > 1 or cache is None, scale=scale, enable_gqa=gqa
             )
+        elif (
+            T == 1 and q.device.type == "cpu"
+        ):  # a decode step: SDPA's CPU kernels cost 2-9x more for one query
+            y = decode_attention(q, k, v, mask, scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)
         return self.proj(y)
+
+
+def decode_attention(q, k, v, mask, scale: float) -> torch.Tensor:
+    """Attention of one query position per sequence over the cached keys, in fp32: q (B, nh, 1, hs), k/v
+    (B, ng, L, hs), mask (..., 1, L) True where a key is visible. Each key head serves nh // ng query heads."""
+    B, nh, _, hs = q.shape
+    ng = k.shape[1]
+    qg = q.reshape(B, ng, nh // ng, hs).float()  # (B, ng, nh/ng, hs)
+    s = (qg @ k.float().transpose(-1, -2)) * scale  # (B, ng, nh/ng, L)
+    s = s.masked_fill(~mask, torch.finfo(torch.float32).min)
+    y = s.softmax(dim=-1) @ v.float()  # (B, ng, nh/ng, hs)
+    return y.reshape(B, nh, 1, hs).to(q.dtype)
 
 
 class GptNeoxMLP(nn.Module):

@@ -189,3 +189,32 @@ def test_generation_stops_at_stop_token_and_sequence():
     seq = free[4:6]
     out = generate(model, prompt, 20, temperature=0.0, stop_sequences=[seq])
     assert out.stopped and out.new_tokens.tolist()[-2:] == seq
+
+
+@pytest.mark.parametrize("nh,ng", [(8, 8), (8, 2), (8, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_is_sdpa_for_one_query(nh, ng, dtype):
+    """The CPU decode step's attention (fp32 matmuls over the cache) equals SDPA's, for MHA, GQA and MQA, with a
+    per-sequence mask (batched positions: a different visible length per row)."""
+    from litquant.model import decode_attention
+
+    torch.manual_seed(0)
+    B, L, hs = 3, 37, 16
+    q, k, v = torch.randn(B, nh, 1, hs), torch.randn(B, ng, L, hs), torch.randn(B, ng, L, hs)
+    visible = torch.arange(L)[None, :] < torch.tensor([37, 20, 1])[:, None]
+    mask = visible[:, None, None, :]  # (B, 1, 1, L)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, scale=0.25, enable_gqa=ng != nh
+    )
+    y = decode_attention(q, k, v, mask, 0.25)
+    assert y.dtype == dtype and y.shape == (B, nh, 1, hs)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+    # an unbatched (1, L) mask, as a single sequence's decode step passes it
+    one = torch.nn.functional.scaled_dot_product_attention(
+        q[:1].float(), k[:1].float(), v[:1].float(), attn_mask=mask[0, 0], scale=0.25, enable_gqa=ng != nh
+    )
+    torch.testing.assert_close(
+        decode_attention(q[:1], k[:1], v[:1], mask[0, 0], 0.25).float(), one, rtol=tol, atol=tol
+    )
