@@ -45,16 +45,17 @@ static inline float hsum8(__m256 a) {
 }
 
 // ---- bitsandbytes 4-bit ----------------------------------------------------------------------------------------
-// 16 bytes of a row hold 32 codes: byte j has element 2j in its high nibble and 2j+1 in its low one. The low
-// nibbles go to the ymm's low lane, the high ones to its high lane; two shuffles look up the table's low and high
-// bytes, and unpacking them gives A = [w1 w3 .. w15 | w0 w2 .. w14] and B = [w17 .. w31 | w16 .. w30] as int16.
-// The activations are stored in that order (xperm), so A and B meet their inputs without further shuffles.
-static void xperm32(const int16_t *in, int16_t *out) {
+// 32 bytes of a row hold one block's 64 codes: byte j has element 2j in its high nibble and 2j+1 in its low one.
+// Masking gives the 32 low nibbles (odd elements) and, after a 16-bit shift, the 32 high ones (even elements), each
+// as bytes in element order per 128-bit lane. Two shuffles per nibble vector look up the table's low and high bytes;
+// unpacking them gives four int16 vectors, per lane: odd 1..15 | 33..47, odd 17..31 | 49..63, even 0..14 | 32..46,
+// even 16..30 | 48..62. The activations are stored in that order (xperm64), so each meets its input directly.
+static void xperm64(const int16_t *in, int16_t *out) {
     for (int i = 0; i < 8; i++) {
-        out[i] = in[2 * i + 1];
-        out[8 + i] = in[2 * i];
-        out[16 + i] = in[16 + 2 * i + 1];
-        out[24 + i] = in[16 + 2 * i];
+        out[i] = in[2 * i + 1], out[8 + i] = in[33 + 2 * i];
+        out[16 + i] = in[17 + 2 * i], out[24 + i] = in[49 + 2 * i];
+        out[32 + i] = in[2 * i], out[40 + i] = in[32 + 2 * i];
+        out[48 + i] = in[16 + 2 * i], out[56 + i] = in[48 + 2 * i];
     }
 }
 
@@ -70,23 +71,21 @@ static inline __attribute__((always_inline)) void bnb4_i16_row(const uint8_t *ro
     for (int m = 0; m < 4; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const float s = DQ ? ncode[qam[b0 + b]] * nabsmax[(b0 + b) / BNB_NESTED] + offset : am[b];
-        __m256i d[4];
-        for (int m = 0; m < 4; m++) d[m] = _mm256_setzero_si256();
-        for (int h = 0; h < 2; h++) {  // two chunks of 32 codes per block
-            const int64_t k = b * BNB_BLOCK + h * 32;
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(row + k / 2));
-            const __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
-            const __m256i idx = _mm256_and_si256(both, low4);
-            const __m256i lo = _mm256_shuffle_epi8(tlo, idx), hi = _mm256_shuffle_epi8(thi, idx);
-            const __m256i wa = _mm256_unpacklo_epi8(lo, hi), wb = _mm256_unpackhi_epi8(lo, hi);
-            for (int m = 0; m < mb; m++) {
-                const int16_t *xm = xq + m * K + k;
-                d[m] = _mm256_add_epi32(d[m], _mm256_madd_epi16(wa, _mm256_loadu_si256((const __m256i *)xm)));
-                d[m] = _mm256_add_epi32(d[m], _mm256_madd_epi16(wb, _mm256_loadu_si256((const __m256i *)(xm + 16))));
-            }
+        const __m256i raw = _mm256_loadu_si256((const __m256i *)(row + b * 32));
+        const __m256i odd = _mm256_and_si256(raw, low4), even = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+        const __m256i ol = _mm256_shuffle_epi8(tlo, odd), oh = _mm256_shuffle_epi8(thi, odd);
+        const __m256i el = _mm256_shuffle_epi8(tlo, even), eh = _mm256_shuffle_epi8(thi, even);
+        const __m256i w0 = _mm256_unpacklo_epi8(ol, oh), w1 = _mm256_unpackhi_epi8(ol, oh);
+        const __m256i w2 = _mm256_unpacklo_epi8(el, eh), w3 = _mm256_unpackhi_epi8(el, eh);
+        for (int m = 0; m < mb; m++) {
+            const __m256i *xm = (const __m256i *)(xq + m * K + b * BNB_BLOCK);
+            const __m256i d01 = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xm)),
+                                                 _mm256_madd_epi16(w1, _mm256_loadu_si256(xm + 1)));
+            const __m256i d23 = _mm256_add_epi32(_mm256_madd_epi16(w2, _mm256_loadu_si256(xm + 2)),
+                                                 _mm256_madd_epi16(w3, _mm256_loadu_si256(xm + 3)));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d01, d23)),
+                                     _mm256_set1_ps(s * xs[m * nb + b]), acc[m]);
         }
-        for (int m = 0; m < mb; m++)
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[m]), _mm256_set1_ps(s * xs[m * nb + b]), acc[m]);
     }
     for (int m = 0; m < mb; m++) out[m] = hsum8(acc[m]) / T16_ONE;
 }
@@ -103,7 +102,7 @@ void lq_bnb4_i16_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, in
     int16_t *xq = (int16_t *)work, *xr = xq + M * K;
     float *xs = (float *)(xr + M * K);
     quantize_x16(x, M, K, BNB_BLOCK, xq, xs, NULL);
-    for (int64_t i = 0; i < M * K; i += 32) xperm32(xq + i, xr + i);
+    for (int64_t i = 0; i < M * K; i += 64) xperm64(xq + i, xr + i);
     int8_t tl[32], th[32];
     for (int c = 0; c < 16; c++) {
         const int16_t t = (int16_t)__builtin_nearbyintf(lut[c] * T16_ONE);
@@ -151,7 +150,7 @@ int64_t lq_gptq_i16_block(int64_t group_size) {  // the activation block: 128, o
 
 int64_t lq_gptq_i16_work(int64_t M, int64_t K, int64_t N, int64_t B, int nthreads) {  // bytes
     const int64_t mb = M < GPTQ_I16_MB ? M : GPTQ_I16_MB;
-    return M * K * 2 + M * (K / B) * 8 + (int64_t)nthreads * mb * N * 8 + 64 * (int64_t)nthreads + 64;
+    return M * K * 2 + M * (K / B) * 8 + (int64_t)nthreads * (mb * N * 12 + 64) + 64;
 }
 
 void lq_gptq_i16_gemm(const float *x, int64_t M, int64_t K, const int32_t *qweight, int64_t N,
@@ -174,6 +173,9 @@ void lq_gptq_i16_gemm(const float *x, int64_t M, int64_t K, const int32_t *qweig
     }
     char *scratch = (char *)(xsum + M * nbk);
     const int nt = nthreads_for(N * K * M, nthreads) < (int)(N / 8) ? nthreads_for(N * K * M, nthreads) : (int)(N / 8);
+    // threads take contiguous runs of groups (each streams its own rows of qweight, all columns) and add their
+    // partial results at the end; with fewer groups than threads, they split the columns instead
+    const int by_groups = G >= nt;
 #pragma omp parallel num_threads(nt)
     {
 #ifdef _OPENMP
@@ -182,40 +184,49 @@ void lq_gptq_i16_gemm(const float *x, int64_t M, int64_t K, const int32_t *qweig
         const int64_t tid = 0, nth = 1;
 #endif
         const int64_t mbmax = M < GPTQ_I16_MB ? M : GPTQ_I16_MB;
-        const int64_t c0 = N / 8 * tid / nth * 8, c1 = N / 8 * (tid + 1) / nth * 8, nc = c1 - c0;
-        int32_t *acc = (int32_t *)(scratch + tid * (mbmax * N * 8 + 64));  // mb x nc int32
-        float *accf = (float *)(acc + mbmax * N);                            // mb x nc fp32
+        const int64_t s0 = N / 8 * tid / nth * 8, s1 = N / 8 * (tid + 1) / nth * 8;  // this thread's column share
+        const int64_t c0 = by_groups ? 0 : s0, nc = by_groups ? N : s1 - s0;
+        const int64_t g0 = by_groups ? G * tid / nth : 0, g1 = by_groups ? G * (tid + 1) / nth : G;
+        int32_t *acc = (int32_t *)(scratch + tid * (mbmax * N * 12 + 64));  // mb x nc int32
+        float *accf = (float *)(acc + mbmax * N);                             // mb x nc fp32
+        float *part = accf + mbmax * N;                                       // mb x N: by_groups' partial y
         const __m256i m4 = _mm256_set1_epi32(0x000F000F);
         for (int64_t m0 = 0; m0 < M; m0 += GPTQ_I16_MB) {
             const int mb = (int)(M - m0 < GPTQ_I16_MB ? M - m0 : GPTQ_I16_MB);
+            float *yt = by_groups ? part : y + m0 * N;  // row m of the target at yt + m * N + c0
             for (int m = 0; m < mb; m++)
-                for (int64_t c = 0; c < nc; c++) y[(m0 + m) * N + c0 + c] = 0.0f;
-            for (int64_t g = 0; g < G; g++) {
+                for (int64_t c = 0; c < nc; c++) yt[m * N + c0 + c] = 0.0f;
+            for (int64_t g = g0; g < g1; g++) {
                 memset(accf, 0, mb * nc * sizeof(float));
                 for (int64_t bk = g * group_size / B; bk < (g + 1) * group_size / B; bk++) {
                     memset(acc, 0, mb * nc * sizeof(int32_t));
-                    for (int64_t r = bk * B / 8; r < (bk + 1) * B / 8; r++) {
-                        const int32_t *wrow = qweight + r * N + c0;
-                        __m256i xp[GPTQ_I16_MB][4];
+                    // two rows of qweight (16 inputs) per pass over the accumulators: half their loads and stores
+                    for (int64_t r = bk * B / 8; r < (bk + 1) * B / 8; r += 2) {
+                        const int two = r + 1 < (bk + 1) * B / 8;
+                        const int32_t *w0 = qweight + r * N + c0, *w1 = qweight + (r + two) * N + c0;
+                        __m256i xp[GPTQ_I16_MB][8];
                         for (int m = 0; m < mb; m++)
-                            for (int j = 0; j < 4; j++) {
-                                int32_t pair;
-                                memcpy(&pair, xq + (m0 + m) * K + r * 8 + 2 * j, 4);
+                            for (int j = 0; j < 8; j++) {
+                                int32_t pair = 0;
+                                if (j < 4 || two) memcpy(&pair, xq + (m0 + m) * K + (r + j / 4) * 8 + 2 * (j % 4), 4);
                                 xp[m][j] = _mm256_set1_epi32(pair);
                             }
                         for (int64_t c = 0; c < nc; c += 8) {
-                            const __m256i wv = _mm256_loadu_si256((const __m256i *)(wrow + c));
-                            const __m256i q0 = _mm256_and_si256(wv, m4);
-                            const __m256i q1 = _mm256_and_si256(_mm256_srli_epi32(wv, 4), m4);
-                            const __m256i q2 = _mm256_and_si256(_mm256_srli_epi32(wv, 8), m4);
-                            const __m256i q3 = _mm256_and_si256(_mm256_srli_epi32(wv, 12), m4);
+                            const __m256i a0 = _mm256_loadu_si256((const __m256i *)(w0 + c));
+                            const __m256i a1 = _mm256_loadu_si256((const __m256i *)(w1 + c));
+                            __m256i q[8];
+                            for (int j = 0; j < 4; j++) {
+                                q[j] = _mm256_and_si256(_mm256_srli_epi32(a0, 4 * j), m4);
+                                q[4 + j] = _mm256_and_si256(_mm256_srli_epi32(a1, 4 * j), m4);
+                            }
                             for (int m = 0; m < mb; m++) {
-                                __m256i a = _mm256_loadu_si256((const __m256i *)(acc + m * nc + c));
-                                a = _mm256_add_epi32(a, _mm256_madd_epi16(q0, xp[m][0]));
-                                a = _mm256_add_epi32(a, _mm256_madd_epi16(q1, xp[m][1]));
-                                a = _mm256_add_epi32(a, _mm256_madd_epi16(q2, xp[m][2]));
-                                a = _mm256_add_epi32(a, _mm256_madd_epi16(q3, xp[m][3]));
-                                _mm256_storeu_si256((__m256i *)(acc + m * nc + c), a);
+                                __m256i s0 = _mm256_add_epi32(_mm256_madd_epi16(q[0], xp[m][0]), _mm256_madd_epi16(q[1], xp[m][1]));
+                                __m256i s1 = _mm256_add_epi32(_mm256_madd_epi16(q[2], xp[m][2]), _mm256_madd_epi16(q[3], xp[m][3]));
+                                __m256i s2 = _mm256_add_epi32(_mm256_madd_epi16(q[4], xp[m][4]), _mm256_madd_epi16(q[5], xp[m][5]));
+                                __m256i s3 = _mm256_add_epi32(_mm256_madd_epi16(q[6], xp[m][6]), _mm256_madd_epi16(q[7], xp[m][7]));
+                                __m256i *ap = (__m256i *)(acc + m * nc + c);
+                                const __m256i t = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+                                _mm256_storeu_si256(ap, _mm256_add_epi32(_mm256_loadu_si256(ap), t));
                             }
                         }
                     }
@@ -231,13 +242,24 @@ void lq_gptq_i16_gemm(const float *x, int64_t M, int64_t K, const int32_t *qweig
                     float xg = 0.0f;  // sum of the group's (quantized) inputs
                     for (int64_t bk = g * group_size / B; bk < (g + 1) * group_size / B; bk++)
                         xg += xs[(m0 + m) * nbk + bk] * (float)xsum[(m0 + m) * nbk + bk];
-                    float *ym = y + (m0 + m) * N + c0;
+                    float *ym = yt + m * N + c0;
                     for (int64_t c = 0; c < nc; c += 8) {
                         const vf s = vhalf(scales + g * N + c0 + c), z = vzeros(qzeros + g * zcols, c0 + c, 4, 3);
                         const vf dv = vsub(_mm256_loadu_ps(accf + m * nc + c), vmul(z, vset1(xg)));
                         _mm256_storeu_ps(ym + c, _mm256_fmadd_ps(s, dv, _mm256_loadu_ps(ym + c)));
                     }
                 }
+            }
+            if (by_groups) {
+#pragma omp barrier
+                for (int m = 0; m < mb; m++)
+                    for (int64_t c = s0; c < s1; c += 8) {
+                        __m256 a = _mm256_setzero_ps();
+                        for (int64_t t = 0; t < nth; t++)
+                            a = _mm256_add_ps(a, _mm256_loadu_ps((const float *)(scratch + t * (mbmax * N * 12 + 64)) + 2 * mbmax * N + m * N + c));
+                        _mm256_storeu_ps(y + (m0 + m) * N + c, a);
+                    }
+#pragma omp barrier
             }
         }
     }
