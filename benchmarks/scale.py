@@ -15,8 +15,8 @@ What it does:
    `litquant convert_lit_checkpoint`; llama.cpp (llama-cpp-python 0.3.36 built from its sdist, `peer_llama_cpp.py`)
    on the same weights as bf16, Q8_0, Q4_0 and Q4_K_M GGUF files, built for AVX2 with `--emulate avx2` (like with
    like) and natively otherwise (`--llama_isa`);
-4. measures the machine's memory bandwidth once (a triad over arrays far larger than the caches) and reports each
-   decode row's bytes per token and its share of that bandwidth;
+4. measures the machine's memory bandwidth once (a triad and a read-only reduction over arrays far larger than the
+   caches) and reports each decode row's bytes per token and its share of the read bandwidth;
 5. records the CPU model and flags (avx512f, avx512_bf16, amx, vnni) and writes
    benchmarks/out/scale/results-<date>.{json,md}; paste the Markdown into benchmarks/RESULTS.md under the CPU's kind.
 
@@ -377,10 +377,11 @@ def _llama_cpp_table(r: dict, bw: Optional[float]) -> list[str]:
     if not lc or "error" in lc:
         return []
     types = lc["types"]
-    bw_txt = f"{bw / 1e9:.1f} GB/s" if bw else "not measured"
+    bw_txt = f"read {bw['read'] / 1e9:.1f} GB/s (triad {bw['triad'] / 1e9:.1f})" if bw else "not measured"
+    bw = bw["read"] if bw else None
     lines = [
         f"Next to llama.cpp {lc['version']} ({lc['isa']} build), same weights; measured bandwidth {bw_txt}. GB/s = "
-        "bytes read per decode token (every weight but the embedding table) x decode tok/s.",
+        "bytes read per decode token (every weight but the embedding table) x decode tok/s; % of the read bandwidth.",
         "",
         "| mode | decode tok/s | GB/token | GB/s | % of bandwidth | llama.cpp type | its decode tok/s | its GB/s | "
         "x llama.cpp (decode) | prefill tok/s | its prefill | x llama.cpp (prefill) |",
@@ -449,7 +450,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         machine=machine(),
         cpu_flags=cpu_flags(),
         emulate=a.emulate,
-        bandwidth_bytes_per_s=measured_cpu_bandwidth(),
+        bandwidth_bytes_per_s=measured_cpu_bandwidth(),  # {"triad", "read"}
         prompt_tokens=a.prompt_tokens,
         max_new_tokens=a.max_new_tokens,
         runs=a.runs,

@@ -120,18 +120,23 @@ def available_memory(device: torch.device) -> Optional[int]:
     return None
 
 
-def measured_cpu_bandwidth(mb: int = 512, repeats: int = 5) -> float:
-    """Memory bandwidth (bytes/s) as a triad measures it on this machine's CPU: a = b + s * c over three arrays of
-    `mb` MB each (far beyond the caches), all of torch's threads, best of `repeats`; 3 arrays' bytes per pass, as
-    STREAM counts them. Decode is bounded by it: tok/s <= bandwidth / bytes read per token."""
+def measured_cpu_bandwidth(mb: int = 512, repeats: int = 5) -> dict:
+    """Memory bandwidth (bytes/s) of this machine's CPU with all of torch's threads, best of `repeats`, over arrays of
+    `mb` MB (far beyond the caches): "triad" a = b + s * c (3 arrays' bytes per pass, as STREAM counts them) and
+    "read" a reduction over one array, the access decode makes: tok/s <= read bandwidth / bytes read per token."""
     import time
 
     n = mb * (1 << 20) // 4
     a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
     torch.add(b, c, alpha=0.5, out=a)  # page the output in
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.add(b, c, alpha=0.5, out=a)
-        best = min(best, time.perf_counter() - t0)
-    return 3 * n * 4 / best
+
+    def best(fn) -> float:
+        t = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            t = min(t, time.perf_counter() - t0)
+        return t
+
+    triad = 3 * n * 4 / best(lambda: torch.add(b, c, alpha=0.5, out=a))
+    return {"triad": triad, "read": n * 4 / best(lambda: b.sum())}

@@ -34,7 +34,9 @@ class BF16Linear(nn.Linear):
         ):
             return F.linear(x, w, self.bias)
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] > GEMV_MAX_ROWS:  # prefill: fp32 tiles of W into torch's fp32 GEMM (3x its bf16 one here)
+        if (
+            x2.shape[0] > GEMV_MAX_ROWS
+        ):  # prefill: fp32 tiles of W into torch's fp32 GEMM (3x its bf16 one here)
             y = cpu_kernels.tiled_linear(x2.float(), self.out_features, self.in_features, self._rows)
         else:
             y = cpu_kernels.bf16_matmul(x2, w)
@@ -43,7 +45,8 @@ class BF16Linear(nn.Linear):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _rows(self, n0: int, n1: int, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
-        return out.copy_(self.weight[n0:n1])
+        with torch.inference_mode():  # the reused tile buffer may have been made under inference mode
+            return out.copy_(self.weight[n0:n1])
 
 
 def wanted(device: torch.device, dtype: torch.dtype) -> bool:
