@@ -193,7 +193,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def default_precision(device: torch.device | str) -> str:
     """What inference runs in without --precision: bf16 on Ampere+ GPUs, fp16 on older ones; on CPUs bf16 where
     the hardware computes in it natively (AVX512-BF16/AMX) or where litquant's bf16 GEMV carries the Linears faster
-    than fp32 (timed once: bf16_linear.gemv_beats_fp32; bf16 weights read at half fp32's bytes, multiplied in fp32),
+    than fp32 (timed once: bf16_linear.gemv_beats_torch; bf16 weights read at half fp32's bytes, multiplied in fp32),
     else fp32. A quantized mode may prefer another (QuantMode.preferred_precision)."""
     device = torch.device(device)
     if device.type == "cpu" and not cpu_has_native_bf16():

@@ -218,7 +218,7 @@ def test_default_precision_follows_the_timed_choice(monkeypatch):
     monkeypatch.setenv("LITQUANT_NATIVE_BF16", "0")
     assert bf16_linear.prefer_gemv(1.0, 2.0) and not bf16_linear.prefer_gemv(2.0, 1.0)
     for gemv_s, fp32_s in ((0.5e-3, 1.1e-3), (1.2e-3, 1.0e-3)):
-        bf16_linear.gemv_beats_fp32.cache_clear()
+        bf16_linear.gemv_beats_torch.cache_clear()
         monkeypatch.setattr(bf16_linear, "best_time", lambda fn, n=2, ts=iter((gemv_s, fp32_s)): next(ts))
         faster = gemv_s < fp32_s
         assert P.default_precision("cpu") == ("bf16-true" if faster else "32-true")
@@ -227,7 +227,7 @@ def test_default_precision_follows_the_timed_choice(monkeypatch):
         bf16_hints = P.resolve("bf16-true", None, "cpu").hints(torch.device("cpu"))
         assert bool(fp32_hints) == faster and bool(bf16_hints) == (not faster)
         assert ("GEMV" in P.resolve(None, None, "cpu").kernels(torch.device("cpu"))) == faster
-    bf16_linear.gemv_beats_fp32.cache_clear()
+    bf16_linear.gemv_beats_torch.cache_clear()
 
 
 # ---- bitsandbytes' format, owned ----------------------------------------------------------------------------

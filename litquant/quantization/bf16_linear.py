@@ -1,9 +1,10 @@
 """`BF16Linear`: an nn.Linear whose bf16 weight multiplies on CPU through litquant's GEMV (cpu_gemv.c) for a few rows.
 
 On a CPU without native bf16 (no AVX512-BF16/AMX), torch computes a bf16 matmul in software, and fp32 weights read
-twice the bytes; the GEMV reads bf16 weights at the memory bandwidth and multiplies in fp32 (bf16 -> fp32 is a
-shift, so the products are those of the stored weights). The full-precision plugin turns a model's Linears into this
-class in place (`__class__`; parameters and state_dict unchanged) when it runs bf16 on such a CPU, and so do the
+twice the bytes; even with native bf16, torch's one-row bf16 matmul streams below the bandwidth. The GEMV reads bf16
+weights and multiplies in fp32 (bf16 -> fp32 is a shift, so the products are those of the stored weights). The
+full-precision plugin turns a model's Linears into this class in place (`__class__`; parameters and state_dict
+unchanged) when it runs bf16 on a CPU where a one-off timing says the GEMV wins (`gemv_beats_torch`), and so do the
 quantized plugins for the Linears they leave in full precision (the head). Prefill rows multiply fp32 tiles of the
 weight in torch's fp32 GEMM (a few MB at a time: no fp32 copy of the model); training and other devices take
 nn.Linear's own forward.
@@ -20,7 +21,9 @@ import torch.nn.functional as F
 from litquant.quantization import cpu_kernels
 from litquant.utils import best_time
 
-GEMV_MAX_ROWS = 16  # beyond this many input rows, fp32 tiles of the weight and torch's fp32 matmul
+GEMV_MAX_ROWS = (
+    16  # beyond this many input rows, torch's GEMM (without native bf16: on fp32 tiles of the weight)
+)
 
 
 class BF16Linear(nn.Linear):
@@ -34,12 +37,12 @@ class BF16Linear(nn.Linear):
         ):
             return F.linear(x, w, self.bias)
         x2 = x.reshape(-1, self.in_features)
-        if (
-            x2.shape[0] > GEMV_MAX_ROWS
-        ):  # prefill: fp32 tiles of W into torch's fp32 GEMM (3x its bf16 one here)
-            y = cpu_kernels.tiled_linear(x2.float(), self.out_features, self.in_features, self._rows)
-        else:
+        if x2.shape[0] <= GEMV_MAX_ROWS:
             y = cpu_kernels.bf16_matmul(x2, w)
+        elif _native_bf16():  # prefill: torch's native bf16 GEMM
+            return F.linear(x, w, self.bias)
+        else:  # prefill without native bf16: fp32 tiles of W into torch's fp32 GEMM (3x its bf16 one there)
+            y = cpu_kernels.tiled_linear(x2.float(), self.out_features, self.in_features, self._rows)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -49,30 +52,35 @@ class BF16Linear(nn.Linear):
             return out.copy_(self.weight[n0:n1])
 
 
-def wanted(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether Linears computing in `dtype` on `device` should become BF16Linear."""
+def _native_bf16() -> bool:
     from litquant.precision import cpu_has_native_bf16
 
+    return cpu_has_native_bf16()
+
+
+def wanted(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether Linears computing in `dtype` on `device` should become BF16Linear."""
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16
-        and not cpu_has_native_bf16()
         and cpu_kernels.lib() is not None
-        and gemv_beats_fp32()
+        and gemv_beats_torch()
     )
 
 
 @functools.cache
-def gemv_beats_fp32() -> bool:
-    """Whether a decode row through bf16 weights and litquant's GEMV is faster than through fp32 weights and torch's
-    matmul, timed once per process on a 1024 x 2048 layer (12 MB of weights, a few ms). Both fit in a cache there,
-    so the GEMV must win on arithmetic alone; from memory it reads half the bytes on top."""
+def gemv_beats_torch() -> bool:
+    """Whether a decode row through litquant's bf16 GEMV is faster than what torch would run instead: its bf16
+    matmul where bf16 is native, else fp32 weights (twice the bytes) and its fp32 matmul. Timed once per process on
+    a 1024 x 2048 layer (a few ms): with native bf16 both read the same bytes; without, the fp32 weights fit in a
+    cache there, so the GEMV must win on arithmetic alone and reads half the bytes on top from memory."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(1024, 2048, generator=g)
     wb, x = w.bfloat16(), torch.randn(1, 2048, generator=g)
-    return prefer_gemv(
-        best_time(lambda: cpu_kernels.bf16_matmul(x, wb), 5), best_time(lambda: F.linear(x, w), 5)
-    )
+    xb, native = x.bfloat16(), _native_bf16()
+    ours = best_time(lambda: cpu_kernels.bf16_matmul(x, wb), 5)
+    theirs = best_time(lambda: F.linear(xb, wb) if native else F.linear(x, w), 5)
+    return prefer_gemv(ours, theirs)
 
 
 def prefer_gemv(t_gemv: float, t_fp32: float) -> bool:
