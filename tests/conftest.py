@@ -69,3 +69,31 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# ---- litquant's CPU kernels: the builds their tests run against ------------------------------------------------
+
+KERNEL_BUILDS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
+
+
+def cpu_has(flag: str) -> bool:
+    try:
+        return flag in next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+
+
+def use_kernel_build(monkeypatch, name: str) -> str:
+    """Point `cpu_kernels.lib()` (which every wrapper calls) at one build of the kernels."""
+    from litquant.quantization import cpu_kernels as ck
+
+    if name != "plain" and not cpu_has("avx2"):
+        pytest.skip("no AVX2 on this CPU")
+    handle = ck.load(KERNEL_BUILDS[name])
+    monkeypatch.setattr(ck, "lib", lambda: handle)
+    return name
+
+
+def rel(a, b) -> float:
+    """Relative error of a against b (Frobenius norm, fp64)."""
+    return float((a.double() - b.double()).norm() / b.double().norm())

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import KERNEL_BUILDS, rel, use_kernel_build
 
 from litquant.quantization import bf16_linear, bnb_format
 from litquant.quantization import bnb_linear as bl
@@ -21,38 +22,17 @@ pytestmark = pytest.mark.skipif(
     ck.lib() is None, reason=f"litquant CPU kernels unavailable: {ck.build_error}"
 )
 
-BUILDS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
-
-
-def _cpu_has(flag: str) -> bool:
-    try:
-        return flag in next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-
-
-def _use(monkeypatch, name: str) -> None:
-    if name != "plain" and not _cpu_has("avx2"):
-        pytest.skip("no AVX2 on this CPU")
-    handle = ck.load(BUILDS[name])
-    monkeypatch.setattr(ck, "lib", lambda: handle)
-
 
 @pytest.fixture
 def avx2(monkeypatch):
     """The AVX2 build, where the int16 kernels exist."""
-    _use(monkeypatch, "avx2")
+    use_kernel_build(monkeypatch, "avx2")
     assert ck.i16()
 
 
-@pytest.fixture(params=list(BUILDS))
+@pytest.fixture(params=list(KERNEL_BUILDS))
 def build(request, monkeypatch):
-    _use(monkeypatch, request.param)
-    return request.param
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return use_kernel_build(monkeypatch, request.param)
 
 
 def x16(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import KERNEL_BUILDS, rel, use_kernel_build
 
 from litquant.quantization import bnb_format
 from litquant.quantization import bnb_linear as bl
@@ -18,28 +19,11 @@ pytestmark = pytest.mark.skipif(
     ck.lib() is None, reason=f"litquant CPU kernels unavailable: {ck.build_error}"
 )
 
-BUILDS = {"native": (), "avx2": ("-mno-avx512f",), "plain": ("-mno-avx512f", "-mno-avx2", "-mno-fma")}
 
-
-def _cpu_has(flag: str) -> bool:
-    try:
-        return flag in next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-
-
-@pytest.fixture(params=list(BUILDS))
+@pytest.fixture(params=list(KERNEL_BUILDS))
 def build(request, monkeypatch):
-    """Run the test against one build of the kernels (the wrappers call `ck.lib()`)."""
-    if request.param == "avx2" and not _cpu_has("avx2"):
-        pytest.skip("no AVX2 on this CPU")
-    handle = ck.load(BUILDS[request.param])
-    monkeypatch.setattr(ck, "lib", lambda: handle)
-    return request.param
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    """Run the test against one build of the kernels."""
+    return use_kernel_build(monkeypatch, request.param)
 
 
 # ---- bitsandbytes 4-bit -------------------------------------------------------------------------------------
