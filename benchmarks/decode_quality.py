@@ -68,9 +68,16 @@ def main() -> None:
     if a.one:
         print(json.dumps(measure(a.checkpoint_dir, a.one[0], a.one[1] == "exact", a.max_tokens)))
         return
+    from litquant.errors import UserError
+    from litquant.precision import quantize_modes
+
+    modes = a.modes.split(",")
+    bad = [m for m in modes if m != "full" and m not in quantize_modes()]
+    if bad:
+        raise UserError(f"unknown --modes {', '.join(bad)}; choose from full, {', '.join(quantize_modes())}")
     env = {**os.environ, **EMULATE[a.emulate]}
     rows = []
-    for mode in a.modes.split(","):
+    for mode in modes:
         got = {}
         for kind in ("exact", "default"):
             cmd = [
@@ -101,4 +108,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from litquant.errors import run_guarded
+
+    run_guarded(main)

@@ -202,10 +202,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=T > 1 or cache is None, scale=scale, enable_gqa=gqa
             )
-        elif (
-            T == 1 and q.device.type == "cpu"
-        ):  # a decode step: SDPA's CPU kernels cost 2-9x more for one query
-            y = decode_attention(q, k, v, mask, scale)
+        elif T == 1 and q.device.type == "cpu":
+            y = decode_attention(q, k, v, mask, scale)  # SDPA's CPU kernels cost 2-9x more for one query
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)

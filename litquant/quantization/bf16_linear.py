@@ -21,9 +21,8 @@ import torch.nn.functional as F
 from litquant.quantization import cpu_kernels
 from litquant.utils import best_time
 
-GEMV_MAX_ROWS = (
-    16  # beyond this many input rows, torch's GEMM (without native bf16: on fp32 tiles of the weight)
-)
+# beyond this many input rows, torch's GEMM (without native bf16: on fp32 tiles of the weight)
+GEMV_MAX_ROWS = 16
 
 
 class BF16Linear(nn.Linear):

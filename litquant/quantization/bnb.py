@@ -173,12 +173,13 @@ class BitsandbytesPrecision(LitquantPrecision):
             else ""
         )
         if self.mode.four_bit:
-            i16 = (
-                f"int16-activation 4-bit matmul (<= {I16_MAX_ROWS} rows), fp32 one ("
-                if cpu_kernels.i16()
-                else "fused 4-bit matmul ("
-            )
-            return f"{ours}: {i16}<= {GEMV_MAX_ROWS_4BIT} rows), tiled dequantize + matmul beyond{head}"
+            small = f"fused 4-bit matmul (<= {GEMV_MAX_ROWS_4BIT} rows"
+            if cpu_kernels.i16():
+                small = (
+                    f"int16-activation 4-bit matmul (<= {I16_MAX_ROWS} rows), fp32 one "
+                    f"(<= {GEMV_MAX_ROWS_4BIT} rows"
+                )
+            return f"{ours}: {small}), tiled dequantize + matmul beyond{head}"
         if self.mode.kind == "int8" and cpu_kernels.vnni():
             return f"{ours}: fused LLM.int8 (<= {GEMV_MAX_ROWS_INT8} rows), bitsandbytes int8 matmul beyond{head}"
         if self.mode.kind == "int8":

@@ -283,20 +283,6 @@ class Linear4bit(_QuantLinear):
     @torch.no_grad()
     def quantize_(self, weight: torch.Tensor) -> None:
         """Quantize a full-precision (out, in) weight on its device (bnb's quantize_4bit: same bits as bnb)."""
-        if (
-            weight.device.type == "cpu"
-        ):  # the same bits as bnb's CPU quantizer, without importing bitsandbytes
-            quantize_4bit = functools.partial(
-                bnb_format.quantize_4bit, blocksize=self.blocksize, quant_type=self.quant_type
-            )
-        else:
-
-            def quantize_4bit(w):
-                packed, qs = _bnb().functional.quantize_4bit(
-                    w, blocksize=self.blocksize, quant_type=self.quant_type
-                )
-                return packed, qs.absmax
-
         if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             weight = weight.float()
         # In chunks of rows: bnb's CPU quantizer makes several fp32-sized temporaries of its input, which for a
@@ -305,7 +291,7 @@ class Linear4bit(_QuantLinear):
         # once exactly as quantize_4bit(compress_statistics=True) does, so the bits are bnb's.
         flat = weight.contiguous().reshape(-1)
         step = max(QUANTIZE_CHUNK // self.blocksize, 1) * self.blocksize
-        parts = [quantize_4bit(flat[i : i + step]) for i in range(0, flat.numel(), step)]
+        parts = [self._quantize_4bit(flat[i : i + step]) for i in range(0, flat.numel(), step)]
         packed = torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
         absmax = torch.cat([a for _, a in parts]) if len(parts) > 1 else parts[0][1]
         del parts, flat
@@ -322,6 +308,14 @@ class Linear4bit(_QuantLinear):
                 offset=offset.float().reshape(()),
             )
         self._set_state(state)
+
+    def _quantize_4bit(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(packed codes, fp32 absmax) of a flat chunk: on CPU litquant's copy of bnb's quantizer (the same bits,
+        without importing bitsandbytes), elsewhere bnb's own."""
+        if w.device.type == "cpu":
+            return bnb_format.quantize_4bit(w, self.blocksize, self.quant_type)
+        packed, qs = _bnb().functional.quantize_4bit(w, blocksize=self.blocksize, quant_type=self.quant_type)
+        return packed, qs.absmax
 
     def _absmax(self) -> torch.Tensor:
         """fp32 absmax per block (double quant undone)."""

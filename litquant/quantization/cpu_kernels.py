@@ -187,7 +187,8 @@ def vnni() -> bool:
 
 
 def lanes() -> int:
-    """Output columns the GPTQ kernel handles per vector (out_features must be a multiple)."""
+    """The vector width in floats: the GPTQ kernel's output columns per vector (out_features a multiple) and the
+    bf16 GEMV's input step (in_features a multiple)."""
     return lib().lq_gptq_tile()
 
 
@@ -261,7 +262,7 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 def i16() -> bool:
     """Whether the int16-activation decode kernels are built (AVX2 builds: cpu_gemv.c). LITQUANT_EXACT_KERNELS=1
     keeps the fp32 kernels, whose only rounding is fp32's."""
-    return bool(lib().lq_i16_ok()) and os.environ.get("LITQUANT_EXACT_KERNELS", "0") in ("0", "")
+    return bool(lib().lq_i16_ok()) and os.environ.get("LITQUANT_EXACT_KERNELS", "0") in ("0", "false", "")
 
 
 # ---- bf16 weights ------------------------------------------------------------------------------------------------

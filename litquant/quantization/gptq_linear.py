@@ -182,14 +182,11 @@ class GPTQLinear(nn.Module):
         activations unless torch's int4 kernel (faster with bf16) turned out unable to serve the layer."""
         if self.bits not in (2, 4, 8) or self.qweight is None or not cpu_kernels.usable(x):
             return False
-        if (
-            x.dtype == torch.bfloat16
-            and not (self._prepared and self._kernel is None)
-            and not cpu_kernels.i16()
-        ):
-            return (
-                False  # bf16 activations: torch's int4 kernel, unless litquant's int16 kernel is built (AVX2)
-            )
+        # bf16 activations go to torch's int4 kernel, unless it cannot serve the layer or litquant's int16
+        # kernel is built (AVX2 builds, where it is the faster one)
+        int4_serves = not (self._prepared and self._kernel is None)
+        if x.dtype == torch.bfloat16 and int4_serves and not cpu_kernels.i16():
+            return False
         return self.out_features % cpu_kernels.lanes() == 0
 
     def _dequant_t(self, n0: int, n1: int, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:

@@ -248,15 +248,13 @@ class GPTQPrecision(LitquantPrecision):
                 "torch int4 kernel / dequantize + matmul "
                 f"(litquant CPU kernels unavailable: {cpu_kernels.build_error})"
             )
-        first = (
-            f"int16-activation GPTQ matmul (<= {I16_MAX_ROWS} rows, 4-bit groups in order), fp32 one (<= "
-            if i16
-            else "fused GPTQ matmul ("
-        )
-        return (
-            f"litquant {cpu_kernels.isa()} kernels: {first}<= {GEMV_MAX_ROWS} rows) on the AutoGPTQ layout, tiled "
-            "dequantize + matmul beyond"
-        )
+        small = f"fused GPTQ matmul (<= {GEMV_MAX_ROWS} rows)"
+        if i16:
+            small = (
+                f"int16-activation GPTQ matmul (<= {I16_MAX_ROWS} rows, 4-bit groups in order), fp32 one "
+                f"(<= {GEMV_MAX_ROWS} rows)"
+            )
+        return f"litquant {cpu_kernels.isa()} kernels: {small} on the AutoGPTQ layout, tiled dequantize + matmul beyond"
 
     def hints(self, device: torch.device) -> list[str]:
         out = super().hints(device)
