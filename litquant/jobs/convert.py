@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from litquant.checkpoint import WEIGHTS_FILE, Checkpoint
 from litquant.config import CONFIG_FILE
 from litquant.errors import UserError, read_json
+from litquant.gguf.read import find_gguf, import_gguf
 from litquant.hf.config import hf_import_config, hf_model_type, parse_dtype
 from litquant.hf.export import export_hf
 from litquant.hf.files import HF_MAX_SHARD_SIZE, hf_weight_files, iter_hf_files
@@ -19,22 +20,36 @@ from litquant.quantization.gptq_plugin import gptq_file
 
 
 def convert_hf_checkpoint(
-    checkpoint_dir: Path, dtype: Optional[str] = None, model_name: Optional[str] = None
+    checkpoint_dir: Path,
+    dtype: Optional[str] = None,
+    model_name: Optional[str] = None,
+    gguf: Optional[Path] = None,
 ) -> None:
-    """Convert a Hugging Face model directory to a litquant checkpoint, in place.
+    """Convert a Hugging Face model directory (or a GGUF file) to a litquant checkpoint, in place.
 
     Reads `config.json` (or the named config) and the `*.safetensors` / `pytorch_model*.bin` shards;
     writes `model_config.yaml` and `lit_model.safetensors` beside them. Tokenizer files stay where they are.
+    A directory with one `.gguf` file and no config.json, or `--gguf FILE`, is imported from GGUF instead: the
+    tensors dequantized, the tokenizer and chat template written as tokenizer.json and tokenizer_config.json.
 
     Args:
-        checkpoint_dir: the HF download (config.json, weights, tokenizer files).
-        dtype: store the weights in this dtype (float32, bfloat16, float16); default: as in the files.
+        checkpoint_dir: the HF download (config.json, weights, tokenizer files); with --gguf, where to write.
+        dtype: store the weights in this dtype (float32, bfloat16, float16); default: as in the files
+            (for GGUF: float32 when any matrix is quantized, else as stored).
         model_name: use this litquant named config instead of deriving one from config.json.
+        gguf: a .gguf file to import (llama.cpp's format) into checkpoint_dir.
     """
     checkpoint_dir = Path(checkpoint_dir)
+    torch_dtype = parse_dtype(dtype)
+    if gguf is None and checkpoint_dir.is_dir() and not (checkpoint_dir / "config.json").is_file():
+        gguf = find_gguf(checkpoint_dir)
+    if gguf is not None:
+        if model_name is not None:
+            raise UserError("--model_name does not apply to a GGUF import (the file's metadata is the config)")
+        import_gguf(Path(gguf), checkpoint_dir, torch_dtype)
+        return
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory {str(checkpoint_dir)!r} does not exist")
-    torch_dtype = parse_dtype(dtype)
     hf_path = checkpoint_dir / "config.json"
     if not hf_path.is_file() and model_name is None:
         raise UserError(f"{checkpoint_dir} has no config.json (pass --model_name to use a known config)")
@@ -68,8 +83,10 @@ def convert_lit_checkpoint(
     output_dir: Path,
     max_shard_size: int = HF_MAX_SHARD_SIZE,
     quantize: Optional[str] = None,
+    to: Literal["hf", "gguf"] = "hf",
+    gguf_type: str = "f16",
 ) -> None:
-    """Export a litquant checkpoint as a Hugging Face model directory.
+    """Export a litquant checkpoint as a Hugging Face model directory, or with `--to gguf` as a GGUF file.
 
     Writes `config.json`, `model.safetensors` (or `model-0000i-of-0000n.safetensors` shards plus an
     index when larger than `max_shard_size` bytes) and copies the tokenizer files and generation_config.json.
@@ -81,7 +98,22 @@ def convert_lit_checkpoint(
         quantize: export the GPTQ checkpoint instead (gptq.int2/3/4/8: lit_model_gptq.<bits>bit.safetensors)
             as an AutoGPTQ-format model: quantized layers as qweight/qzeros/scales/g_idx with HF names,
             `quantization_config` in config.json and a quantize_config.json.
+        to: "hf" (a Hugging Face directory) or "gguf" (one .gguf file for llama.cpp and ollama: output_dir/
+            <name>-<gguf_type>.gguf, or output_dir itself when it ends in .gguf).
+        gguf_type: with --to gguf, the type of the matrices: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1.
     """
+    if to == "gguf":
+        from litquant.gguf.write import export_gguf
+
+        if quantize is not None:
+            raise UserError("--quantize does not apply to --to gguf (choose the GGUF type with --gguf_type)")
+        out = Path(output_dir)
+        if out.suffix != ".gguf":
+            out = out / f"{Checkpoint.open(checkpoint_dir).config.name}-{gguf_type}.gguf"
+        export_gguf(Path(checkpoint_dir), out, gguf_type)
+        return
+    if to != "hf":
+        raise UserError(f"unknown --to {to!r} (choose hf or gguf)")
     checkpoint, output_dir = Checkpoint.open(checkpoint_dir), Path(output_dir)
     checkpoint_dir, config = checkpoint.path, checkpoint.config
     bits = None if quantize is None else _gptq_mode(quantize).bits
