@@ -15,7 +15,7 @@ from litquant.checkpoint import WEIGHTS_FILE, Checkpoint
 from litquant.errors import UserError
 from litquant.gguf import arch as A
 from litquant.gguf.read import gguf_module
-from litquant.gguf.vocab import tokenizer_metadata
+from litquant.gguf.vocab import UNUSED, tokenizer_metadata
 from litquant.io import atomic_path, open_safetensors
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -47,6 +47,7 @@ def export_gguf(checkpoint_dir: Path, out_path: Path, gguf_type: str = "f16") ->
     weights = checkpoint.file(WEIGHTS_FILE)
     meta = A.gguf_metadata(config)
     tok = tokenizer_metadata(checkpoint.path)
+    pad_vocab(tok, config.padded_vocab_size)
     qtype = gguf.GGMLQuantizationType[gguf_type.upper()]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     out_path = Path(out_path)
@@ -94,6 +95,16 @@ def export_gguf(checkpoint_dir: Path, out_path: Path, gguf_type: str = "f16") ->
             w.close()
     print(f"Wrote {out_path} ({gguf_type}, {len(plan)} tensors)", flush=True)
     return out_path
+
+
+def pad_vocab(tok: dict, rows: int) -> None:
+    """llama.cpp wants one token per embedding row: the padding rows get unused `[PAD<i>]` tokens."""
+    tokens = tok["tokenizer.ggml.tokens"]
+    extra = range(len(tokens), rows)
+    tokens += [f"[PAD{i}]" for i in extra]
+    tok["tokenizer.ggml.token_type"] += [UNUSED] * len(extra)
+    if "tokenizer.ggml.scores" in tok:
+        tok["tokenizer.ggml.scores"] += [-1e9] * len(extra)
 
 
 def _file_type(gguf, qtype) -> int:
