@@ -122,7 +122,7 @@ def run(args: list) -> dict:
         ]
         raise UserError(f"{' '.join(map(str, args))} failed: {(said or ['?'])[-1]}")
     peak_kb = int(next(l for l in p.stderr.splitlines() if l.startswith("PEAK")).split()[1])
-    return dict(seconds=wall, peak_rss_gb=peak_kb * 1024 / 1e9)
+    return dict(seconds=wall, peak_rss_gb=peak_kb * 1024 / 1e9, output=p.stdout + p.stderr)
 
 
 def main(argv: Optional[list[str]] = None) -> list[dict]:

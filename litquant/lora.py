@@ -343,6 +343,19 @@ def _file_float_dtype(path: Path) -> torch.dtype:
     return dtypes[0] if dtypes else torch.float32
 
 
+def _quantized_file_float_dtype(checkpoint_dir: Path, quantize: Optional[str]) -> torch.dtype:
+    """dtype a base's quantized file keeps its full-precision tensors in (an imported bnb or GPTQ model has no
+    lit_model.safetensors); fp16 when it has none."""
+    mode = get_mode(quantize)
+    name = mode and (getattr(mode, "prequantized", None) or mode.needs_file)
+    path = Path(checkpoint_dir) / name if name else None
+    if path is None or not path.is_file():
+        return torch.float16
+    kept = mode.stored_as_is
+    dtypes = [d for k, d in _file_float_dtypes(path).items() if not k.endswith(kept) and d != torch.float64]
+    return dtypes[0] if dtypes else torch.float16
+
+
 def _merge_load_precision(
     checkpoint_dir: Path, quantize: Optional[str], save_dtype: torch.dtype, device: torch.device
 ) -> str:

@@ -139,7 +139,10 @@ def test_export_layout_and_exact_round_trip(checkpoints, tmp_path, family, bits,
 def test_export_errors(checkpoints, tmp_path):
     with pytest.raises(UserError, match=r"has no lit_model_gptq\.4bit\.safetensors.*litquant quantize gptq"):
         convert_lit_checkpoint(checkpoints["llama"], tmp_path / "x", quantize="gptq.int4")
-    with pytest.raises(UserError, match="cannot be exported: choose one of gptq.int2"):
+    # bnb modes export too (tests/test_hf_bnb.py), from the file `litquant quantize bnb` writes
+    with pytest.raises(
+        UserError, match=r"has no lit_model_bnb\.nf4\.safetensors.*litquant quantize bnb --mode nf4"
+    ):
         convert_lit_checkpoint(checkpoints["llama"], tmp_path / "x", quantize="bnb.nf4")
 
 

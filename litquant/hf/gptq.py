@@ -1,7 +1,7 @@
 """AutoGPTQ-format HF models <-> litquant GPTQ checkpoints. Each quantized Linear is `<module>.{qweight, qzeros,
 scales, g_idx[, bias]}` (litquant/quantization/gptq_format.py); renaming is a plain rename, and q/k/v are split,
 fused or interleaved on the unpacked rows, exactly (docs/ARCHITECTURE.md). `import_gptq` is the import;
-`litquant/hf/export.py` exports with the helpers here."""
+`GPTQExport` the export (through `litquant/hf/export.py`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import torch
 from litquant.config import CONFIG_FILE, Config
 from litquant.errors import UserError
 from litquant.hf.config import hf_import_config, hf_model_type, parse_dtype
-from litquant.hf.files import hf_weight_files, iter_hf_files
+from litquant.hf.export import QuantizedExport
+from litquant.hf.files import hf_weight_files, iter_hf_files, nbytes
 from litquant.hf.weights import (
     deinterleave_qkv,
     expected_shapes,
@@ -331,3 +332,33 @@ def write_quantize_config(directory: Path, qc: dict) -> None:
     from litquant.quantization.gptq_plugin import QUANTIZE_CONFIG_FILE
 
     atomic_write_text(directory / QUANTIZE_CONFIG_FILE, json.dumps(qc, indent=2) + "\n")
+
+
+class GPTQExport(QuantizedExport):
+    """`convert_lit_checkpoint --quantize gptq.int<bits>`: the GPTQ file as an AutoGPTQ-format model."""
+
+    def __init__(self, checkpoint_dir: Path, bits: int) -> None:
+        self.bits = bits
+        self.weights, self.qc = gptq_export_source(checkpoint_dir, bits)
+
+    def split(self, names: list[str]) -> tuple[list[str], list[str]]:
+        return gptq_modules(names)
+
+    def check(self, modules: list[str], slices: Mapping, config: Config) -> None:
+        check_gptq_layers(modules, slices, config, self.bits, self.weights)
+
+    def size(self, module: str, slices: Mapping) -> int:
+        return sum(nbytes(slices[f"{module}.{a}"]) for a in GPTQ_ATTRS if f"{module}.{a}" in slices)
+
+    def plan(self, f, module: str, slices: Mapping, config: Config) -> Iterator[tuple[str, torch.Tensor]]:
+        return gptq_plan_hf(module, slices, config, self.bits)
+
+    def tensors(self, f, module: str, slices: Mapping, config: Config) -> Iterator[tuple[str, torch.Tensor]]:
+        layer = gptq_layer_tensors(f, slices, module, self.bits)
+        return iter_gptq_lit_to_hf([(module, layer)], config, self.bits)
+
+    def quantization_config(self, modules: list[str], config: Config, dtype: torch.dtype) -> dict:
+        return self.qc
+
+    def finish(self, output_dir: Path) -> None:
+        write_quantize_config(output_dir, self.qc)

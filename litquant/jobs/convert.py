@@ -10,10 +10,11 @@ from litquant.checkpoint import WEIGHTS_FILE, Checkpoint
 from litquant.config import CONFIG_FILE
 from litquant.errors import UserError, read_json
 from litquant.gguf.read import find_gguf, import_gguf
+from litquant.hf.bnb import BnbExport, import_bnb
 from litquant.hf.config import hf_import_config, hf_model_type, parse_dtype
-from litquant.hf.export import export_hf
+from litquant.hf.export import QuantizedExport, export_hf
 from litquant.hf.files import HF_MAX_SHARD_SIZE, hf_weight_files, iter_hf_files
-from litquant.hf.gptq import import_gptq
+from litquant.hf.gptq import GPTQExport, import_gptq
 from litquant.hf.weights import iter_hf_to_lit
 from litquant.io import write_safetensors
 from litquant.quantization.gptq_plugin import gptq_file
@@ -60,6 +61,8 @@ def convert_hf_checkpoint(
         method = quant.get("quant_method")
         if method == "gptq":
             return import_gptq(checkpoint_dir, hf, dtype, model_name)
+        if method == "bitsandbytes":
+            return import_bnb(checkpoint_dir, hf, dtype, model_name)
         raise UserError(f"{hf_path}: {method!r}-quantized Hugging Face checkpoints are not supported")
 
     config = hf_import_config(hf, checkpoint_dir, model_name)
@@ -95,9 +98,11 @@ def convert_lit_checkpoint(
         checkpoint_dir: the litquant checkpoint (model_config.yaml + lit_model.safetensors).
         output_dir: where the HF directory is written (created if needed; must differ from checkpoint_dir).
         max_shard_size: largest weight file, in bytes.
-        quantize: export the GPTQ checkpoint instead (gptq.int2/3/4/8: lit_model_gptq.<bits>bit.safetensors)
-            as an AutoGPTQ-format model: quantized layers as qweight/qzeros/scales/g_idx with HF names,
-            `quantization_config` in config.json and a quantize_config.json.
+        quantize: export a quantized file instead: GPTQ (gptq.int2/3/4/8: lit_model_gptq.<bits>bit.safetensors)
+            as an AutoGPTQ-format model (qweight/qzeros/scales/g_idx with HF names, `quantization_config` in
+            config.json and a quantize_config.json), or bitsandbytes (bnb.nf4, nf4-dq, fp4, fp4-dq, int8:
+            lit_model_bnb.<mode>.safetensors) as transformers saves a bitsandbytes model (weight + absmax/quant_map/
+            quant_state, or int8 weight + SCB; `quantization_config` with quant_method bitsandbytes).
         to: "hf" (a Hugging Face directory) or "gguf" (one .gguf file for llama.cpp and ollama: output_dir/
             <name>-<gguf_type>.gguf, or output_dir itself when it ends in .gguf).
         gguf_type: with --to gguf, the type of the matrices: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1.
@@ -116,25 +121,32 @@ def convert_lit_checkpoint(
         raise UserError(f"unknown --to {to!r} (choose hf or gguf)")
     checkpoint, output_dir = Checkpoint.open(checkpoint_dir), Path(output_dir)
     checkpoint_dir, config = checkpoint.path, checkpoint.config
-    bits = None if quantize is None else _gptq_mode(quantize).bits
-    if bits is None:
-        checkpoint.file(WEIGHTS_FILE)
-    else:
-        checkpoint.file(gptq_file(bits), hint=f"make it with `litquant quantize gptq --bits {bits}`")
+    quantized = _quantized_export(checkpoint, quantize)
     if output_dir.resolve() == checkpoint_dir.resolve():
         raise UserError("output_dir must differ from checkpoint_dir (the export would overwrite its source)")
     if max_shard_size <= 0:
         raise UserError(f"max_shard_size must be positive, got {max_shard_size}")
     hf_model_type(config)  # fail early if the config has no HF family
-    export_hf(checkpoint_dir, output_dir, config, max_shard_size, bits)
+    export_hf(checkpoint_dir, output_dir, config, max_shard_size, quantized)
 
 
-def _gptq_mode(quantize: str):
+def _quantized_export(checkpoint: Checkpoint, quantize: Optional[str]) -> Optional[QuantizedExport]:
+    """What an export with `--quantize` reads: a GPTQ or bnb file (None: lit_model.safetensors, which must exist)."""
+    from litquant.quantization.bnb import BnbMode
     from litquant.quantization.gptq_plugin import GPTQMode
     from litquant.quantization.modes import all_modes, get_mode
 
+    if quantize is None:
+        checkpoint.file(WEIGHTS_FILE)
+        return None
     mode = get_mode(quantize)
-    if not isinstance(mode, GPTQMode):
-        gptq = ", ".join(n for n, m in all_modes().items() if isinstance(m, GPTQMode))
-        raise UserError(f"--quantize {quantize!r} cannot be exported: choose one of {gptq}")
-    return mode
+    if isinstance(mode, GPTQMode):
+        hint = f"make it with `litquant quantize gptq --bits {mode.bits}`"
+        checkpoint.file(gptq_file(mode.bits), hint=hint)
+        return GPTQExport(checkpoint.path, mode.bits)
+    if isinstance(mode, BnbMode):
+        hint = f"make it with `litquant quantize bnb --mode {mode.storage}`"
+        checkpoint.file(mode.prequantized, hint=hint)
+        return BnbExport(checkpoint.path, mode)
+    exportable = ", ".join(n for n, m in all_modes().items() if isinstance(m, (GPTQMode, BnbMode)))
+    raise UserError(f"--quantize {quantize!r} cannot be exported: choose one of {exportable}")

@@ -14,6 +14,7 @@ from litquant.errors import UserError
 from litquant.lora import (
     _file_float_dtype,
     _merge_load_precision,
+    _quantized_file_float_dtype,
     base_options,
     load_lora,
     merge_lora,
@@ -42,7 +43,7 @@ def main(
         quantize: the base's quantization to merge into: "auto" = the one used in training (recorded in the adapter
             file), "none" = merge into the full-precision weights, or a mode such as bnb.nf4.
         precision: dtype to save the merged weights in: 32-true, 16-true or bf16-true (default: the dtype of the
-            base checkpoint's lit_model.safetensors).
+            base checkpoint's lit_model.safetensors, or of the full-precision tensors of its quantized file).
     """
     lora_path = resolve_lora_path(lora_path)
     _, meta = read_lora_metadata(lora_path)
@@ -64,8 +65,8 @@ def main(
         save_dtype = PRECISIONS[parse_precision(precision, "cpu")]
     elif (checkpoint_dir / WEIGHTS_FILE).is_file():
         save_dtype = _file_float_dtype(checkpoint_dir / WEIGHTS_FILE)
-    else:
-        save_dtype = torch.float16
+    else:  # an imported quantized model: the dtype its file keeps the full-precision tensors in
+        save_dtype = _quantized_file_float_dtype(checkpoint_dir, quantize)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # Dequantizing does not depend on the compute dtype (bnb quantizes the weights as stored, GPTQ scales stay

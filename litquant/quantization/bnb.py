@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from litquant.config import WEIGHTS_FILE
 from litquant.errors import UserError
-from litquant.io import safetensors_metadata
+from litquant.io import file_keys, safetensors_metadata
 from litquant.precision import LitquantPrecision
 from litquant.quantization import bf16_linear, cpu_kernels
 from litquant.quantization.bnb_linear import (
@@ -118,14 +118,17 @@ class BitsandbytesPrecision(LitquantPrecision):
         return self.quantize_lm_head or "lm_head" not in name.split(".")
 
     def load_plan(self, checkpoint_dir: Optional[Path]) -> LoadPlan:
-        """The pre-quantized file when it exists and matches this run, else the full-precision one."""
+        """The pre-quantized file when it exists and matches this run (its quantized layers: those it stores an
+        absmax for), else the full-precision one."""
         name = self.mode.prequantized
         path = Path(checkpoint_dir or ".") / name
         if checkpoint_dir is None or not self.use_prequantized or not path.is_file():
+            if checkpoint_dir is not None and not (Path(checkpoint_dir) / WEIGHTS_FILE).is_file():
+                _refuse_other_mode(Path(checkpoint_dir), self.mode)
             return LoadPlan(WEIGHTS_FILE, self._wanted)
         problem = prequantized_mismatch(path, self)
         if problem is None:
-            return LoadPlan(name, self._wanted)
+            return LoadPlan(name, prequantized_modules(path).__contains__)
         if not (Path(checkpoint_dir) / WEIGHTS_FILE).is_file():
             raise UserError(
                 f"{path} {problem}, and there is no {WEIGHTS_FILE} to quantize from: "
@@ -246,6 +249,28 @@ def prequantized_mismatch(path: Path, plugin: BitsandbytesPrecision) -> Optional
         if str(st.st_size) != meta.get("source_size") or str(st.st_mtime_ns) != meta.get("source_mtime_ns"):
             return f"is stale: {source.name} changed after it was made"
     return None
+
+
+def prequantized_modules(path: Path) -> set[str]:
+    """The layers a pre-quantized file stores quantized (those with an absmax; the others, such as the modules an
+    imported Hugging Face model skipped, are plain Linears in it)."""
+    return {k.removesuffix(".absmax") for k in file_keys(path) if k.endswith(".absmax")}
+
+
+def held_bnb_modes(checkpoint_dir: Path) -> list[str]:
+    """The bnb modes whose pre-quantized files a checkpoint directory holds (bnb.nf4 for lit_model_bnb.nf4...)."""
+    found = {p.name for p in Path(checkpoint_dir).glob("lit_model_bnb.*.safetensors")}
+    return [f"bnb.{k}" for k in _HELP if k != "int8-training" and f"lit_model_bnb.{k}.safetensors" in found]
+
+
+def _refuse_other_mode(checkpoint_dir: Path, mode: BnbMode) -> None:
+    """A checkpoint with pre-quantized weights of other modes only (an imported bnb model): say which it holds."""
+    held = held_bnb_modes(checkpoint_dir)
+    if held:
+        raise UserError(
+            f"{checkpoint_dir} holds {' and '.join(held)} weights, not {mode.name}, and no {WEIGHTS_FILE} to "
+            f"quantize from: run with --quantize {held[0]}"
+        )
 
 
 for _kind in _HELP:

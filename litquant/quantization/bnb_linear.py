@@ -239,7 +239,8 @@ class Linear4bit(_QuantLinear):
       absmax         fp32 (blocks,)             per-block scale; with double quant uint8 codes into nested_code
       nested_absmax  fp32 (ceil(blocks/256),)   double quant only: scale of each block of 256 absmax values
       nested_code    fp32 (256,)                double quant only: bnb's 8-bit dynamic map
-      offset         fp32 ()                    double quant only: mean absmax, subtracted before quantizing
+      offset         fp32 () or (ceil(blocks/256),)  double quant only: mean absmax, subtracted before quantizing;
+                     one per 256 blocks when the layer joins separately quantized layers (HF q/k/v fused on import)
     """
 
     def __init__(
@@ -317,16 +318,50 @@ class Linear4bit(_QuantLinear):
         packed, qs = _bnb().functional.quantize_4bit(w, blocksize=self.blocksize, quant_type=self.quant_type)
         return packed, qs.absmax
 
+    def load_litquant_tensor(
+        self, attr: str, tensor: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype]
+    ):
+        """As for any quantized Linear; a double-quantized layer's offset may also be one per 256 blocks."""
+        nested = math.ceil(self.num_blocks / NESTED_BLOCKSIZE)
+        if (
+            attr == "offset"
+            and self.double_quant
+            and tensor.dtype == torch.float32
+            and tensor.shape == (nested,)
+        ):
+            self._buffers[attr] = tensor.to(device)
+            return
+        super().load_litquant_tensor(attr, tensor, device, dtype)
+
+    def _block_offsets(self) -> torch.Tensor:
+        """The double-quantization offset, broadcastable over the blocks' absmax."""
+        if self.offset.dim() == 0:
+            return self.offset
+        return self.offset.repeat_interleave(NESTED_BLOCKSIZE)[: self.num_blocks]
+
     def _absmax(self) -> torch.Tensor:
-        """fp32 absmax per block (double quant undone)."""
+        """fp32 absmax per block (double quant undone, as bnb does: code value * nested absmax, + offset)."""
         if not self.double_quant:
             return self.absmax
-        return _bnb().functional.dequantize_blockwise(self.absmax, self.quant_state().state2) + self.offset
+        nested = _bnb().functional.QuantState(
+            absmax=self.nested_absmax, code=self.nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
+        )
+        return _bnb().functional.dequantize_blockwise(self.absmax, nested) + self._block_offsets()
 
     def quant_state(self, dtype: Optional[torch.dtype] = None):
-        """A bitsandbytes QuantState over this layer's buffers (portable layout)."""
+        """A bitsandbytes QuantState over this layer's buffers (portable layout). bnb takes one offset per layer:
+        with one per 256 blocks the state holds the fp32 absmax, double quantization undone (the same values)."""
         F = _bnb().functional
         state2 = None
+        if self.double_quant and self.offset.dim() > 0:
+            return F.QuantState(
+                absmax=self._absmax(),
+                shape=torch.Size((self.out_features, self.in_features)),
+                code=_code(self.quant_type, self.absmax.device),
+                blocksize=self.blocksize,
+                quant_type=self.quant_type,
+                dtype=dtype or self.compute_dtype,
+            )
         if self.double_quant:
             state2 = F.QuantState(
                 absmax=self.nested_absmax,
@@ -356,8 +391,8 @@ class Linear4bit(_QuantLinear):
         qs = self.quant_state(dtype)
         return _bnb().functional.dequantize_4bit(self.weight, qs)
 
-    def _dq(self) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
-        return (self.nested_code, self.nested_absmax, float(self.offset)) if self.double_quant else None
+    def _dq(self) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return (self.nested_code, self.nested_absmax, self.offset) if self.double_quant else None
 
     def _dequant_rows(
         self, n0: int, n1: int, dtype: torch.dtype, out: Optional[torch.Tensor]
@@ -397,9 +432,9 @@ class Linear4bit(_QuantLinear):
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         shape = [self.out_features, self.in_features]
         _bnb()  # registers torch.ops.bitsandbytes
-        if not self.double_quant:
+        if not self.double_quant or self.offset.dim() > 0:  # bnb's op takes one offset: undo dq first
             return torch.ops.bitsandbytes.gemm_4bit.default(
-                x, self.weight, shape, self.absmax, self.blocksize, self.quant_type
+                x, self.weight, shape, self._absmax(), self.blocksize, self.quant_type
             )
         return torch.ops.bitsandbytes.gemm_4bit.default(
             x,

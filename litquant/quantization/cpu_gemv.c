@@ -61,7 +61,8 @@ static void xperm64(const int16_t *in, int16_t *out) {
 
 static inline __attribute__((always_inline)) void bnb4_i16_row(const uint8_t *row, const float *am,
                                                                const uint8_t *qam, const float *ncode,
-                                                               const float *nabsmax, float offset, int64_t b0,
+                                                               const float *nabsmax, const float *offset,
+                                                               int64_t ostride, int64_t b0,
                                                                const int DQ, int64_t K, const int16_t *xq,
                                                                const float *xs, int mb, __m256i tlo, __m256i thi,
                                                                float *out) {
@@ -70,7 +71,9 @@ static inline __attribute__((always_inline)) void bnb4_i16_row(const uint8_t *ro
     __m256 acc[4];
     for (int m = 0; m < 4; m++) acc[m] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const float s = DQ ? ncode[qam[b0 + b]] * nabsmax[(b0 + b) / BNB_NESTED] + offset : am[b];
+        const float s = DQ ? ncode[qam[b0 + b]] * nabsmax[(b0 + b) / BNB_NESTED] +
+                                 offset[(b0 + b) / BNB_NESTED * ostride]
+                           : am[b];
         const __m256i raw = _mm256_loadu_si256((const __m256i *)(row + b * 32));
         const __m256i odd = _mm256_and_si256(raw, low4), even = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
         const __m256i ol = _mm256_shuffle_epi8(tlo, odd), oh = _mm256_shuffle_epi8(thi, odd);
@@ -95,8 +98,8 @@ static inline __attribute__((always_inline)) void bnb4_i16_row(const uint8_t *ro
 int64_t lq_bnb4_i16_work(int64_t M, int64_t K) { return M * K * 4 + M * (K / BNB_BLOCK) * 4 + 64; }
 
 void lq_bnb4_i16_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *absmax,
-                      const uint8_t *qabsmax, const float *ncode, const float *nabsmax, float offset,
-                      const float *lut, float *y, void *work, int nthreads) {
+                      const uint8_t *qabsmax, const float *ncode, const float *nabsmax, const float *offset,
+                      int64_t ostride, const float *lut, float *y, void *work, int nthreads) {
 #if V == 8
     const int64_t nb = K / BNB_BLOCK;
     int16_t *xq = (int16_t *)work, *xr = xq + M * K;
@@ -119,8 +122,8 @@ void lq_bnb4_i16_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, in
             const int mb = (int)(M - m0 < 4 ? M - m0 : 4);
             const int16_t *xm = xr + m0 * K;
             const float *sm = xs + m0 * nb;
-#define DQ_ROW(MB) bnb4_i16_row(row, am, qabsmax, ncode, nabsmax, offset, n * nb, 1, K, xm, sm, MB, tlo, thi, out)
-#define ROW(MB) bnb4_i16_row(row, am, NULL, NULL, NULL, 0.0f, n * nb, 0, K, xm, sm, MB, tlo, thi, out)
+#define DQ_ROW(MB) bnb4_i16_row(row, am, qabsmax, ncode, nabsmax, offset, ostride, n * nb, 1, K, xm, sm, MB, tlo, thi, out)
+#define ROW(MB) bnb4_i16_row(row, am, NULL, NULL, NULL, NULL, 0, n * nb, 0, K, xm, sm, MB, tlo, thi, out)
             if (qabsmax)
                 BY_ROWS(mb, DQ_ROW);
             else
@@ -132,7 +135,7 @@ void lq_bnb4_i16_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, in
     }
 #else
     (void)x; (void)M; (void)K; (void)w; (void)N; (void)absmax; (void)qabsmax; (void)ncode; (void)nabsmax;
-    (void)offset; (void)lut; (void)y; (void)work; (void)nthreads;
+    (void)offset; (void)ostride; (void)lut; (void)y; (void)work; (void)nthreads;
 #endif
 }
 

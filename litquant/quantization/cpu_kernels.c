@@ -5,7 +5,8 @@
 //
 // Layouts (see bnb_linear.py and gptq_format.py):
 //   bnb 4-bit  codes of the (N, K) weight row-major, two per byte, first in the high nibble; one absmax per 64
-//              elements (fp32, or uint8 codes into `ncode` times `nabsmax` per 256 blocks, plus `offset`).
+//              elements (fp32, or uint8 codes into `ncode` times `nabsmax` per 256 blocks, plus `offset`: one
+//              for the layer (ostride 0) or one per 256 blocks (ostride 1, q/k/v fused from separate layers)).
 //   int8       (N, K) int8 row-major (LLM.int8 storage).
 //   GPTQ       qweight int32 (K*bits/32, N) packed along K, lowest bits first; qzeros int32 (G, N*bits/32) packed
 //              along N, stored as zero-1; scales fp16 (G, N); g_idx int32 (K,). W[n,k] = s[g,n]*(q - z[g,n]).
@@ -14,7 +15,7 @@
 #define BNB_BLOCK 64
 #define BNB_NESTED 256
 
-int lq_version(void) { return 8; }
+int lq_version(void) { return 9; }
 int lq_lanes(void) { return V; }
 int lq_vnni(void) {  // int8 dot-product instructions: torch's int8 matmul is fast for many rows
 #if defined(__AVX512VNNI__) || defined(__AVXVNNI__)
@@ -30,22 +31,22 @@ int lq_vnni(void) {  // int8 dot-product instructions: torch's int8 matmul is fa
 // high nibbles of V consecutive bytes meet the even elements and the low nibbles the odd ones, without shuffles.
 
 static inline void bnb_absmax(float *out, int64_t b0, int64_t nb, const float *absmax, const uint8_t *qabsmax,
-                              const float *ncode, const float *nabsmax, float offset) {
+                              const float *ncode, const float *nabsmax, const float *offset, int64_t ostride) {
     if (qabsmax == NULL) {
         memcpy(out, absmax + b0, nb * sizeof(float));
         return;
     }
     for (int64_t i = 0; i < nb; i++) {  // double quantization undone as bnb does it
         int64_t b = b0 + i;
-        out[i] = ncode[qabsmax[b]] * nabsmax[b / BNB_NESTED] + offset;
+        out[i] = ncode[qabsmax[b]] * nabsmax[b / BNB_NESTED] + offset[b / BNB_NESTED * ostride];
     }
 }
 
 // `am`: the row's fp32 absmax; or with double quantization (DQ, a constant) its uint8 codes `qam`, undone as each
 // block is reached (scalar work that overlaps the vector loop, where a separate pass over the row's blocks costs ~20%)
 static inline __attribute__((always_inline)) void bnb4_row(const uint8_t *row, const float *am, const uint8_t *qam,
-                                                           const float *ncode, const float *nabsmax, float offset,
-                                                           int64_t b0, const int DQ, int64_t K, const float *xr,
+                                                           const float *ncode, const float *nabsmax,
+                                                           const float *offset, int64_t ostride, int64_t b0, const int DQ, int64_t K, const float *xr,
                                                            int mb, vlut lut, float *out) {
     vf acc[4][2];
     for (int m = 0; m < 4; m++) acc[m][0] = acc[m][1] = vzero();
@@ -55,7 +56,7 @@ static inline __attribute__((always_inline)) void bnb4_row(const uint8_t *row, c
             s = am[k / BNB_BLOCK];
         } else if (k % BNB_BLOCK == 0) {
             const int64_t b = b0 + k / BNB_BLOCK;
-            s = ncode[qam[b]] * nabsmax[b / BNB_NESTED] + offset;
+            s = ncode[qam[b]] * nabsmax[b / BNB_NESTED] + offset[b / BNB_NESTED * ostride];
         }
         const vf a = vset1(s);
         vi codes = vbytes(row + k / 2);
@@ -78,8 +79,8 @@ static inline __attribute__((always_inline)) void bnb4_row(const uint8_t *row, c
 }
 
 void lq_bnb4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_t N, const float *absmax,
-                  const uint8_t *qabsmax, const float *ncode, const float *nabsmax, float offset, const float *lut,
-                  float *y, float *xr /* M * K scratch */, int nthreads) {
+                  const uint8_t *qabsmax, const float *ncode, const float *nabsmax, const float *offset,
+                  int64_t ostride, const float *lut, float *y, float *xr /* M * K scratch */, int nthreads) {
     const int64_t bpr = K / BNB_BLOCK;  // blocks per row
     for (int64_t m = 0; m < M; m++)
         for (int64_t c = 0; c < K; c += 2 * V)
@@ -98,8 +99,8 @@ void lq_bnb4_gemm(const float *x, int64_t M, int64_t K, const uint8_t *w, int64_
             for (int64_t m0 = 0; m0 < M; m0 += 4) {
                 int mb = (int)(M - m0 < 4 ? M - m0 : 4);
                 const float *xm = xr + m0 * K;
-#define DQ_ROW(MB) bnb4_row(row, am, qabsmax, ncode, nabsmax, offset, n * bpr, 1, K, xm, MB, t, out)
-#define ROW(MB) bnb4_row(row, am, NULL, NULL, NULL, 0.0f, n * bpr, 0, K, xm, MB, t, out)
+#define DQ_ROW(MB) bnb4_row(row, am, qabsmax, ncode, nabsmax, offset, ostride, n * bpr, 1, K, xm, MB, t, out)
+#define ROW(MB) bnb4_row(row, am, NULL, NULL, NULL, NULL, 0, n * bpr, 0, K, xm, MB, t, out)
                 if (qabsmax)  // DQ a constant too: no branch on it inside the row
                     BY_ROWS(mb, DQ_ROW);
                 else
@@ -138,7 +139,8 @@ static inline void bnb4_decode_row(const uint8_t *row, const float *am, int64_t 
 
 // rows [n0, n1) of the dequantized weight into out (fp32, or bf16 if out_bf16): code value * absmax in fp32, as bnb
 void lq_bnb4_dequant(const uint8_t *w, int64_t N, int64_t K, const float *absmax, const uint8_t *qabsmax,
-                     const float *ncode, const float *nabsmax, float offset, const float *lut, int64_t n0, int64_t n1,
+                     const float *ncode, const float *nabsmax, const float *offset, int64_t ostride, const float *lut,
+                     int64_t n0, int64_t n1,
                      void *out, int out_bf16, int nthreads) {
     const int64_t bpr = K / BNB_BLOCK;
     (void)N;
@@ -148,7 +150,7 @@ void lq_bnb4_dequant(const uint8_t *w, int64_t N, int64_t K, const float *absmax
         const vlut t = lut_load(lut);
 #pragma omp for schedule(static)
         for (int64_t n = n0; n < n1; n++) {
-            bnb_absmax(am, n * bpr, bpr, absmax, qabsmax, ncode, nabsmax, offset);
+            bnb_absmax(am, n * bpr, bpr, absmax, qabsmax, ncode, nabsmax, offset, ostride);
             bnb4_decode_row(w + n * (K / 2), am, K, t, v);
             store_row(out, n - n0, K, v, out_bf16);
         }
