@@ -137,7 +137,7 @@ def gptq_dir(d: Path, name: str, bits: int, calibration: Path | None) -> Path:
             0,
         ]
         if calibration is not None:
-            args += ["--calibration_data", calibration, "--n_samples", 64]
+            args += ["--calibration_data", calibration, "--n_samples", 64]  # "self": sampled by the model
         t0 = time.perf_counter()
         litquant_cli(*args)
         print(f"  {name}: GPTQ took {time.perf_counter() - t0:.0f} s", flush=True)
@@ -176,6 +176,12 @@ def litquant_rows(d: Path, calib: Path, ids: torch.Tensor, modes: list[str]) -> 
             row(mode, load(gptq_dir(d, mode, 4, calib), "gptq.int4"), "64 x 512 tokens of English")
         elif mode == "gptq4-default":
             row(mode, load(gptq_dir(d, mode, 4, None), "gptq.int4"), "`litquant quantize gptq` default flags")
+        elif mode == "gptq4-self":
+            row(
+                mode,
+                load(gptq_dir(d, mode, 4, "self"), "gptq.int4"),
+                "64 x 512 tokens the model sampled itself",
+            )
         elif mode == "gptq3-english":
             row(mode, load(gptq_dir(d, mode, 3, calib), "gptq.int3"), "64 x 512 tokens of English")
         else:
@@ -192,6 +198,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 a = json.loads(sys.argv[1])
 ids = torch.tensor(a["ids"])
 q = {"nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+     "fp4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
      "int8": BitsAndBytesConfig(load_in_8bit=True), "fp": None}[a["mode"]]
 m = AutoModelForCausalLM.from_pretrained(a["dir"], dtype=torch.float32, quantization_config=q).eval()
 nll, n = 0.0, 0
@@ -219,12 +226,39 @@ def hf_bnb_rows(d: Path, ids: torch.Tensor) -> dict:
     rows = {}
     # the same windows as ours: the script scores consecutive windows, so it gets them concatenated in order
     flat = [t for w in windows_ppl(ids) for t in w]
-    for mode in ("fp", "nf4", "int8"):
+    for mode in ("fp", "nf4", "fp4", "int8"):
         arg = json.dumps(dict(dir=str(hf), mode=mode, ids=flat, window=WINDOW))
         p = sh([sys.executable, "-c", _HF_BNB, arg])
         rows[f"transformers+bnb {mode}"] = json.loads(p.stdout.strip().splitlines()[-1])
         print(f"  transformers+bnb {mode:5s} ppl {rows[f'transformers+bnb {mode}']['ppl']:7.2f}", flush=True)
     return rows
+
+
+def gptqmodel_rows(d: Path, calib: Path, ids: torch.Tensor) -> dict:
+    """gptqmodel's GPTQ 4-bit g128 (symmetric, no act-order, damp 0.01) with the very windows gptq4-english used,
+    imported with our converter and scored by our evaluator."""
+    from benchmarks.peer_gptqmodel import convert_theirs, ensure_venv, import_theirs
+    from litquant.data.calibration import calibration_tokens
+    from litquant.tokenizer import Tokenizer
+
+    hf, theirs = WORK / "hf", WORK / "gptqmodel"
+    if not (hf / "config.json").is_file():
+        litquant_cli("convert_lit_checkpoint", "--checkpoint_dir", d, "--output_dir", hf)
+    if not (theirs / "config.json").is_file():
+        windows = calibration_tokens(Tokenizer(d), 64, WINDOW, calib, 0)  # what `quantize gptq` draws, seed 0
+        (WORK / "calibration.json").write_text(json.dumps(windows.tolist()))
+        a = dict(bits=4, group_size=128, sym=True, act_order=False, damp_percent=0.01, batch_size=8,
+                 accelerator="cpu")  # fmt: skip
+        r = convert_theirs(ensure_venv(), hf, theirs, WORK / "calibration.json", a)
+        print(f"  gptqmodel: GPTQ took {r['quantize_s']:.0f} s", flush=True)
+    llm = load(import_theirs(d, theirs, WORK / "gptqmodel-lit"), "gptq.int4")
+    row = dict(
+        ppl=perplexity(llm.model, ids),
+        answers=chat(llm),
+        note="64 x 512 tokens of English, gptq4-english's ids",
+    )
+    print(f"  gptqmodel gptq4-english  ppl {row['ppl']:7.2f}  {row['answers'][0][:50]!r}", flush=True)
+    return {"gptqmodel gptq4-english": row}
 
 
 _LLAMA_PPL = """
@@ -329,7 +363,7 @@ def markdown(r: dict) -> str:
             )
     lines += ["", "Greedy answers (first 40 tokens):", "", "| mode | " + " | ".join(PROMPTS) + " |",
               "| --- |" + " --- |" * len(PROMPTS)]  # fmt: skip
-    for name, row in r["litquant"].items():
+    for name, row in [*r["litquant"].items(), *((n, w) for n, w in r["peers"].items() if "answers" in w)]:
         cells = [a.replace("\n", " ").replace("|", "\\|")[:90] for a in row["answers"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if r.get("speed"):
@@ -348,9 +382,10 @@ def markdown(r: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--modes", default="fp,bnb.nf4,bnb.nf4-dq,bnb.fp4,bnb.int8,rtn4-g128,rtn4-g32-asym,gptq4-english,"
-                   "gptq4-default,rtn3-g128,gptq3-english")  # fmt: skip
+                   "gptq4-default,gptq4-self,rtn3-g128,gptq3-english")  # fmt: skip
     p.add_argument("--eval_tokens", type=int, default=10240)
-    p.add_argument("--skip_peers", action="store_true")
+    p.add_argument("--peers", default="hf_bnb,gptqmodel,llama_cpp", help="comma-separated; '' for none")
+    p.add_argument("--skip_peers", action="store_true", help="the same as --peers ''")
     p.add_argument("--skip_speed", action="store_true")
     a = p.parse_args()
     from litquant.tokenizer import Tokenizer
@@ -365,8 +400,12 @@ def main() -> None:
     modes = a.modes.split(",")
     report["litquant"] = litquant_rows(d, calib, ids, modes)
     files = {}
-    if not a.skip_peers:
+    peers = [] if a.skip_peers else [x for x in a.peers.split(",") if x]
+    if "hf_bnb" in peers:
         report["peers"].update(hf_bnb_rows(d, ids))
+    if "gptqmodel" in peers:
+        report["peers"].update(gptqmodel_rows(d, calib, ids))
+    if "llama_cpp" in peers:
         rows, files = llama_cpp_rows(d, ids)
         report["peers"].update(rows)
     if not a.skip_speed and files:

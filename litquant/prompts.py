@@ -169,6 +169,28 @@ class TinyLlama(PromptStyle):
         return out + f"<|user|>\n{prompt}</s>\n<|assistant|>\n"
 
 
+class ChatML(PromptStyle):
+    """ChatML (SmolLM2, Qwen2 and others): "<|im_start|>role\ntext<|im_end|>\n" turns, then an open assistant
+    turn. `default_system` is the system turn a model's template writes when the conversation has none."""
+
+    default_system: Optional[str] = None
+
+    def apply(self, prompt: str, history: History = (), system: Optional[str] = None) -> str:
+        system = self.default_system if system is None else system
+        turns = [("system", system)] if system is not None else []
+        turns += [t for u, a in history for t in (("user", u), ("assistant", a))] + [("user", prompt)]
+        return "".join(f"<|im_start|>{r}\n{t}<|im_end|>\n" for r, t in turns) + "<|im_start|>assistant\n"
+
+    def stop_tokens(self, tokenizer: "Tokenizer") -> list[list[int]]:
+        return _special(tokenizer, "<|im_end|>")
+
+
+class SmolLM2(ChatML):
+    """HuggingFaceTB/SmolLM2-*-Instruct: ChatML with its template's default system turn."""
+
+    default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
 prompt_styles: dict[str, type[PromptStyle]] = {
     "default": Default,
     "alpaca": Alpaca,
@@ -180,6 +202,8 @@ prompt_styles: dict[str, type[PromptStyle]] = {
     "tinyllama": TinyLlama,
     "zephyr": TinyLlama,
     "codegen": Codegen,
+    "chatml": ChatML,
+    "smollm2": SmolLM2,
 }
 
 # First match wins; searched (case-insensitive) in the config name, e.g. "Llama-2-7b-chat-hf".
@@ -191,6 +215,7 @@ _name_patterns: list[tuple[str, type[PromptStyle]]] = [
     (r"phi-2", Phi2),
     (r"TinyLlama.*Chat", TinyLlama),
     (r"^litquant-tiny", Codegen),
+    (r"SmolLM2.*Instruct", SmolLM2),
 ]
 
 

@@ -14,6 +14,7 @@ from litquant.config import name_to_config
 from litquant.errors import UserError
 from litquant.prompts import (
     Alpaca,
+    ChatML,
     Codegen,
     Default,
     Falcon,
@@ -22,6 +23,7 @@ from litquant.prompts import (
     MistralInstruct,
     Phi2,
     PromptStyle,
+    SmolLM2,
     TinyLlama,
     model_name_to_prompt_style,
     prompt_styles,
@@ -67,6 +69,14 @@ ZEPHYR_TEMPLATE = (
     "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
     "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
     "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+)
+
+# HuggingFaceTB/SmolLM2-135M-Instruct (ChatML with a default system turn), as its GGUF file carries it
+SMOLLM2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 # Stanford Alpaca train.py PROMPT_DICT
@@ -143,6 +153,15 @@ def test_tinyllama_matches_published_zephyr_template(prompt, history, system):
     assert TinyLlama().apply(prompt, history=history, system=system) == expected
 
 
+@pytest.mark.parametrize("prompt,history,system", CONVERSATIONS, ids=IDS)
+def test_smollm2_matches_published_template(prompt, history, system):
+    expected = render(SMOLLM2_TEMPLATE, to_messages(prompt, history, system), "<|im_start|>", "<|im_end|>")
+    assert SmolLM2().apply(prompt, history=history, system=system) == expected
+    # plain ChatML writes no system turn of its own
+    plain = ChatML().apply(prompt, history=history, system=system)
+    assert plain == expected if system is not None else expected.endswith(plain) and "system" not in plain
+
+
 def test_alpaca_matches_stanford_strings():
     instruction, inp = "Summarize the text.", "Lists are mutable; tuples are not."
     assert Alpaca().apply(instruction) == ALPACA_NO_INPUT.format(instruction=instruction)
@@ -199,6 +218,8 @@ EXPECTED_STYLE = {
     "TinyLlama-1.1B-intermediate-step-1431k-3T": Default,
     "pythia-70m": Default,
     "litquant-tiny": Codegen,
+    "SmolLM2-135M-Instruct": SmolLM2,
+    "SmolLM2-135M": Default,
     "tiny-llama-test": Default,
     "some-unknown-model": Default,
 }

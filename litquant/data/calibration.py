@@ -102,3 +102,32 @@ def calibration_tokens(
     ids = torch.tensor(pool, dtype=torch.long)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n_samples,), generator=g)
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+SELF = "self"  # --calibration_data self: windows the model samples itself
+
+
+def self_generated_tokens(
+    model, tokenizer, n_samples: int, seq_len: int, seed: int = 0, batch_size: int = 16
+) -> torch.Tensor:
+    """(n_samples, seq_len) windows sampled from `model` itself at temperature 1 (LLM-QAT's data-free calibration):
+    each starts at BOS (if the tokenizer has one) and a token drawn uniformly from the vocabulary, and runs on
+    through EOS, so the windows follow the model's own distribution whatever it was trained on."""
+    from tqdm import tqdm
+
+    from litquant.generation import BatchDecoder, SamplingParams, Sequence, run
+
+    device = model.lm_head.weight.device
+    g = torch.Generator().manual_seed(seed)
+    vocab = min(tokenizer.vocab_size, model.config.vocab_size)
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    prompts = [bos + [int(torch.randint(vocab, (1,), generator=g))] for _ in range(n_samples)]
+    decoder = BatchDecoder(model, min(batch_size, n_samples), seq_len, device)
+    seqs = [
+        Sequence(p, SamplingParams(seq_len - len(p), 1.0, seed=seed * 100_003 + i))
+        for i, p in enumerate(prompts)
+    ]
+    with tqdm(total=n_samples * seq_len, desc="Sampling calibration text", unit="tok", leave=False) as bar:
+        for s in run(decoder, seqs):
+            bar.update(1)
+    return torch.tensor([s.prompt + s.tokens for s in seqs], dtype=torch.long)

@@ -46,7 +46,9 @@ def convert_hf_checkpoint(
         gguf = find_gguf(checkpoint_dir)
     if gguf is not None:
         if model_name is not None:
-            raise UserError("--model_name does not apply to a GGUF import (the file's metadata is the config)")
+            raise UserError(
+                "--model_name does not apply to a GGUF import (the file's metadata is the config)"
+            )
         import_gguf(Path(gguf), checkpoint_dir, torch_dtype)
         return
     if not checkpoint_dir.is_dir():

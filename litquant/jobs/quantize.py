@@ -17,12 +17,13 @@ from litquant.checkpoint import (
     Checkpoint,
     build_model,
     copy_side_files,
+    load_model,
     load_weights,
 )
 from litquant.config import CONFIG_FILE
 from litquant.errors import UserError
 from litquant.io import atomic_write_text, save_safetensors
-from litquant.precision import PRECISIONS, parse_precision, pick_accelerator, resolve
+from litquant.precision import PRECISIONS, LitquantPrecision, parse_precision, pick_accelerator, resolve
 from litquant.utils import memory_used_line, reset_peak_memory
 
 
@@ -66,8 +67,9 @@ def gptq(
         n_samples: calibration windows (default: 128 on CUDA; on CPU as many as about four minutes of calibration
             allow for this model on this machine, from a quick matmul measurement, between 8 and 128).
         seq_len: tokens per calibration window (default: the model's context, at most 2048 on CUDA, 512 on CPU).
-        calibration_data: a local text/JSON/JSONL file or a directory of them (JSON needs a "text" field);
-            default: the bundled training corpus.
+        calibration_data: a local text/JSON/JSONL file or a directory of them (JSON needs a "text" field), or
+            `self`: windows sampled from the model itself (temperature 1, from BOS and a random token); default:
+            the bundled training corpus.
         batch_size: calibration windows per forward pass.
         eval_data: text for the quality gate printed at the end, held-out perplexity of the quantized model next to
             the base's (a .txt/.json/.jsonl file; default: the bundled held-out split).
@@ -80,7 +82,7 @@ def gptq(
         accelerator: auto, cuda or cpu.
         seed: seed of the calibration sampling.
     """
-    from litquant.data.calibration import calibration_tokens
+    from litquant.data.calibration import SELF, calibration_tokens, self_generated_tokens
     from litquant.quantization.gptq_model import GPTQSettings, default_n_samples, quantize_model
     from litquant.quantization.gptq_plugin import QUANTIZE_CONFIG_FILE, gptq_file
 
@@ -118,7 +120,19 @@ def gptq(
         raise UserError(f"--output_dir {output_dir} is not writable")
 
     tokenizer = checkpoint.tokenizer
-    tokens = calibration_tokens(tokenizer, n_samples, seq_len, calibration_data, seed)
+    if calibration_data is not None and str(calibration_data) == SELF:
+        model = load_model(
+            checkpoint, LitquantPrecision(parse_precision(precision, device)), device, progress=False
+        )
+        t0 = time.perf_counter()
+        tokens = self_generated_tokens(model, tokenizer, n_samples, seq_len, seed)
+        print(
+            f"Sampled {n_samples} x {seq_len} calibration tokens in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
+        del model
+    else:
+        tokens = calibration_tokens(tokenizer, n_samples, seq_len, calibration_data, seed)
     gate_tokens, gate_source = None, None
     if eval_tokens:
         from litquant.evaluation import load_text, text_tokens
